@@ -1,0 +1,24 @@
+"""Test-wide settings: offline, no telemetry, and one tiny-model build shared by the session."""
+
+from __future__ import annotations
+
+import os
+
+# Set before any test module imports transformers / prefect / mlflow.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_paths(tmp_path_factory):
+    """The embedded tiny Gemma 3 and Cosmos VAE, built once per test session in a temp folder."""
+    from theworld_core.model.tiny import ensure_tiny_models
+
+    return ensure_tiny_models(tmp_path_factory.mktemp("tiny-models"))
