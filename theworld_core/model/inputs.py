@@ -1,0 +1,124 @@
+"""Turning (image, prompt, answer) into TheWorld's token sequence, labels and pixel tensors.
+
+The sequence is Gemma 3's chat format with a world block after the image block:
+
+    <bos><start_of_turn>user\\n
+    \\n\\n<start_of_image><image_soft_token>*N<end_of_image>\\n\\n
+    <start_of_world><world_soft_token>*M<end_of_world>
+    {prompt}<end_of_turn>\\n<start_of_turn>model\\n{answer}<end_of_turn>
+
+`<world_soft_token>` is a placeholder, like Gemma's own image soft token: the model writes the
+projected world embeddings into those positions. Only answer tokens carry labels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+IGNORE_INDEX = -100
+START_OF_WORLD = "<start_of_world>"
+END_OF_WORLD = "<end_of_world>"
+WORLD_SOFT_TOKEN = "<world_soft_token>"
+WORLD_TOKENS = (START_OF_WORLD, END_OF_WORLD, WORLD_SOFT_TOKEN)
+END_OF_TURN = "<end_of_turn>"
+
+
+class SequenceTooLongError(ValueError):
+    """The prompt (with image and world tokens) and answer do not fit `max_seq_length`."""
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode (grayscale, 16-bit, RGBA, palette, CMYK) to 8-bit RGB; transparency onto white."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        span = float(array.max() - array.min()) or 1.0
+        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8), mode="L")
+    if image.mode == "P" or image.mode == "LA" or image.mode == "PA":
+        image = image.convert("RGBA")
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.getchannel("A"))
+        return background
+    return image.convert("RGB")
+
+
+@dataclass(frozen=True)
+class WorldTokenIds:
+    start: int
+    end: int
+    soft: int
+
+
+class InputBuilder:
+    """Builds model inputs with the model's own processor; one instance per model."""
+
+    def __init__(self, processor, token_ids: WorldTokenIds, world_tokens: int, world_image_size: int,
+                 enable_world: bool, max_seq_length: int):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.ids = token_ids
+        self.world_tokens = world_tokens
+        self.world_image_size = world_image_size
+        self.enable_world = enable_world
+        self.max_seq_length = max_seq_length
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+
+    def _prompt_text(self, prompt: str) -> str:
+        world = START_OF_WORLD + WORLD_SOFT_TOKEN * self.world_tokens + END_OF_WORLD if self.enable_world else ""
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": world + prompt}]}]
+        return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+    def world_pixels(self, image: Image.Image) -> torch.Tensor:
+        """The VAE's view of the image: (3, S, S) in [-1, 1]."""
+        size = (self.world_image_size, self.world_image_size)
+        array = np.asarray(image.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
+        return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
+
+    def encode(self, image: Image.Image, prompt: str, answer: str | None = None) -> dict[str, torch.Tensor]:
+        """One sample. With `answer`, it is appended (plus `<end_of_turn>`) and alone carries labels."""
+        image = to_rgb(image)
+        # The chat template already emits <bos>: no second one from the processor.
+        enc = self.processor(text=self._prompt_text(prompt), images=[image], add_special_tokens=False, return_tensors="pt")
+        prompt_ids = enc["input_ids"][0]
+        answer_ids = (
+            torch.tensor(self.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"], dtype=torch.long)
+            if answer is not None
+            else torch.zeros(0, dtype=torch.long)
+        )
+        length = len(prompt_ids) + len(answer_ids)
+        if length > self.max_seq_length:
+            raise SequenceTooLongError(
+                f"sequence of {length} tokens ({len(prompt_ids)} prompt incl. image and "
+                f"{self.world_tokens if self.enable_world else 0} world tokens, {len(answer_ids)} answer) is "
+                f"{length - self.max_seq_length} over max_seq_length={self.max_seq_length}; "
+                "shorten the prompt, lower world_tokens or raise max_seq_length"
+            )
+        input_ids = torch.cat([prompt_ids, answer_ids])
+        labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids])
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": torch.ones_like(input_ids),
+            # 1 marks image tokens, which Gemma 3 lets attend to each other bidirectionally.
+            "token_type_ids": (input_ids == self.image_token_id).long(),
+            "pixel_values": enc["pixel_values"][0],
+            "world_pixel_values": self.world_pixels(image),
+        }
+
+    def collate(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """Right-pad a list of `encode` outputs into a batch (padding: pad id, mask 0, label -100)."""
+        width = max(len(s["input_ids"]) for s in samples)
+        pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "token_type_ids": 0}
+        batch = {}
+        for key, pad in pad_values.items():
+            rows = [torch.nn.functional.pad(s[key], (0, width - len(s[key])), value=pad) for s in samples]
+            batch[key] = torch.stack(rows)
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+        batch["world_pixel_values"] = torch.stack([s["world_pixel_values"] for s in samples])
+        return batch

@@ -1,0 +1,228 @@
+"""TheWorld: Gemma 3 + the Cosmos VAE encoder, joined by a trainable world projector.
+
+    image --Gemma processor--> SigLIP --mm projector--> image embeddings --+
+    image --[-1,1], 1 frame--> VAE encoder --normalise--> pool --> project --+--> Gemma 3 LM --> text
+    prompt / answer tokens ------------------------------------------------+
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from theworld_core.config import ModelConfig
+from theworld_core.model import base
+from theworld_core.model.components import COMPONENTS, apply_freeze
+from theworld_core.model.inputs import (
+    END_OF_WORLD,
+    IGNORE_INDEX,
+    START_OF_WORLD,
+    WORLD_SOFT_TOKEN,
+    WORLD_TOKENS,
+    InputBuilder,
+    WorldTokenIds,
+)
+from theworld_core.model.world import VaeEncoder, WorldProjector
+
+
+class TheWorld(nn.Module):
+    def __init__(self, gemma: nn.Module, vae: VaeEncoder, config: ModelConfig, processor=None, base_commits=None):
+        super().__init__()
+        self.config = config
+        self.gemma = gemma
+        self.vae = vae
+        self.processor = processor
+        self.base_commits = base_commits or {}
+        text_config = gemma.config.get_text_config()
+        self.world = WorldProjector(
+            z_dim=vae.z_dim,
+            hidden_size=text_config.hidden_size,
+            world_tokens=config.world_tokens,
+            max_world_steps=config.max_world_steps,
+            projector=config.world_projector,
+        )
+        self.token_ids = self._add_world_tokens() if processor is not None else None
+        self.builder = (
+            InputBuilder(processor, self.token_ids, config.world_tokens, config.world_image_size, config.enable_world, config.max_seq_length)
+            if processor is not None
+            else None
+        )
+        # Components whose weights differ from the pretrained base: what a stage output must hold.
+        self.trained_components: set[str] = {"world_projector"}
+
+    # ---------------------------------------------------------------- construction
+
+    @classmethod
+    def from_base(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> "TheWorld":
+        """Load the pretrained Gemma 3 and Cosmos VAE (encoder only) and add a fresh world branch."""
+        gemma, processor = base.load_gemma(config.model_name, config.model_revision, dtype=dtype)
+        vae_full = base.load_vae(config.cosmos_model_name, config.cosmos_revision, dtype=dtype)
+        vae = VaeEncoder.from_autoencoder(vae_full)
+        commits = {"gemma": base.commit_hash(gemma.config), "cosmos": base.commit_hash(vae_full.config)}
+        del vae_full  # the decoder and post_quant_conv go with it
+        model = cls(gemma, vae, config, processor=processor, base_commits=commits)
+        if dtype is not None:
+            model.world.to(dtype)
+        return model
+
+    @classmethod
+    def on_meta(cls, config: ModelConfig) -> "TheWorld":
+        """The architecture without weights (no memory, no download of weights): for planning."""
+        from diffusers import AutoencoderKLWan
+        from transformers import Gemma3ForConditionalGeneration
+
+        gemma_config = base.load_gemma_config(config.model_name, config.model_revision)
+        vae_config = base.load_vae_config(config.cosmos_model_name, config.cosmos_revision)
+        with torch.device("meta"):
+            gemma = Gemma3ForConditionalGeneration(gemma_config)
+            vae = VaeEncoder.from_autoencoder(AutoencoderKLWan.from_config(vae_config))
+            return cls(gemma, vae, config)
+
+    def _add_world_tokens(self) -> WorldTokenIds:
+        """Add the world markers to the tokenizer and grow (never shrink) the embedding table to fit."""
+        tokenizer = self.processor.tokenizer
+        missing = [t for t in WORLD_TOKENS if t not in tokenizer.get_vocab()]
+        if missing:
+            tokenizer.add_tokens(missing, special_tokens=True)
+        ids = WorldTokenIds(*(tokenizer.convert_tokens_to_ids(t) for t in (START_OF_WORLD, END_OF_WORLD, WORLD_SOFT_TOKEN)))
+        self._check_special_token_ids()
+        embeddings = self.gemma.get_input_embeddings()
+        needed = max(ids.start, ids.end, ids.soft) + 1
+        if needed > embeddings.num_embeddings:
+            old = embeddings.num_embeddings
+            self.gemma.resize_token_embeddings(needed, mean_resizing=False)
+            with torch.no_grad():
+                # Deterministic rows (the mean embedding), so the grown base is the same on every load.
+                weight = self.gemma.get_input_embeddings().weight
+                weight[old:] = weight[:old].mean(dim=0)
+        with torch.no_grad():
+            # Markers start where Gemma's image markers are, scaled as the text embedding layer scales.
+            boi = self.gemma.get_input_embeddings()(torch.tensor([self.gemma.config.boi_token_index, self.gemma.config.eoi_token_index]))
+            self.world.marker_embeddings.copy_(boi.to(self.world.marker_embeddings.dtype))
+        return ids
+
+    def _check_special_token_ids(self) -> None:
+        tokenizer, cfg = self.processor.tokenizer, self.gemma.config
+        expected = {
+            "image_token_index": getattr(self.processor, "image_token", None),
+            "boi_token_index": getattr(self.processor, "boi_token", None),
+            "eoi_token_index": getattr(self.processor, "eoi_token", None),
+        }
+        for key, token in expected.items():
+            if token is None:
+                continue
+            token_id = tokenizer.convert_tokens_to_ids(token)
+            if getattr(cfg, key) != token_id:
+                raise base.BaseModelError(
+                    f"model_name {self.config.model_name!r}: config.{key}={getattr(cfg, key)} but the tokenizer "
+                    f"gives {token!r} the id {token_id}; the model config and tokenizer do not belong together"
+                )
+
+    # ---------------------------------------------------------------- freezing
+
+    def set_trainable(self, components) -> tuple[str, ...]:
+        """Make exactly these components trainable; they join the set a stage output saves."""
+        trainable = apply_freeze(self, components)
+        self.trained_components |= set(trainable)
+        return trainable
+
+    def _grad_if_trainable(self, module: nn.Module):
+        # Frozen components ahead of every trainable one run without autograd: no activations kept.
+        trainable = any(p.requires_grad for p in module.parameters())
+        return contextlib.nullcontext() if trainable else torch.no_grad()
+
+    # ---------------------------------------------------------------- forward
+
+    def embed_inputs(self, input_ids, pixel_values=None, world_pixel_values=None) -> torch.Tensor:
+        """Token embeddings with image features and world embeddings written into their placeholders."""
+        embeds = self.gemma.get_input_embeddings()(input_ids)
+        if pixel_values is not None:
+            with self._grad_if_trainable(self.gemma.model.vision_tower):
+                features = self.gemma.model.get_image_features(pixel_values=pixel_values.to(embeds.dtype)).pooler_output
+            embeds = _scatter(embeds, input_ids == self.gemma.config.image_token_index, features, "image")
+        if self.config.enable_world and world_pixel_values is not None:
+            with self._grad_if_trainable(self.vae):
+                latent = self.vae(world_pixel_values.unsqueeze(2).to(self.vae.latents_std.dtype))
+            world = self.world(latent)
+            embeds = _scatter(embeds, input_ids == self.token_ids.soft, world, "world")
+            markers = self.world.marker_embeddings.to(embeds.dtype)
+            embeds = torch.where((input_ids == self.token_ids.start)[..., None], markers[0], embeds)
+            embeds = torch.where((input_ids == self.token_ids.end)[..., None], markers[1], embeds)
+        return embeds
+
+    def forward(self, input_ids, attention_mask, token_type_ids, pixel_values=None, world_pixel_values=None, labels=None):
+        """Returns `(logits, loss)`; loss is the mean cross entropy over answer tokens (None without labels)."""
+        embeds = self.embed_inputs(input_ids, pixel_values, world_pixel_values)
+        out = self.gemma(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids, use_cache=False)
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(
+                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        return out.logits, loss
+
+    @torch.no_grad()
+    def generate(self, image: Image.Image, prompt: str, max_new_tokens: int = 32) -> str:
+        """Greedy answer to `prompt` about `image` (the seed's qualitative check)."""
+        device = next(self.parameters()).device
+        batch = self.builder.collate([self.builder.encode(image, prompt)])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        embeds = self.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["world_pixel_values"])
+        tokenizer = self.processor.tokenizer
+        output = self.gemma.generate(
+            inputs_embeds=embeds,
+            attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"],
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
+            pad_token_id=tokenizer.pad_token_id,
+            # World markers are inputs only; never emit them.
+            suppress_tokens=[self.token_ids.start, self.token_ids.end, self.token_ids.soft],
+        )
+        return tokenizer.decode(output[0], skip_special_tokens=True).strip()
+
+    # ---------------------------------------------------------------- identity and persistence
+
+    def architecture_fingerprint(self) -> str:
+        """Hash of every parameter's name and shape plus the world token ids: equal bases, equal hash."""
+        shapes = [(name, list(p.shape)) for name, p in self.named_parameters()]
+        ids = [self.token_ids.start, self.token_ids.end, self.token_ids.soft] if self.token_ids else None
+        payload = json.dumps({"parameters": shapes, "world_token_ids": ids}, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def save_pretrained(self, directory: str | Path, stage_config: dict | None = None) -> Path:
+        """Write the stage output: weights of every component trained so far + a manifest."""
+        from theworld_core.model.stage_output import save_stage_output
+
+        return save_stage_output(self, Path(directory), stage_config=stage_config)
+
+    @classmethod
+    def from_pretrained(cls, source: str | Path, dtype: torch.dtype | None = None, **overrides) -> "TheWorld":
+        """Load a stage output from a folder, `runs:/...` or `models:/...`: bases rebuilt, trained weights applied.
+
+        `overrides` replace model config keys (e.g. `model_name` pointing at a local copy of the base).
+        """
+        from theworld_core.model.stage_output import load_stage_output
+
+        return load_stage_output(cls, source, dtype=dtype, overrides=overrides)
+
+
+def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:
+    """Write `values` (B, n, H) into the positions of `mask`, checking the counts agree."""
+    if int(mask.sum()) != values.shape[0] * values.shape[1]:
+        raise ValueError(
+            f"{int(mask.sum())} {what} placeholder tokens in the input but {values.shape[0]}x{values.shape[1]} "
+            f"{what} embeddings; inputs must be built with the model's InputBuilder"
+        )
+    return embeds.masked_scatter(mask[..., None].expand_as(embeds), values.to(embeds.dtype))
+
+
+__all__ = ["TheWorld", "COMPONENTS"]
