@@ -67,7 +67,7 @@ class InputBuilder:
         self.world_image_size = world_image_size
         self.enable_world = enable_world
         self.max_seq_length = max_seq_length
-        self.image_token_id = self.tokenizer.convert_tokens_to_ids(processor.image_token)
+        self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
 
     def _prompt_text(self, prompt: str) -> str:
         world = START_OF_WORLD + WORLD_SOFT_TOKEN * self.world_tokens + END_OF_WORLD if self.enable_world else ""

@@ -111,9 +111,9 @@ class TheWorld(nn.Module):
     def _check_special_token_ids(self) -> None:
         tokenizer, cfg = self.processor.tokenizer, self.gemma.config
         expected = {
-            "image_token_index": getattr(self.processor, "image_token", None),
-            "boi_token_index": getattr(self.processor, "boi_token", None),
-            "eoi_token_index": getattr(self.processor, "eoi_token", None),
+            "image_token_index": getattr(tokenizer, "image_token", None),
+            "boi_token_index": getattr(tokenizer, "boi_token", None),
+            "eoi_token_index": getattr(tokenizer, "eoi_token", None),
         }
         for key, token in expected.items():
             if token is None:
@@ -176,18 +176,25 @@ class TheWorld(nn.Module):
         batch = {k: v.to(device) for k, v in batch.items()}
         embeds = self.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["world_pixel_values"])
         tokenizer = self.processor.tokenizer
-        output = self.gemma.generate(
-            inputs_embeds=embeds,
-            attention_mask=batch["attention_mask"],
-            token_type_ids=batch["token_type_ids"],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=[tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")],
-            pad_token_id=tokenizer.pad_token_id,
-            # World markers are inputs only; never emit them.
-            suppress_tokens=[self.token_ids.start, self.token_ids.end, self.token_ids.soft],
-        )
-        return tokenizer.decode(output[0], skip_special_tokens=True).strip()
+        # Gemma 3's generate() does not take inputs_embeds, so decode greedily with its KV cache.
+        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
+        never = torch.tensor([self.token_ids.start, self.token_ids.end, self.token_ids.soft], device=device)
+        mask, token_types, cache, generated = batch["attention_mask"], batch["token_type_ids"], None, []
+        step_embeds = embeds
+        for _ in range(max_new_tokens):
+            out = self.gemma(inputs_embeds=step_embeds, attention_mask=mask, token_type_ids=token_types,
+                             cache=cache, use_cache=True)
+            cache = out.cache
+            logits = out.logits[0, -1].float()
+            logits[never] = float("-inf")  # world markers are inputs only
+            next_id = int(logits.argmax())
+            if next_id in stop:
+                break
+            generated.append(next_id)
+            step_embeds = self.gemma.get_input_embeddings()(torch.tensor([[next_id]], device=device))
+            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
+            token_types = torch.cat([token_types, token_types.new_zeros(1, 1)], dim=1)
+        return tokenizer.decode(generated, skip_special_tokens=True).strip()
 
     # ---------------------------------------------------------------- identity and persistence
 

@@ -1,0 +1,69 @@
+"""`theworld ...`: the command line. Each command is a thin call into the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _cmd_tiny(args) -> int:
+    from theworld_core.model.tiny import ensure_tiny_models
+
+    paths = ensure_tiny_models(Path(args.out) if args.out else None)
+    if args.json:
+        print(json.dumps(paths.as_dict()))
+    else:
+        print(f"gemma:  {paths.gemma}\ncosmos: {paths.cosmos}")
+    return 0
+
+
+def _cmd_plan(args) -> int:
+    from theworld_core.config import ModelConfig
+    from theworld_core.model.plan import format_plan, plan
+
+    overrides = {k: v for k, v in {"model_name": args.gemma, "cosmos_model_name": args.cosmos}.items() if v}
+    stages = None
+    if args.stages:
+        from theworld_core.pipeline_config import load_pipeline_config
+
+        pipeline = load_pipeline_config(args.stages, profile=args.profile)
+        stages = {s.name: s.freeze_flags for s in pipeline.resolved_stages()}
+        overrides = {**pipeline.model.model_dump(include={"model_name", "cosmos_model_name"}), **overrides}
+    result = plan(ModelConfig(**overrides), stages)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="theworld", description="Train TheWorld through progressive unfreezing stages.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("tiny", help="build (once) the embedded tiny Gemma 3 and Cosmos VAE and print their folders")
+    tiny.add_argument("--out", help="folder to build into (default: $THEWORLD_HOME/tiny)")
+    tiny.add_argument("--json", action="store_true", help='print {"gemma": PATH, "cosmos": PATH}')
+    tiny.set_defaults(func=_cmd_tiny)
+
+    plan = sub.add_parser("plan", help="trainable parameters per component and stage (meta device: no weights, no GPU)")
+    plan.add_argument("stages", nargs="?", help="a stages.yaml (default: the seed's four stages)")
+    plan.add_argument("--profile", help="profile of the stages.yaml to apply")
+    plan.add_argument("--gemma", help="Gemma 3: hub id, model folder or config.json")
+    plan.add_argument("--cosmos", help="Cosmos: hub id, folder (with vae/) or the VAE's config.json")
+    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.set_defaults(func=_cmd_plan)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad input: one clear line, no traceback.
+        print(f"theworld {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
