@@ -4,14 +4,28 @@ The seed's stage JSON files are flat (model, data and training keys side by side
 config is the union of the groups below. Each group is also usable alone: the model code takes a
 `ModelConfig`, the data code a `DataConfig`, and both accept a full stage config because the
 fields are the same.
+
+- `ModelConfig`, `DataConfig`, `TrainingConfig` (with `PlateauConfig`): the groups.
+- `StageConfig`: their flat union plus `name`; cross-field checks live in `TrainingConfig`.
+- `load_stage_config(path)`: reads a seed stage file (JSON with `//` comments, `"_comment"` keys).
+- `ConfigError`, `format_validation_error`, `validate_config`: one error format for every source,
+  `<key path>: <value> is not allowed: <what is allowed>`.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import math
-from typing import Literal
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal, Self, TypeVar, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 DEFAULT_GEMMA = "google/gemma-3-4b-it"
 DEFAULT_COSMOS = "nvidia/Cosmos-Predict2-2B-Video2World"
@@ -95,3 +109,813 @@ class DataConfig(StrictModel):
     """Side in pixels of generated synthetic images."""
     seed: int = 0
     """Seed of the synthetic generator (the split itself depends only on sample ids)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Training: every training key of the seed's stage JSON files, same names and meanings.
+# ---------------------------------------------------------------------------------------------
+
+Component = Literal["world_projector", "gemma_vision", "gemma_language", "cosmos_vae"]
+"""The four trainable components (the model's component registry uses the same names)."""
+COMPONENT_NAMES: tuple[str, ...] = ("world_projector", "gemma_vision", "gemma_language", "cosmos_vae")
+
+FREEZE_FLAG_OF: dict[str, str] = {
+    "gemma_vision": "freeze_gemma_vision",
+    "gemma_language": "freeze_gemma_language",
+    "cosmos_vae": "freeze_cosmos_vae",
+}
+"""Component -> the seed's freeze flag that switches it (`world_projector` is always trained)."""
+
+LrSchedulerName = Literal[
+    "linear",
+    "cosine",
+    "cosine_with_restarts",
+    "polynomial",
+    "constant",
+    "constant_with_warmup",
+    "inverse_sqrt",
+]
+"""Names `transformers.get_scheduler(name, optimizer, num_warmup_steps=, num_training_steps=)` accepts
+with no further arguments. Its other names (`reduce_lr_on_plateau`, `greedy`: need the metric at each
+step; `cosine_with_min_lr`, `cosine_warmup_with_min_lr`, `warmup_stable_decay`: need extra kwargs)
+are refused rather than half-supported."""
+
+DEFAULT_MLFLOW_EXPERIMENT = "theworld-multistage"
+"""MLflow experiment used when a config names none (`wandb_project` unset)."""
+
+_HUB_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_STAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class PlateauConfig(StrictModel):
+    """The plateau rule of the guide ("When to Move to Next Stage").
+
+    A stage has plateaued at its latest evaluation step `t` when `t >= min_steps` and either
+
+    - **window rule**: the best validation loss improved by less than `min_improvement` (relative)
+      over the last `window_steps` steps, i.e. `(best_before - best_recent) / |best_before| <
+      min_improvement` where `best_before` is the lowest loss evaluated at a step `<= t -
+      window_steps` and `best_recent` the lowest loss evaluated in `(t - window_steps, t]`; the
+      window must be covered (an evaluation at or before `t - window_steps` exists), else this rule
+      does not fire; or
+    - **patience rule**: no new best (strictly lower) loss for `patience_steps` steps, i.e.
+      `t - best_step >= patience_steps`.
+
+    `theworld_core.training.plateau` implements it. The same four keys appear flat in a stage config
+    as `plateau_min_improvement`, `plateau_window_steps`, `plateau_patience_steps` and
+    `plateau_min_steps` (the seed's JSON files are flat); `TrainingConfig.plateau` gives this model.
+    A pipeline file may use this model as a nested `plateau:` section.
+    """
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    min_improvement: float = Field(0.01, ge=0, lt=1, allow_inf_nan=False)
+    """Relative improvement of the best validation loss over the window below which the stage has
+    plateaued (0.01 = the guide's 1%). An improvement of exactly this much counts as enough, so 0
+    switches the window rule off."""
+    window_steps: int = Field(5000, ge=1)
+    """Length in optimizer steps of the window the improvement is measured over (the guide's 5K)."""
+    patience_steps: int = Field(2000, ge=1)
+    """Optimizer steps without a new best validation loss after which the stage has plateaued (2K)."""
+    min_steps: int = Field(10000, ge=0)
+    """No plateau verdict before this optimizer step (the guide: 10K for stage 1, 5K for the others)."""
+
+
+PLATEAU_MIN_STEPS_PROJECTION_ONLY = 10000
+"""The guide's minimum steps for stage 1 (projection only)."""
+PLATEAU_MIN_STEPS_LATER_STAGES = 5000
+"""The guide's minimum steps for the stages that unfreeze a pretrained component."""
+
+
+@dataclass(frozen=True)
+class MlflowNames:
+    """Where a stage's metrics go: the MLflow experiment and run names."""
+
+    experiment: str
+    run_name: str | None
+
+
+class TrainingConfig(StrictModel):
+    """How a stage trains: the seed's training keys, plus what the pipeline adds (plateau, seed,
+    per-component learning rates, optimizer carry-over).
+
+    Keys starting with `_` (the seed's `"_comment"`) are dropped before validation.
+    """
+
+    model_config = ConfigDict(hide_input_in_errors=True, use_attribute_docstrings=True)
+
+    # --- freezing (the seed's three flags) -------------------------------------------------
+    freeze_gemma_vision: bool = True
+    """Freeze Gemma's SigLIP vision tower and multi-modal projector (false from stage 2 on)."""
+    freeze_gemma_language: bool = True
+    """Freeze Gemma's language model, token embeddings and lm_head (false from stage 3 on)."""
+    freeze_cosmos_vae: bool = True
+    """Freeze the Cosmos (Wan 2.1) VAE encoder (false only in stage 4)."""
+
+    # --- optimisation -------------------------------------------------------------------------
+    learning_rate: PositiveFloat = 1e-4
+    """Peak learning rate of AdamW (the guide: 1e-4, 5e-5, 1e-5, 5e-6 for stages 1-4)."""
+    learning_rates: dict[Component, PositiveFloat] | None = None
+    """Optional per-component peak learning rates, e.g. `{"world_projector": 1e-4, "gemma_vision":
+    1e-5}`; a component without an entry uses `learning_rate`. Entries for frozen components are
+    allowed (they apply once the component is unfrozen) and have no effect while it is frozen."""
+    batch_size: int = Field(4, ge=1)
+    """Samples per device per forward pass."""
+    gradient_accumulation_steps: int = Field(4, ge=1)
+    """Forward/backward passes per optimizer step; effective batch = batch_size x this x num_processes."""
+    num_epochs: float = Field(1.0, gt=0, allow_inf_nan=False)
+    """Passes over the training split; fractional values train that share of an epoch (0.5 = half)."""
+    max_steps: int | None = Field(None, ge=1)
+    """Optimizer steps to train; when set it overrides `num_epochs` (null: derived from the epochs)."""
+    warmup_steps: int = Field(100, ge=0)
+    """Optimizer steps of linear learning-rate warmup from 0 to the peak (a fresh warmup each stage)."""
+    lr_scheduler: LrSchedulerName = "linear"
+    """Learning-rate schedule after warmup, by its `transformers.get_scheduler` name. The default is
+    `linear` (decay to 0 at the last step), which is what the seed's `train_hf.py` got from the HF
+    Trainer's default."""
+    weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
+    """AdamW decoupled weight decay."""
+    max_grad_norm: PositiveFloat = 1.0
+    """Gradients are clipped to this global L2 norm before each optimizer step (0.5 in the guide's
+    divergence recipe)."""
+
+    # --- memory -----------------------------------------------------------------------------
+    use_gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass to save memory (the guide: on from stage 3)."""
+    mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
+    """Autocast precision. `bf16` means bf16 where the device supports it and plain fp32 elsewhere
+    (on CPU, or a GPU without bf16), so the seed's configs run unchanged on a laptop; `fp16` needs a
+    CUDA GPU; `no` is fp32 everywhere. See `effective_mixed_precision`."""
+
+    # --- checkpoints --------------------------------------------------------------------------
+    output_dir: str = "./checkpoints"
+    """Folder for this stage's resume states and stage output (one folder per stage)."""
+    save_steps: int = Field(1000, ge=1)
+    """Write a resume state every this many optimizer steps."""
+    save_total_limit: int | None = Field(5, ge=1)
+    """Keep only the newest this many resume states (null: keep all)."""
+    resume_from_checkpoint: str | None = None
+    """What the stage starts from: a local folder (a stage output or a resume state), `runs:/<run
+    id>/<artifact path>` (an MLflow run artifact), `models:/<name>/<version>` or
+    `models:/<name>@<alias>` (the MLflow Model Registry), or a Hugging Face hub repo id `owner/name`
+    (as in the seed). A stage output starts the stage fresh (new optimizer, new warmup, step 0); a
+    resume state of the same stage continues it. See `checkpoint_source_kind`."""
+    carry_optimizer_state: bool = False
+    """At a stage transition, carry the previous stage's AdamW moments for parameters that stay
+    trainable (matched by parameter name); newly unfrozen parameters start with fresh moments. The
+    step count and the scheduler are never carried."""
+
+    # --- evaluation, plateau ------------------------------------------------------------------
+    eval_steps: int = Field(1000, ge=1)
+    """Evaluate every this many optimizer steps (and at the end of the stage). The seed's files use
+    5000; the default is 1000 so that the patience rule (2000 steps) sees more than one evaluation."""
+    do_eval: bool = True
+    """Run evaluation (the plateau rule and the gate need it)."""
+    eval_max_samples: int | None = Field(None, ge=1)
+    """Evaluate on at most this many samples of the eval split, the same ones each time (null: all)."""
+    plateau_min_improvement: float = Field(0.01, ge=0, lt=1, allow_inf_nan=False)
+    """Plateau rule: relative improvement of the best validation loss over the window below which the
+    stage has plateaued (0.01 = 1%). See `PlateauConfig`."""
+    plateau_window_steps: int = Field(5000, ge=1)
+    """Plateau rule: window, in optimizer steps, the improvement is measured over."""
+    plateau_patience_steps: int = Field(2000, ge=1)
+    """Plateau rule: optimizer steps without a new best validation loss that count as a plateau."""
+    plateau_min_steps: int | None = Field(None, ge=0)
+    """Plateau rule: no plateau before this optimizer step. Null picks the guide's value from the
+    freeze flags: 10000 for a projection-only stage (all three components frozen), else 5000."""
+
+    # --- logging ------------------------------------------------------------------------------
+    logging_steps: int = Field(100, ge=1)
+    """Log training metrics (loss, learning rate, gradient norm) every this many optimizer steps."""
+    log_to_wandb: bool = False
+    """Accepted for the seed's files; Weights & Biases is not used: metrics always go to MLflow."""
+    wandb_project: str | None = None
+    """Accepted for the seed's files: used as the MLflow experiment name."""
+    wandb_run_name: str | None = None
+    """Accepted for the seed's files: used as the MLflow run name."""
+    seed: int = 42
+    """Seed of the training randomness (initialisation of new layers, shuffling, dropout)."""
+
+    # --- distribution -------------------------------------------------------------------------
+    num_processes: int = Field(1, ge=1)
+    """Data-parallel processes (one per GPU, or CPU processes with gloo) the stage is launched with."""
+
+    # --- Hugging Face hub (optional; MLflow holds the artifacts in any case) -----------------
+    push_to_hub: bool = False
+    """Also upload the stage output to the hub repo `hub_model_id` (token from the HF_TOKEN
+    environment variable, never from a config file)."""
+    hub_model_id: str | None = None
+    """Hub repo `owner/name` to push to; required when `push_to_hub` is true."""
+    hub_strategy: Literal["every_save", "end"] = "every_save"
+    """When to push: at every resume-state save (`every_save`, the seed's choice) or once at the end."""
+    hub_private_repo: bool = False
+    """Create the hub repo as private."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_comment_keys(cls, data: Any) -> Any:
+        if isinstance(data, Mapping):
+            return {k: v for k, v in data.items() if not (isinstance(k, str) and k.startswith("_"))}
+        return data
+
+    @field_validator("resume_from_checkpoint")
+    @classmethod
+    def _checkpoint_form(cls, value: str | None) -> str | None:
+        if value is not None:
+            checkpoint_source_kind(value)  # raises ValueError with what is allowed
+        return value
+
+    @field_validator("hub_model_id")
+    @classmethod
+    def _hub_repo_form(cls, value: str | None) -> str | None:
+        if value is not None and not _HUB_REPO_ID.match(value):
+            raise ValueError("must be a hub repo id of the form 'owner/name'")
+        return value
+
+    @field_validator("output_dir")
+    @classmethod
+    def _non_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty folder path")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> TrainingConfig:
+        problems = self._cross_field_problems()
+        if problems:
+            raise ValidationError.from_exception_data(type(self).__name__, problems)
+        return self
+
+    def _cross_field_problems(self) -> list[InitErrorDetails]:
+        """Every check that involves more than one field, in one place."""
+        problems: list[InitErrorDetails] = []
+
+        def add(key: str, value: Any, allowed: str) -> None:
+            problems.append(
+                InitErrorDetails(
+                    type=PydanticCustomError("cross_field", "{allowed}", {"allowed": allowed}), loc=(key,), input=value
+                )
+            )
+
+        if self.push_to_hub and self.hub_model_id is None:
+            add("hub_model_id", None, "required when push_to_hub is true: the hub repo as 'owner/name'")
+        if self.max_steps is not None and self.warmup_steps > self.max_steps:
+            add(
+                "warmup_steps",
+                self.warmup_steps,
+                f"must not exceed max_steps ({self.max_steps}): the learning rate would never reach its peak",
+            )
+        return problems
+
+    # --- views ------------------------------------------------------------------------------------
+    def with_changes(self, **changes: Any) -> Self:
+        """A validated copy with `changes` applied together (e.g. the gate's retry recipe
+        `learning_rate=lr / 10, max_grad_norm=0.5, warmup_steps=500`); raises `ConfigError`.
+
+        Prefer it to assigning fields one by one: assignment validates each field, but when a
+        cross-field check fails pydantic has already stored the value."""
+        data = {**self.model_dump(exclude_unset=True), **changes}
+        return validate_config(type(self), data, source=f"{type(self).__name__} changes")
+
+    @property
+    def freeze_flags(self) -> dict[str, bool]:
+        """The seed's three freeze flags by name, e.g. `{"freeze_gemma_vision": True, ...}` (the form
+        `theworld_core.model.components.trainable_components` takes)."""
+        return {flag: getattr(self, flag) for flag in FREEZE_FLAG_OF.values()}
+
+    @property
+    def trainable_component_names(self) -> tuple[str, ...]:
+        """Components this stage trains, in registry order (`world_projector` always)."""
+        return tuple(c for c in COMPONENT_NAMES if c == "world_projector" or not getattr(self, FREEZE_FLAG_OF[c]))
+
+    def learning_rate_for(self, component: str) -> float:
+        """Peak learning rate of `component`: its `learning_rates` entry, else `learning_rate`."""
+        if component not in COMPONENT_NAMES:
+            raise KeyError(f"unknown component {component!r}; allowed: {list(COMPONENT_NAMES)}")
+        return (self.learning_rates or {}).get(component, self.learning_rate)
+
+    @property
+    def component_learning_rates(self) -> dict[str, float]:
+        """Peak learning rate of every component (frozen ones included; they are not optimised)."""
+        return {c: self.learning_rate_for(c) for c in COMPONENT_NAMES}
+
+    @property
+    def effective_batch_size(self) -> int:
+        """Samples per optimizer step over all processes."""
+        return self.batch_size * self.gradient_accumulation_steps * self.num_processes
+
+    @property
+    def plateau(self) -> PlateauConfig:
+        """The plateau rule of this stage, with `plateau_min_steps` resolved (see its docstring)."""
+        min_steps = self.plateau_min_steps
+        if min_steps is None:
+            projection_only = all(self.freeze_flags.values())
+            min_steps = PLATEAU_MIN_STEPS_PROJECTION_ONLY if projection_only else PLATEAU_MIN_STEPS_LATER_STAGES
+        return PlateauConfig(
+            min_improvement=self.plateau_min_improvement,
+            window_steps=self.plateau_window_steps,
+            patience_steps=self.plateau_patience_steps,
+            min_steps=min_steps,
+        )
+
+    def effective_mixed_precision(self, *, device_type: str, bf16_supported: bool) -> Literal["no", "fp16", "bf16"]:
+        """What `mixed_precision` means on a device: `bf16` falls back to `no` (fp32) where bf16 is not
+        supported (CPU, older GPUs); `fp16` is only honoured on CUDA (fp32 elsewhere)."""
+        if self.mixed_precision == "bf16":
+            return "bf16" if bf16_supported and device_type != "cpu" else "no"
+        if self.mixed_precision == "fp16":
+            return "fp16" if device_type == "cuda" else "no"
+        return "no"
+
+    def mlflow_names(self, *, default_run_name: str | None = None) -> MlflowNames:
+        """The MLflow experiment and run names: `wandb_project` / `wandb_run_name` when given (the
+        seed's keys), else `DEFAULT_MLFLOW_EXPERIMENT` / `default_run_name`."""
+        return MlflowNames(
+            experiment=self.wandb_project or DEFAULT_MLFLOW_EXPERIMENT,
+            run_name=self.wandb_run_name or default_run_name,
+        )
+
+    def wandb_notice(self, *, default_run_name: str | None = None) -> str | None:
+        """One line to log once when the config uses the seed's wandb keys (None when it does not)."""
+        used = [k for k in ("log_to_wandb", "wandb_project", "wandb_run_name") if k in self.model_fields_set]
+        if not used:
+            return None
+        names = self.mlflow_names(default_run_name=default_run_name)
+        run = f", run {names.run_name!r}" if names.run_name else ""
+        return (
+            f"config keys {', '.join(used)} are mapped to MLflow: metrics go to MLflow experiment "
+            f"{names.experiment!r}{run}; Weights & Biases is not used (log_to_wandb has no effect)"
+        )
+
+
+def checkpoint_source_kind(value: str) -> Literal["mlflow_run", "mlflow_model", "local", "hub"]:
+    """Classify a `resume_from_checkpoint` value, by form only (no file system or network access).
+
+    - `runs:/<run id>/<artifact path>` -> `mlflow_run`
+    - `models:/<name>/<version or stage>` or `models:/<name>@<alias>` -> `mlflow_model`
+    - `owner/name` (exactly one slash, hub-legal characters, no leading `.`) -> `hub`; a loader
+      should still prefer a local folder of that exact relative name when one exists, as the seed did
+    - anything else without a URI scheme (`/abs/path`, `./rel`, `checkpoints/stage1/checkpoint-1000`,
+      `C:\\...`) -> `local`
+
+    Other URI schemes (`s3://`, `https://`, ...) raise `ValueError`.
+    """
+    text = value.strip()
+    if not text or text != value:
+        raise ValueError("must be a non-empty path or URI without surrounding spaces")
+    if text.startswith("runs:/"):
+        run_id, _, artifact = text[len("runs:/") :].lstrip("/").partition("/")
+        if not run_id:
+            raise ValueError("must be runs:/<run id>/<artifact path>")
+        return "mlflow_run"
+    if text.startswith("models:/"):
+        rest = text[len("models:/") :].lstrip("/")
+        if not rest or rest.startswith("@") or (("/" not in rest) and ("@" not in rest)):
+            raise ValueError("must be models:/<name>/<version> or models:/<name>@<alias>")
+        return "mlflow_model"
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", text) or text.startswith(("hf://", "mlflow-artifacts:")):
+        raise ValueError(
+            "must be a local folder, runs:/<run id>/<path>, models:/<name>/<version>, models:/<name>@<alias> "
+            "or a hub repo id owner/name"
+        )
+    if _HUB_REPO_ID.match(text) and not text.startswith("."):
+        return "hub"
+    return "local"
+
+
+class StageConfig(ModelConfig, DataConfig, TrainingConfig):
+    """One stage as the seed's JSON files write it: model, data and training keys side by side.
+
+    Views: `model_part()`, `data_part()` (the groups on their own), `freeze_flags`, `plateau`,
+    `mlflow_names()`. Load a file with `load_stage_config`.
+    """
+
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, use_attribute_docstrings=True)
+
+    name: str | None = None
+    """Stage name (e.g. `stage2_vision`): letters, digits, `_`, `-`, `.`; used in run and artifact
+    names. `load_stage_config` leaves it null; the pipeline sets it."""
+    seed: int = 42
+    """One seed for the whole stage: training randomness (new layer init, shuffling, dropout) and
+    the `synthetic` data generator (`data_part().seed`). The flat files have a single `seed` key, so
+    it cannot mean two things; keep it equal across the stages of a pipeline so that every stage
+    sees the same synthetic samples and eval losses stay comparable."""
+
+    @field_validator("name")
+    @classmethod
+    def _stage_name(cls, value: str | None) -> str | None:
+        if value is not None and not _STAGE_NAME.match(value):
+            raise ValueError("must start with a letter or digit and use only letters, digits, '_', '-' and '.'")
+        return value
+
+    def model_part(self) -> ModelConfig:
+        """The model keys alone."""
+        return ModelConfig(**{k: getattr(self, k) for k in ModelConfig.model_fields})
+
+    def data_part(self) -> DataConfig:
+        """The data keys alone (`seed` included: it seeds the synthetic generator too)."""
+        return DataConfig(**{k: getattr(self, k) for k in DataConfig.model_fields})
+
+    def training_part(self) -> TrainingConfig:
+        """The training keys alone."""
+        return TrainingConfig(**{k: getattr(self, k) for k in TrainingConfig.model_fields})
+
+    def mlflow_names(self, *, default_run_name: str | None = None) -> MlflowNames:
+        """As `TrainingConfig.mlflow_names`, with the stage name as the default run name."""
+        return super().mlflow_names(default_run_name=default_run_name or self.name)
+
+    def wandb_notice(self, *, default_run_name: str | None = None) -> str | None:
+        return super().wandb_notice(default_run_name=default_run_name or self.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors: one formatter for every config source (stage JSON files now, stages.yaml later).
+# ---------------------------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A config that cannot be used. `problems` holds one line per problem, each
+    `<key path>: <value> is not allowed: <what is allowed>` (or `<key path>: unknown key; ...`);
+    `source` is the file (or other origin); `line`/`column` are set for syntax errors."""
+
+    def __init__(self, problems: list[str], source: str | None = None, *, line: int | None = None, column: int | None = None):
+        self.problems = list(problems)
+        self.source = source
+        self.line = line
+        self.column = column
+        super().__init__(self._render())
+
+    def _render(self) -> str:
+        where = self.source or "config"
+        if self.line is not None:
+            where += f":{self.line}:{self.column}"
+        if len(self.problems) == 1:
+            return f"{where}: {self.problems[0]}"
+        lines = [f"{where}: {len(self.problems)} problems:"]
+        lines += [f"  - {p}" for p in self.problems]
+        return "\n".join(lines)
+
+
+_SECRET_KEY = re.compile(r"(^|_)(token|api_key|apikey|secret|password|passwd)$", re.IGNORECASE)
+_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{8,})")
+
+# Keys of the seed's `TrainingConfig` dataclass that this package deliberately does not have.
+_RETIRED_SEED_KEYS: dict[str, str] = {
+    "load_full_cosmos_pipeline": "only the Cosmos VAE encoder is ever loaded (AutoencoderKLWan, subfolder 'vae')",
+    "log_to_tensorboard": "metrics are logged to MLflow",
+    "save_safetensors": "checkpoints are always written as safetensors",
+    "device": "the device is chosen at launch (CUDA when present, else CPU)",
+}
+
+# Common abbreviations; difflib alone does not find these.
+_ALIASES: dict[str, str] = {
+    "lr": "learning_rate",
+    "epochs": "num_epochs",
+    "num_train_epochs": "num_epochs",
+    "grad_accum": "gradient_accumulation_steps",
+    "gradient_accumulation": "gradient_accumulation_steps",
+    "per_device_train_batch_size": "batch_size",
+    "warmup": "warmup_steps",
+    "lr_scheduler_type": "lr_scheduler",
+    "scheduler": "lr_scheduler",
+    "gradient_checkpointing": "use_gradient_checkpointing",
+    "fp16": "mixed_precision",
+    "bf16": "mixed_precision",
+    "resume_from": "resume_from_checkpoint",
+    "max_train_steps": "max_steps",
+}
+
+
+def is_secret_key(key: str) -> bool:
+    """Whether a config key names a credential (`hf_token`, `token`, `wandb_api_key`, ...)."""
+    return bool(_SECRET_KEY.search(key))
+
+
+def _secret_problem(path: str, key: str) -> str:
+    env = "HF_TOKEN" if "token" in key.lower() and "mlflow" not in key.lower() else "the matching environment variable"
+    return (
+        f"{path}: secrets are not allowed in config files (configs are logged with the run); "
+        f"remove it and set {env} in the environment instead"
+    )
+
+
+def _render_value(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    text = repr(value)
+    text = _SECRET_VALUE.sub("hf_***", text)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _join_path(prefix: str, loc: tuple[Any, ...]) -> str:
+    path = prefix.rstrip(".")
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path = f"{path}.{part}" if path else str(part)
+    return path or "(top level)"
+
+
+def _initials(name: str) -> str:
+    return "".join(part[0] for part in name.split("_") if part)
+
+
+def suggest_key(key: str, allowed: list[str] | tuple[str, ...]) -> str | None:
+    """The allowed key a misspelt or abbreviated `key` most likely meant (None when nothing is close)."""
+    allowed = list(allowed)
+    low = key.lower()
+    if _ALIASES.get(low) in allowed:
+        return _ALIASES[low]
+    close = difflib.get_close_matches(low, allowed, n=1, cutoff=0.6)
+    if close:
+        return close[0]
+    by_initials = [a for a in allowed if len(low) >= 2 and _initials(a) == low]
+    if len(by_initials) == 1:
+        return by_initials[0]
+    containing = [a for a in allowed if len(low) >= 4 and (low in a or a in low)]
+    if len(containing) == 1:
+        return containing[0]
+    return None
+
+
+def _field_model(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in get_args(annotation):
+        found = _field_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the (nested) model that holds the key at `loc` (None when unknown)."""
+    current: type[BaseModel] | None = model
+    for part in loc[:-1]:
+        if current is None:
+            return None
+        if isinstance(part, int):
+            continue
+        field = current.model_fields.get(part)
+        current = _field_model(field.annotation) if field is not None else None
+    return list(current.model_fields) if current is not None else None
+
+
+def _quoted_choices(expected: str) -> list[str]:
+    return re.findall(r"'([^']*)'", expected)
+
+
+def _describe(error: dict[str, Any], loc: tuple[Any, ...], model: type[BaseModel] | None, path: str) -> str:
+    kind = error["type"]
+    ctx = error.get("ctx") or {}
+    value = error.get("input")
+    key = loc[-1] if loc and isinstance(loc[-1], str) else None
+
+    if kind == "extra_forbidden":
+        if key is not None and is_secret_key(key):
+            return _secret_problem(path, key)
+        if key in _RETIRED_SEED_KEYS:
+            return f"{path}: unknown key; the seed's {key!r} is not used here: {_RETIRED_SEED_KEYS[key]}"
+        allowed = _allowed_keys(model, loc) if model is not None else None
+        hint = suggest_key(key, allowed) if (key is not None and allowed) else None
+        if hint:
+            return f"{path}: unknown key; did you mean {hint!r}?"
+        return f"{path}: unknown key (not a field of this config)"
+    if kind == "missing":
+        return f"{path}: required but missing"
+
+    if kind == "literal_error":
+        choices = _quoted_choices(ctx.get("expected", ""))
+        allowed = "must be one of " + ", ".join(repr(c) for c in choices) if choices else f"must be {ctx.get('expected')}"
+        if isinstance(value, str) and choices:
+            hint = suggest_key(value, choices)
+            if hint:
+                allowed += f"; did you mean {hint!r}?"
+    elif kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
+        words = {
+            "greater_than": ("greater than", "gt"),
+            "greater_than_equal": ("greater than or equal to", "ge"),
+            "less_than": ("less than", "lt"),
+            "less_than_equal": ("less than or equal to", "le"),
+        }[kind]
+        bound = ctx.get(words[1])
+        if isinstance(bound, float) and bound.is_integer():
+            bound = int(bound)
+        allowed = f"must be {words[0]} {bound}"
+    elif kind in ("int_type", "int_parsing", "int_from_float"):
+        allowed = "must be a whole number"
+    elif kind in ("float_type", "float_parsing"):
+        allowed = "must be a number"
+    elif kind == "finite_number":
+        allowed = "must be a finite number"
+    elif kind in ("bool_type", "bool_parsing"):
+        allowed = "must be true or false"
+    elif kind == "string_type":
+        allowed = "must be a string"
+    elif kind in ("dict_type", "model_type", "model_attributes_type"):
+        allowed = "must be a mapping of keys to values (a JSON object)"
+    elif kind == "value_error":
+        allowed = str(error["msg"]).removeprefix("Value error, ")
+    elif kind == "cross_field":
+        allowed = str(ctx.get("allowed", error["msg"]))
+    else:
+        allowed = str(error["msg"]).replace("Input should be", "must be")
+    if key is not None and is_secret_key(key):
+        value_text = "<hidden>"
+    else:
+        value_text = _render_value(value)
+    return f"{path}: {value_text} is not allowed: {allowed}"
+
+
+def format_validation_error(exc: ValidationError, source: str | None = None, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+    """Turn a pydantic `ValidationError` into problem lines, one per error:
+    `<key path>: <value> is not allowed: <what is allowed>`, or for unknown keys
+    `<key path>: unknown key; did you mean '<field>'?`.
+
+    `prefix` is prepended to every key path (e.g. `stages[2]` gives `stages[2].learning_rate`);
+    `model` is the class that was validated (default: the one named by the error), used to suggest
+    field names. Values of secret-looking keys are never shown. `source` is accepted so callers can
+    pass the file name through; wrap the result as `ConfigError(problems, source)`.
+    """
+    del source  # the file name belongs to the ConfigError, not to each line
+    if model is None:
+        model = _MODELS_BY_NAME.get(exc.title)
+    problems = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error.get("loc", ()))
+        if loc and loc[-1] == "[key]":  # a wrong dict key (learning_rates.gemma_vison): the key is the value
+            loc = loc[:-1]
+        problems.append(_describe(error, loc, model, _join_path(prefix, loc)))
+    return problems
+
+
+_MODELS_BY_NAME: dict[str, type[BaseModel]] = {
+    cls.__name__: cls for cls in (ModelConfig, DataConfig, TrainingConfig, PlateauConfig, StageConfig)
+}
+M = TypeVar("M", bound=BaseModel)
+
+
+def validate_config(model: type[M], data: Any, source: str | None = None, prefix: str = "") -> M:
+    """Validate `data` (a parsed mapping) as `model`, raising `ConfigError` listing every problem.
+
+    Secret-looking keys are refused before validation, and keys starting with `_` are dropped, at
+    every level of nesting. Reusable for any config source (`prefix` as in `format_validation_error`).
+    Prefer it to calling `model_validate` on a parent model directly: a parent without
+    `hide_input_in_errors=True` would print a secret's value in its raw `ValidationError`.
+    """
+    secrets: list[str] = []
+    cleaned = _clean(data, prefix.rstrip("."), secrets)
+    try:
+        result = model.model_validate(cleaned)
+    except ValidationError as exc:
+        problems = format_validation_error(exc, source, prefix, model)
+        raise ConfigError(secrets + problems, source) from None
+    if secrets:
+        raise ConfigError(secrets, source)
+    return result
+
+
+def _clean(data: Any, path: str, secrets: list[str]) -> Any:
+    if isinstance(data, Mapping):
+        out = {}
+        for key, value in data.items():
+            if isinstance(key, str) and key.startswith("_"):
+                continue
+            sub = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and is_secret_key(key):
+                secrets.append(_secret_problem(sub, key))
+                continue
+            out[key] = _clean(value, sub, secrets)
+        return out
+    if isinstance(data, list):
+        return [_clean(v, f"{path}[{i}]", secrets) for i, v in enumerate(data)]
+    return data
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON with comments (the seed's files), and the stage loader.
+# ---------------------------------------------------------------------------------------------
+
+
+def strip_json_comments(text: str) -> str:
+    """Blank out `//` line comments, `/* */` block comments and trailing commas (before `}` or `]`)
+    outside strings, keeping every other character in place so JSON error positions still point
+    into the original text. `//` inside strings (`"https://..."`) is kept."""
+    out = list(text)
+    i, n = 0, len(text)
+    in_string = False
+    last_comma: int | None = None  # index of a comma with only blanks/comments after it so far
+    while i < n:
+        ch = text[i]
+        if in_string:
+            if ch == "\\":
+                i += 2
+                continue
+            if ch == '"':
+                in_string = False
+            i += 1
+            continue
+        if ch == '"':
+            in_string = True
+            last_comma = None
+            i += 1
+        elif text.startswith("//", i):
+            end = text.find("\n", i)
+            end = n if end == -1 else end
+            for j in range(i, end):
+                if out[j] != "\r":
+                    out[j] = " "
+            i = end
+        elif text.startswith("/*", i):
+            end = text.find("*/", i + 2)
+            if end == -1:
+                line = text.count("\n", 0, i) + 1
+                column = i - (text.rfind("\n", 0, i) + 1) + 1
+                raise _CommentError(line, column)
+            for j in range(i, end + 2):
+                if out[j] not in "\r\n":
+                    out[j] = " "
+            i = end + 2
+        elif ch == ",":
+            last_comma = i
+            i += 1
+        elif ch in "}]":
+            if last_comma is not None:
+                out[last_comma] = " "
+            last_comma = None
+            i += 1
+        elif ch in " \t\r\n":
+            i += 1
+        else:
+            last_comma = None
+            i += 1
+    return "".join(out)
+
+
+class _CommentError(Exception):
+    def __init__(self, line: int, column: int):
+        super().__init__("unterminated /* comment")
+        self.line = line
+        self.column = column
+
+
+def parse_json_with_comments(text: str, source: str | None = None) -> Any:
+    """Parse the seed's JSON dialect (JSON plus `//` and `/* */` comments and trailing commas).
+    Duplicate keys and syntax errors raise `ConfigError` (syntax errors with line and column)."""
+    try:
+        cleaned = strip_json_comments(text)
+    except _CommentError as exc:
+        raise ConfigError([f"invalid JSON: {exc}"], source, line=exc.line, column=exc.column) from None
+    duplicates: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen and not key.startswith("_"):
+                duplicates.append(key)
+            seen[key] = value
+        return seen
+
+    try:
+        data = json.loads(cleaned, object_pairs_hook=pairs)
+    except json.JSONDecodeError as exc:
+        line_text = text.splitlines()[exc.lineno - 1] if 0 < exc.lineno <= len(text.splitlines()) else ""
+        detail = f"invalid JSON: {exc.msg}"
+        if line_text.strip():
+            detail += f" (line {exc.lineno}: {line_text.strip()[:100]!r})"
+        raise ConfigError([detail], source, line=exc.lineno, column=exc.colno) from None
+    if duplicates:
+        raise ConfigError(
+            [f"{key}: duplicate key: it appears more than once (JSON would silently keep the last)" for key in duplicates],
+            source,
+        )
+    return data
+
+
+def load_stage_config(path: str | os.PathLike[str]) -> StageConfig:
+    """Read one stage file as the seed writes it (`//` comments, `"_comment"` keys) into a
+    `StageConfig`. Every problem is reported at once in a `ConfigError` naming the file."""
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(["file not found"], source) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], source) from None
+    try:
+        blank = not strip_json_comments(text).strip()
+    except _CommentError:
+        blank = False  # parse_json_with_comments reports it with its position
+    if blank:
+        raise ConfigError(["the file is empty: a stage config is a JSON object ({} for all defaults)"], source)
+    data = parse_json_with_comments(text, source)
+    if not isinstance(data, dict):
+        raise ConfigError(
+            [f"(top level): {_render_value(data)} is not allowed: must be a JSON object of config keys"], source
+        )
+    return validate_config(StageConfig, data, source)
