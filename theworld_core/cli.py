@@ -36,6 +36,17 @@ def _cmd_plan(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from theworld_core.config import load_stage_config
+    from theworld_core.training.trainer import train_stage
+
+    cfg = load_stage_config(args.config)
+    result = train_stage(cfg, fresh=args.fresh)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else
+          f"{result.status}: {result.reason}\nstage output: {result.stage_output}\nMLflow run: {result.mlflow_run_id}")
+    return 0 if result.status in ("completed", "plateaued") else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="theworld", description="Train TheWorld through progressive unfreezing stages.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,10 +63,19 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cosmos", help="Cosmos: hub id, folder (with vae/) or the VAE's config.json")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=_cmd_plan)
+    train = sub.add_parser("train", help="train one stage from a stage config (the seed's JSON files as written)")
+    train.add_argument("--config", required=True, help="stage config JSON (// comments and _comment keys allowed)")
+    train.add_argument("--fresh", action="store_true",
+                       help="ignore resume states in output_dir and start the stage afresh (default: continue the newest)")
+    train.add_argument("--json", action="store_true", help="print the stage result as JSON")
+    train.set_defaults(func=_cmd_train)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)

@@ -240,6 +240,9 @@ class TrainingConfig(StrictModel):
     max_grad_norm: PositiveFloat = 1.0
     """Gradients are clipped to this global L2 norm before each optimizer step (0.5 in the guide's
     divergence recipe)."""
+    divergence_grad_norm: PositiveFloat | None = 1000.0
+    """A gradient norm (before clipping) above this ends the stage as diverged, as does a NaN/inf
+    loss (the guide: "Gradients > 1000"). Null: only non-finite values count as divergence."""
 
     # --- memory -----------------------------------------------------------------------------
     use_gradient_checkpointing: bool = False

@@ -60,9 +60,26 @@ def stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: d
     import mlflow
 
     configure_tracking()
-    if run_id is not None:
-        with mlflow.start_run(run_id=run_id) as run:
+    active = mlflow.active_run()
+    if run_id is not None and active is not None and active.info.run_id == run_id:
+        yield active  # the caller owns it and will end it
+        return
+    if run_id is not None and _run_exists(run_id):
+        with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
             yield run
         return
-    with mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=run_name, tags=tags) as run:
+    with mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=run_name, tags=tags,
+                          nested=active is not None) as run:
         yield run
+
+
+def _run_exists(run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        import mlflow
+
+        mlflow.get_run(run_id)
+        return True
+    except MlflowException:
+        return False

@@ -57,6 +57,8 @@ class TrainerState:
     """[step, eval_loss] pairs."""
     config_hash: str = ""
     """Hash of the training-relevant stage config; a resume with another config is refused."""
+    mlflow_run_id: str | None = None
+    """The MLflow run the stage logs into; a resumed stage keeps logging into it."""
     finished: str | None = None
     """Set when the stage ended: its status (completed, plateaued, ...)."""
 

@@ -1,0 +1,532 @@
+"""The stage trainer: one stage, `setup -> train -> evaluate -> save`, on accelerate.
+
+Run alone (`theworld train --config FILE.json`) or called by the pipeline. Every rank runs the
+loop; rank 0 alone evaluates, logs and writes, and broadcasts what the others must know.
+
+Where a stage starts from, in order:
+1. the newest resume state in `output_dir` (unless `fresh`): the stage continues exactly;
+2. `resume_from_checkpoint`: a stage output (a stage transition: trained weights loaded, newly
+   unfrozen components at their pretrained weights, fresh optimizer and warmup, optimizer moments
+   carried for parameters that stay trainable when `carry_optimizer_state`) or a resume state of
+   another output folder (continued exactly, as 1);
+3. the pretrained bases with a fresh world projector.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from theworld_core.config import StageConfig
+from theworld_core.model.components import (
+    audit_step,
+    gradient_presence,
+    parameter_report,
+    snapshot,
+    trainable_components,
+)
+from theworld_core.model.stage_output import (
+    apply_stage_output,
+    read_manifest,
+    resolve_source,
+    save_stage_output,
+)
+from theworld_core.model.theworld import TheWorld
+from theworld_core.training import checkpoint as ckpt
+from theworld_core.training.optim import build_optimizer, load_optimizer_state_by_name, optimizer_state_by_name
+from theworld_core.training.plateau import PlateauTracker
+
+log = logging.getLogger("theworld.train")
+
+# Keys that may change between a crash and its resume without changing what is trained.
+RESUME_COMPATIBLE_KEYS = frozenset({
+    "logging_steps", "save_steps", "save_total_limit", "eval_steps", "output_dir", "resume_from_checkpoint",
+    "log_to_wandb", "wandb_project", "wandb_run_name", "push_to_hub", "hub_model_id", "hub_strategy",
+    "hub_private_repo", "num_processes", "name",
+})
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage run ended with: small, JSON-serialisable, no tensors."""
+
+    status: str
+    """completed (max_steps / epochs reached), plateaued, diverged or oom."""
+    reason: str
+    steps: int
+    output_dir: str
+    stage_output: str | None
+    """`OUTPUT_DIR/final`, the stage output (None when the stage diverged or ran out of memory)."""
+    eval_loss: float | None
+    best_eval_loss: float | None
+    train_loss: float | None
+    eval_history: list[list[float]]
+    trainable: dict[str, int]
+    data_fingerprint: str
+    mlflow_run_id: str | None
+    started_from: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def config_hash(cfg: StageConfig) -> str:
+    """Hash of every key that changes what a stage trains (resume is refused when it differs)."""
+    relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_COMPATIBLE_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+class _Stop(Exception):
+    """Ends the loop early with a status (diverged, oom, plateaued)."""
+
+    def __init__(self, status: str, reason: str, evidence: dict[str, Any] | None = None):
+        super().__init__(reason)
+        self.status, self.reason, self.evidence = status, reason, evidence or {}
+
+
+class StageTrainer:
+    def __init__(
+        self,
+        cfg: StageConfig,
+        *,
+        fresh: bool = False,
+        mlflow_run_id: str | None = None,
+        global_step_offset: int = 0,
+        loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+    ):
+        self.cfg = cfg
+        self.fresh = fresh
+        self.mlflow_run_id = mlflow_run_id
+        self.global_step_offset = global_step_offset
+        self.loss_hook = loss_hook  # tests inject NaN / OOM here
+        self.output_dir = Path(cfg.output_dir)
+
+    # ================================================================== setup
+
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from theworld_core.data import prepare_data
+
+        cfg = self.cfg
+        on_gpu = torch.cuda.is_available()
+        precision = cfg.effective_mixed_precision(
+            device_type="cuda" if on_gpu else "cpu", bf16_supported=on_gpu and torch.cuda.is_bf16_supported()
+        )
+        self.accelerator = Accelerator(
+            mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=not on_gpu
+        )
+        set_seed(cfg.seed)
+        self.data = prepare_data(cfg.data_part())
+        self.state = ckpt.TrainerState(config_hash=config_hash(cfg))
+        self.model = TheWorld.from_base(cfg.model_part())
+        resume_dir, transition_dir = self._choose_start()
+        if transition_dir is not None:
+            apply_stage_output(self.model, transition_dir, read_manifest(transition_dir))
+        if resume_dir is not None:
+            apply_stage_output(self.model, resume_dir, read_manifest(resume_dir))
+        self.builder = self.model.builder
+        self.trainable = self.model.set_trainable(trainable_components(cfg.freeze_flags))
+        if cfg.use_gradient_checkpointing:
+            self.model.gemma.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+        optimizer, self.group_names = build_optimizer(
+            self.model, cfg.learning_rate, cfg.weight_decay, cfg.component_learning_rates
+        )
+        self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
+        from transformers import get_scheduler
+
+        self.scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total_steps
+        )
+        self.tracker = PlateauTracker(cfg.plateau)
+        if resume_dir is not None:
+            self._restore(resume_dir, optimizer)
+        elif transition_dir is not None and cfg.carry_optimizer_state and ckpt.is_resume_state(transition_dir):
+            carried = load_optimizer_state_by_name(
+                optimizer, self.group_names, ckpt.load_torch(transition_dir, "optimizer.pt"), restore_groups=False
+            )
+            log.info("carried optimizer moments for %d parameters that stay trainable", len(carried))
+        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+
+    def _choose_start(self) -> tuple[Path | None, Path | None]:
+        """(resume state to continue, stage output to transition from); at most one is set."""
+        cfg = self.cfg
+        latest = None if self.fresh else ckpt.latest_resume_state(self.output_dir)
+        if latest is not None:
+            self._check_resumable(latest)
+            self.started_from = f"resumed {latest}"
+            return latest, None
+        if cfg.resume_from_checkpoint:
+            source = resolve_source(cfg.resume_from_checkpoint)
+            if ckpt.is_resume_state(source) and ckpt.load_trainer_state(source).config_hash == self.state.config_hash:
+                self.started_from = f"resumed {cfg.resume_from_checkpoint}"
+                return source, None
+            self.started_from = f"stage output {cfg.resume_from_checkpoint}"
+            return None, source
+        self.started_from = "pretrained bases"
+        return None, None
+
+    def _check_resumable(self, directory: Path) -> None:
+        saved = ckpt.load_trainer_state(directory)
+        if saved.config_hash == self.state.config_hash:
+            return
+        before = read_manifest(directory).get("stage_config") or {}
+        now = self.cfg.model_dump(mode="json")
+        changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if k not in RESUME_COMPATIBLE_KEYS and before.get(k) != now.get(k)]
+        raise ValueError(
+            f"output_dir {self.output_dir} holds a resume state ({directory.name}) of a different stage config "
+            f"({'; '.join(changed) or 'config changed'}). To continue it, restore the config; to start this config "
+            f"afresh, pass --fresh or use a new output_dir; for a stage transition point resume_from_checkpoint at "
+            f"{self.output_dir / ckpt.FINAL_DIR}"
+        )
+
+    def _restore(self, directory: Path, optimizer) -> None:
+        load_optimizer_state_by_name(optimizer, self.group_names, ckpt.load_torch(directory, "optimizer.pt"))
+        self.scheduler.load_state_dict(ckpt.load_torch(directory, "scheduler.pt"))
+        self.state = ckpt.load_trainer_state(directory)
+        self.tracker.load_state_dict(self.state.plateau)
+        ckpt.restore_rng(ckpt.load_torch(directory, "rng.pt"))
+
+    # ================================================================== data
+
+    def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        builder = self.builder
+        return builder.collate([builder.encode(r["image"], r["prompt"], r["text"]) for r in rows])
+
+    def _train_loader(self, epoch: int):
+        """This epoch's batches in a seeded order (same order on resume), sharded across ranks."""
+        from torch.utils.data import DataLoader
+
+        dataset = self.data.train
+        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+            dataset = dataset.shuffle(seed=self.cfg.seed, buffer_size=1000)
+            dataset.set_epoch(epoch)
+            loader = DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=self._collate)
+        else:
+            generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
+            order = torch.randperm(len(dataset), generator=generator).tolist()
+            loader = DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=order, collate_fn=self._collate)
+        return self.accelerator.prepare(loader)
+
+    def _steps_per_epoch(self) -> int:
+        try:
+            samples = len(self.data.train)
+        except TypeError:
+            samples = None
+        if samples is None:
+            if self.cfg.max_steps is None:
+                raise ValueError(
+                    "streaming source of unknown length: set max_steps (or num_samples) so the schedule has an end"
+                )
+            return self.cfg.max_steps
+        batches = math.ceil(samples / (self.cfg.batch_size * self.accelerator.num_processes))
+        return max(1, math.ceil(batches / self.cfg.gradient_accumulation_steps))
+
+    # ================================================================== train
+
+    def run(self) -> StageResult:
+        from theworld_core.tracking.mlflow_runs import stage_run
+
+        self.setup()
+        cfg = self.cfg
+        names = cfg.mlflow_names(default_run_name=cfg.name)
+        if self.accelerator.is_main_process:
+            notice = cfg.wandb_notice(default_run_name=cfg.name)
+            if notice:
+                log.info(notice)
+            log.info("stage %s starts from %s; trains %s", cfg.name or self.output_dir.name, self.started_from, ", ".join(self.trainable))
+        run_id = self.mlflow_run_id or self.state.mlflow_run_id  # a resumed stage keeps its run
+        run_ctx = stage_run(run_id, names.experiment, names.run_name) if self.accelerator.is_main_process else _null_run()
+        with run_ctx as run:
+            self.run_id = self.state.mlflow_run_id = run.info.run_id if run is not None else None
+            if run is not None and self.state.step == 0:
+                self._log_params()
+            status, reason, evidence = self._train()
+            return self._finish(status, reason, evidence)
+
+    def _train(self) -> tuple[str, str, dict]:
+        cfg, acc, state = self.cfg, self.accelerator, self.state
+        if state.finished:
+            return state.finished, "stage had already finished in this output_dir", {}
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        audit_pending = state.step == 0
+        before = snapshot(acc.unwrap_model(self.model)) if audit_pending else None
+        self.model.train()
+        window = _Window()
+        from tqdm.auto import tqdm
+
+        self.progress = tqdm(total=self.total_steps, initial=state.step, desc=cfg.name or self.output_dir.name,
+                             unit="step", disable=not acc.is_main_process, dynamic_ncols=True)
+        try:
+            while state.step < self.total_steps:
+                loader = self._train_loader(state.epoch)
+                if state.batches_in_epoch:
+                    loader = acc.skip_first_batches(loader, state.batches_in_epoch)
+                for batch in loader:
+                    with acc.accumulate(self.model):
+                        loss = self._forward_backward(batch)
+                    state.batches_in_epoch += 1
+                    window.add(loss, batch, acc.num_processes)
+                    if not acc.sync_gradients:
+                        continue
+                    grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+                    limit = cfg.divergence_grad_norm
+                    if not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit):
+                        raise _Stop("diverged", f"gradient norm {grad_norm:.4g} at step {state.step + 1} (limit {limit})",
+                                    {"step": state.step + 1, "grad_norm": grad_norm, "limit": limit})
+                    # Warmup gives the very first step a learning rate of 0, which changes nothing:
+                    # the audit runs after the first step that could change the weights.
+                    audit_now = audit_pending and any(g["lr"] > 0 for g in self.optimizer.param_groups)
+                    had_grad = gradient_presence(acc.unwrap_model(self.model)) if audit_now else None
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if audit_now:
+                        audit_step(acc.unwrap_model(self.model), before, had_grad, self.trainable)
+                        audit_pending = False
+                    state.step += 1
+                    self._after_step(window, grad_norm)
+                    if state.step >= self.total_steps:
+                        break
+                else:
+                    state.epoch += 1
+                    state.batches_in_epoch = 0
+        except _Stop as stop:
+            return stop.status, stop.reason, stop.evidence
+        finally:
+            self.progress.close()
+        reason = f"reached {self.total_steps} steps" + ("" if cfg.max_steps else f" ({cfg.num_epochs:g} epochs)")
+        return "completed", reason, {}
+
+    def _forward_backward(self, batch) -> float:
+        try:
+            _, loss = self.model(**batch)
+            if self.loss_hook is not None:
+                loss = self.loss_hook(self.state.step + 1, loss)
+            if not torch.isfinite(loss):
+                raise _Stop("diverged", f"loss {float(loss)} at step {self.state.step + 1}",
+                            {"step": self.state.step + 1, "loss": float(loss), "last_train_loss": self._last_train_loss})
+            self.accelerator.backward(loss)
+        except torch.OutOfMemoryError as exc:
+            raise _Stop("oom", f"out of memory at step {self.state.step + 1} with batch_size {self.cfg.batch_size}",
+                        {"step": self.state.step + 1, "batch_size": self.cfg.batch_size, "error": str(exc)[:300]}) from None
+        return float(loss.detach())
+
+    _last_train_loss: float | None = None
+
+    def _after_step(self, window: "_Window", grad_norm: float) -> None:
+        cfg, state = self.cfg, self.state
+        self.progress.update(1)
+        if state.step % cfg.logging_steps == 0:
+            metrics = window.metrics()
+            metrics["train/grad_norm"] = grad_norm
+            for group in self.optimizer.param_groups:
+                metrics[f"lr/{group['name']}"] = group["lr"]
+            self._last_train_loss = metrics.get("train/loss", self._last_train_loss)
+            self.progress.set_postfix(loss=f"{self._last_train_loss:.4f}", refresh=False)
+            self._log_metrics(metrics)
+            window.reset()
+        if cfg.do_eval and state.step % cfg.eval_steps == 0:
+            self._evaluate_and_check_plateau()
+        if state.step % cfg.save_steps == 0:
+            self._save_resume_state()
+
+    # ================================================================== evaluate
+
+    def evaluate(self) -> float:
+        """Mean answer-token loss on the held-out split (rank 0 computes; all ranks get it)."""
+        from accelerate.utils import broadcast_object_list
+
+        value = [float("nan")]
+        if self.accelerator.is_main_process:
+            value[0] = evaluate_loss(self.accelerator.unwrap_model(self.model), self._eval_rows(), self.cfg.batch_size,
+                                     self.accelerator.device)
+        if self.accelerator.num_processes > 1:
+            broadcast_object_list(value)
+        return value[0]
+
+    def _eval_rows(self):
+        rows = self.data.eval
+        if self.cfg.eval_max_samples is not None and len(rows) > self.cfg.eval_max_samples:
+            rows = rows.select(range(self.cfg.eval_max_samples))
+        return rows
+
+    def _evaluate_and_check_plateau(self) -> None:
+        loss = self.evaluate()
+        state = self.state
+        state.eval_history.append([state.step, loss])
+        verdict = self.tracker.update(state.step, loss)
+        state.plateau = self.tracker.state_dict()
+        self._log_metrics({"eval/loss": loss})
+        if verdict.plateaued:
+            raise _Stop("plateaued", verdict.reason, {"plateau": _plain(verdict)})
+
+    # ================================================================== save
+
+    def _save_resume_state(self) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            ckpt.save_resume_state(
+                self.output_dir,
+                model,
+                optimizer_state_by_name(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, self.group_names),
+                self.scheduler.state_dict(),
+                self.state,
+                self.cfg.model_dump(mode="json"),
+                self.cfg.save_total_limit,
+            )
+        acc.wait_for_everyone()
+
+    def _finish(self, status: str, reason: str, evidence: dict) -> StageResult:
+        cfg, state, acc = self.cfg, self.state, self.accelerator
+        final = None
+        if status in ("completed", "plateaued"):
+            if cfg.do_eval and (not state.eval_history or state.eval_history[-1][0] != state.step):
+                try:
+                    self._evaluate_and_check_plateau()
+                except _Stop:
+                    pass  # the stage ends anyway; the verdict is in the history
+            already_final = state.finished is not None
+            state.finished = status
+            if not already_final:
+                self._save_resume_state()
+            final = self.output_dir / ckpt.FINAL_DIR
+            if acc.is_main_process and not already_final:
+                save_stage_output(acc.unwrap_model(self.model), final, stage_config=cfg.model_dump(mode="json"))
+                self._log_stage_output(final)
+        losses = [loss for _, loss in state.eval_history if math.isfinite(loss)]
+        result = StageResult(
+            status=status,
+            reason=reason,
+            steps=state.step,
+            output_dir=str(self.output_dir),
+            stage_output=str(final) if final else None,
+            eval_loss=state.eval_history[-1][1] if state.eval_history else None,
+            best_eval_loss=min(losses) if losses else None,
+            train_loss=self._last_train_loss,
+            eval_history=state.eval_history,
+            trainable={c: n.trainable for c, n in parameter_report(acc.unwrap_model(self.model)).items()},
+            data_fingerprint=self.data.fingerprint,
+            mlflow_run_id=self.run_id,
+            started_from=self.started_from,
+            evidence=evidence,
+        )
+        if acc.is_main_process:
+            import mlflow
+
+            mlflow.set_tags({"stage_status": status, "stage_reason": reason[:500]})
+            log.info("stage %s %s after %d steps: %s", cfg.name or self.output_dir.name, status, state.step, reason)
+        return result
+
+    # ================================================================== tracking
+
+    def _log_params(self) -> None:
+        import mlflow
+
+        params = {k: str(v)[:500] for k, v in self.cfg.model_dump(mode="json").items()}
+        params.update({f"trainable/{c}": n.trainable for c, n in parameter_report(self.accelerator.unwrap_model(self.model)).items()})
+        params["total_steps"] = self.total_steps
+        mlflow.log_params(params)
+        mlflow.set_tags({"data_fingerprint": self.data.fingerprint, "config_hash": self.state.config_hash,
+                         "started_from": self.started_from[:500]})
+
+    def _log_metrics(self, metrics: dict[str, float]) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        import mlflow
+
+        step = self.global_step_offset + self.state.step
+        mlflow.log_metrics({**metrics, "stage_step": self.state.step}, step=step, synchronous=False)
+
+    def _log_stage_output(self, final: Path) -> None:
+        import mlflow
+
+        mlflow.log_artifacts(str(final), artifact_path="stage_output")
+
+
+class _Window:
+    """Running training statistics between two log lines."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        self.losses: list[float] = []
+        self.samples = 0
+        self.tokens = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: float, batch: dict, processes: int) -> None:
+        self.losses.append(loss)
+        self.samples += batch["input_ids"].shape[0] * processes
+        self.tokens += int(batch["attention_mask"].sum()) * processes
+
+    def metrics(self) -> dict[str, float]:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        out = {"train/samples_per_s": self.samples / elapsed, "train/tokens_per_s": self.tokens / elapsed}
+        if self.losses:
+            out["train/loss"] = sum(self.losses) / len(self.losses)
+        return out
+
+
+@torch.no_grad()
+def evaluate_loss(model: TheWorld, rows, batch_size: int, device) -> float:
+    """Token-weighted mean answer loss of `model` over `rows` (dicts with image, prompt, text)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    batch_rows: list[dict] = []
+
+    def flush():
+        nonlocal total, tokens
+        batch = model.builder.collate([model.builder.encode(r["image"], r["prompt"], r["text"]) for r in batch_rows])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        _, loss = model(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(loss) * n
+        tokens += n
+
+    for row in rows:
+        batch_rows.append(row)
+        if len(batch_rows) == batch_size:
+            flush()
+            batch_rows = []
+    if batch_rows:
+        flush()
+    model.train(was_training)
+    return total / max(tokens, 1)
+
+
+class _null_run:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _plain(obj) -> Any:
+    try:
+        return asdict(obj)
+    except TypeError:
+        return dict(obj.__dict__)
+
+
+def train_stage(cfg: StageConfig, **kwargs) -> StageResult:
+    """Train one stage to its end (max steps, epochs or plateau) and return its result."""
+    return StageTrainer(cfg, **kwargs).run()
