@@ -1,0 +1,56 @@
+"""Which source a `dataset_name` means: the one place to register a new kind of source.
+
+Resolution order:
+1. an exact name in `SOURCES` (`synthetic`);
+2. a `scheme:` prefix registered in `SOURCES` (room for e.g. `hf:org/name` or `urls:list.txt`);
+3. a local folder with a metadata file, or a local `.jsonl` / `.csv` file.
+
+A new source is one function `(DataConfig) -> Source` plus one entry here; nothing else changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from theworld_core.config import DataConfig
+from theworld_core.data.local import METADATA_FILES, TABLE_SUFFIXES, imagefolder_source, table_source
+from theworld_core.data.synthetic import synthetic_source
+from theworld_core.data.types import Source
+
+SourceFactory = Callable[[DataConfig], Source]
+
+SOURCES: dict[str, SourceFactory] = {
+    "synthetic": synthetic_source,
+}
+"""Named sources; a key ending in ':' matches every `dataset_name` starting with it."""
+
+
+def resolve_source(cfg: DataConfig) -> Source:
+    """Open the source named by `cfg.dataset_name`, or explain what is accepted."""
+    name = cfg.dataset_name
+    if name in SOURCES:
+        return SOURCES[name](cfg)
+    scheme, colon, _ = name.partition(":")
+    if colon and f"{scheme}:" in SOURCES:
+        return SOURCES[f"{scheme}:"](cfg)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return imagefolder_source(path)
+    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+        return table_source(path)
+    raise ValueError(_unknown_source_message(name, path))
+
+
+def _unknown_source_message(name: str, path: Path) -> str:
+    named = ", ".join(repr(key) for key in SOURCES)
+    problem = (
+        f"the file exists but its suffix {path.suffix!r} is not one of {list(TABLE_SUFFIXES)}"
+        if path.is_file()
+        else "no such source name and no such local path"
+    )
+    return (
+        f"dataset_name={name!r} is not a usable data source ({problem}). Allowed: a registered source "
+        f"({named}), a local folder with {' or '.join(METADATA_FILES)}, or a local "
+        f"{' / '.join(TABLE_SUFFIXES)} file of image paths and captions"
+    )
