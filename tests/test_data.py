@@ -517,3 +517,11 @@ def test_split_score_is_uniform():
     scores = np.array([split_score(f"images/{index}.jpg") for index in range(20_000)])
     for fraction in (0.01, 0.05, 0.3):
         assert abs((scores < fraction).mean() - fraction) < 0.01
+
+
+def test_accepts_a_stage_config(tmp_path):
+    from theworld_core.config import StageConfig
+
+    prepared = _prepare(StageConfig(synthetic_samples=20, seed=5), tmp_path)
+    assert prepared.stats.total == 20
+    assert prepared.fingerprint == _prepare(DataConfig(synthetic_samples=20, seed=5), tmp_path).fingerprint

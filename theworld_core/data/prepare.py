@@ -82,8 +82,9 @@ def prepare_data(
 
 
 def _as_data_config(cfg: Any) -> DataConfig:
-    """Accept a full stage config too: its data fields are the `DataConfig` fields."""
-    if isinstance(cfg, DataConfig):
+    """Accept a full stage config too, keeping only its data fields (the generators carry the config
+    along, and training fields have no business there)."""
+    if type(cfg) is DataConfig:
         return cfg
     return DataConfig.model_validate({name: getattr(cfg, name) for name in DataConfig.model_fields if hasattr(cfg, name)})
 
