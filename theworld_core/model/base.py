@@ -34,6 +34,19 @@ def hf_token() -> str | None:
     return None
 
 
+# Model names that mean the embedded tiny models (built offline once, see model/tiny.py).
+TINY = "tiny"
+
+
+def resolve_model_source(source: str, kind: str) -> str:
+    """`tiny` -> the folder of the embedded tiny model of `kind` (gemma or cosmos); anything else as is."""
+    if source != TINY:
+        return source
+    from theworld_core.model.tiny import ensure_tiny_models
+
+    return str(getattr(ensure_tiny_models(), kind))
+
+
 def _looks_local(source: str) -> bool:
     return source.startswith((".", "/", "~")) or Path(source).expanduser().exists()
 
@@ -51,6 +64,7 @@ def _wrap_load_error(key: str, source: str, exc: Exception) -> BaseModelError:
 
 def load_gemma_config(source: str, revision: str | None = None):
     """Gemma 3 config from a hub id, a model folder or a bare config.json."""
+    source = resolve_model_source(source, "gemma")
     from transformers import AutoConfig, Gemma3Config
 
     _check_local("model_name", source)
@@ -65,6 +79,7 @@ def load_gemma_config(source: str, revision: str | None = None):
 
 def load_vae_config(source: str, revision: str | None = None) -> dict[str, Any]:
     """Wan VAE config from a Cosmos hub id, a Cosmos folder (with `vae/`), a VAE folder or a config.json."""
+    source = resolve_model_source(source, "cosmos")
     from diffusers import AutoencoderKLWan
 
     _check_local("cosmos_model_name", source)
@@ -81,6 +96,7 @@ def load_vae_config(source: str, revision: str | None = None) -> dict[str, Any]:
 
 def load_gemma(source: str, revision: str | None = None, dtype=None):
     """Pretrained `Gemma3ForConditionalGeneration` and its `Gemma3Processor`."""
+    source = resolve_model_source(source, "gemma")
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
 
     _check_local("model_name", source)
@@ -94,6 +110,7 @@ def load_gemma(source: str, revision: str | None = None, dtype=None):
 
 def load_vae(source: str, revision: str | None = None, dtype=None):
     """Pretrained `AutoencoderKLWan` from the Cosmos repo's `vae` subfolder (or a bare VAE folder)."""
+    source = resolve_model_source(source, "cosmos")
     from diffusers import AutoencoderKLWan
 
     _check_local("cosmos_model_name", source)

@@ -1,0 +1,140 @@
+"""Pipeline lineage in MLflow: a parent run per pipeline run, a child run per stage attempt, the
+registered champion, and the stage comparison (plot + table)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from theworld_core.tracking.mlflow_runs import configure_tracking, ensure_experiment
+
+STAGE_OUTPUT_ARTIFACT = "stage_output"
+
+
+def client():
+    from mlflow.tracking import MlflowClient
+
+    configure_tracking()
+    return MlflowClient()
+
+
+def start_parent_run(experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+    c = client()
+    run = c.create_run(ensure_experiment(experiment), run_name=run_name, tags=tags)
+    for key, value in params.items():
+        c.log_param(run.info.run_id, key, str(value)[:6000])
+    return run.info.run_id
+
+
+def create_child_run(parent_run_id: str, stage: str, attempt: int, tags: dict[str, str]) -> str:
+    c = client()
+    parent = c.get_run(parent_run_id)
+    run = c.create_run(
+        parent.info.experiment_id,
+        run_name=f"{stage}" + (f" (attempt {attempt})" if attempt > 1 else ""),
+        tags={"mlflow.parentRunId": parent_run_id, "stage": stage, "attempt": str(attempt), **tags},
+    )
+    return run.info.run_id
+
+
+def set_tags(run_id: str, tags: dict[str, Any]) -> None:
+    c = client()
+    for key, value in tags.items():
+        c.set_tag(run_id, key, str(value)[:5000])
+
+
+def end_run(run_id: str, status: str = "FINISHED") -> None:
+    client().set_terminated(run_id, status=status)
+
+
+def stage_output_uri(run_id: str) -> str:
+    return f"runs:/{run_id}/{STAGE_OUTPUT_ARTIFACT}"
+
+
+def register_champion(run_id: str, name: str, alias: str, tags: dict[str, str]) -> int:
+    """Register the run's stage output as a new version of `name` and point `alias` at it.
+
+    MLflow 3's `register_model` wants a logged model, so the plain artifact folder is registered
+    with `create_model_version` (its source is the run's artifact folder).
+    """
+    from mlflow.exceptions import MlflowException
+
+    c = client()
+    try:
+        c.create_registered_model(name, description="TheWorld (Gemma 3 + Cosmos VAE) stage outputs; "
+                                                      f"alias '{alias}' marks the pipeline's champion")
+    except MlflowException:
+        pass  # already registered
+    source = f"{c.get_run(run_id).info.artifact_uri}/{STAGE_OUTPUT_ARTIFACT}"
+    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    c.set_registered_model_alias(name, alias, version.version)
+    return int(version.version)
+
+
+def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
+    return [(m.step, m.value) for m in client().get_metric_history(run_id, key)]
+
+
+def comparison_plot(stages: list[dict[str, Any]], path: Path) -> Path:
+    """Train and eval loss over the pipeline-global step, one colour per stage attempt, stage
+    boundaries as vertical lines labelled with the gate decision."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(10, 5))
+    for index, stage in enumerate(stages):
+        colour = f"C{index % 10}"
+        train, evals = stage.get("train_loss_history", []), stage.get("eval_loss_history", [])
+        if train:
+            ax.plot(*zip(*train), color=colour, alpha=0.35, linewidth=1)
+        if evals:
+            ax.plot(*zip(*evals), color=colour, marker="o", markersize=3, label=f"{stage['label']} (eval)")
+        end = stage.get("global_end_step")
+        if end is not None:
+            ax.axvline(end, color=colour, linestyle="--", linewidth=0.8)
+            ax.annotate(stage.get("decision", ""), (end, 1), xycoords=("data", "axes fraction"), rotation=90,
+                        va="top", ha="right", fontsize=8, color=colour)
+    ax.set_xlabel("pipeline step")
+    ax.set_ylabel("loss")
+    ax.set_title("TheWorld multistage: loss per stage (faint: train, dots: eval)")
+    ax.legend(fontsize=8, loc="upper right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def summary_markdown(rows: list[dict[str, Any]], champion: str | None) -> str:
+    header = "| stage | attempt | status | steps | eval loss | task accuracy | plateau / stop reason | gate decision | reason |\n"
+    header += "|---|---|---|---|---|---|---|---|---|\n"
+    body = "".join(
+        f"| {r['stage']} | {r['attempt']} | {r['status']} | {r['steps']} | {_fmt(r.get('eval_loss'))} | "
+        f"{_fmt(r.get('task_accuracy'))} | {r.get('stage_reason', '')} | {r.get('decision', '')} | {r.get('decision_reason', '')} |\n"
+        for r in rows
+    )
+    return f"# TheWorld multistage summary\n\nChampion: **{champion or 'none'}**\n\n" + header + body
+
+
+def log_summary(parent_run_id: str, rows: list[dict[str, Any]], stages_for_plot: list[dict[str, Any]],
+                champion: str | None, workdir: Path) -> dict[str, str]:
+    """Log the comparison plot, the summary table (JSON + Markdown) to the parent run; returns local paths."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    plot = comparison_plot(stages_for_plot, workdir / "stage_comparison.png")
+    table = workdir / "stage_summary.json"
+    table.write_text(json.dumps(rows, indent=2, default=str))
+    markdown = workdir / "stage_summary.md"
+    markdown.write_text(summary_markdown(rows, champion))
+    c = client()
+    for path in (plot, table, markdown):
+        c.log_artifact(parent_run_id, str(path), artifact_path="summary")
+    return {"plot": str(plot), "table": str(table), "markdown": str(markdown)}
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:.4f}"
