@@ -47,6 +47,45 @@ def _cmd_train(args) -> int:
     return 0 if result.status in ("completed", "plateaued") else 1
 
 
+def _prefect_env() -> None:
+    """Local defaults for Prefect before it is imported: state under the project folder, no telemetry.
+
+    `PREFECT_API_URL`, when set, wins (a real server); otherwise the flow starts Prefect's
+    ephemeral API on SQLite in PREFECT_HOME.
+    """
+    import os
+
+    from theworld_core.tracking.mlflow_runs import project_dir
+
+    os.environ.setdefault("PREFECT_HOME", str(project_dir() / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
+
+def _cmd_run(args) -> int:
+    from theworld_core.config import load_pipeline_config
+
+    load_pipeline_config(args.stages_yaml, profile=args.profile)  # bad files stop here: nothing has started
+    _prefect_env()
+    from flows.multistage import multistage
+    from theworld_core.tracking.mlflow_runs import configure_tracking, ui_command
+
+    configure_tracking()
+    result = multistage(stages_yaml=str(Path(args.stages_yaml).resolve()), profile=args.profile)
+    print()
+    print(f"{'stage':<12}{'attempt':>8}  {'status':<11}{'steps':>6}  {'eval loss':>9}  {'task acc':>8}  decision")
+    for row in result["stages"]:
+        loss = "-" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
+        acc = "-" if row["task_accuracy"] is None else f"{row['task_accuracy']:.3f}"
+        print(f"{row['stage']:<12}{row['attempt']:>8}  {row['status']:<11}{row['steps']:>6}  {loss:>9}  {acc:>8}  "
+              f"{row['decision']}: {row['decision_reason']}")
+    print(f"\nchampion: {result['champion']} (registered model version {result['model_version']})")
+    print(f"MLflow parent run: {result['parent_run_id']}")
+    print(f"open the MLflow UI: {ui_command()}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="theworld", description="Train TheWorld through progressive unfreezing stages.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -63,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--cosmos", help="Cosmos: hub id, folder (with vae/) or the VAE's config.json")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=_cmd_plan)
+    run = sub.add_parser("run", help="run the multistage pipeline (Prefect flow, MLflow tracking)")
+    run.add_argument("stages_yaml", nargs="?", default="stages.yaml", help="pipeline config (default ./stages.yaml)")
+    run.add_argument("--profile", help="profile of the stages.yaml to apply, e.g. tiny")
+    run.set_defaults(func=_cmd_run)
+
     train = sub.add_parser("train", help="train one stage from a stage config (the seed's JSON files as written)")
     train.add_argument("--config", required=True, help="stage config JSON (// comments and _comment keys allowed)")
     train.add_argument("--fresh", action="store_true",

@@ -108,7 +108,7 @@ class StageTrainer:
         self.fresh = fresh
         self.mlflow_run_id = mlflow_run_id
         self.global_step_offset = global_step_offset
-        self.loss_hook = loss_hook  # tests inject NaN / OOM here
+        self.loss_hook = loss_hook or (_injected_fault(cfg) if cfg.inject_fault else None)  # NaN / OOM rehearsal
         self.output_dir = Path(cfg.output_dir)
 
     # ================================================================== setup
@@ -510,6 +510,19 @@ def evaluate_loss(model: TheWorld, rows, batch_size: int, device) -> float:
         flush()
     model.train(was_training)
     return total / max(tokens, 1)
+
+
+def _injected_fault(cfg: StageConfig) -> Callable[[int, torch.Tensor], torch.Tensor]:
+    """The loss hook behind `inject_fault`: a NaN loss or an out-of-memory error at one step."""
+
+    def hook(step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step != cfg.inject_fault_step:
+            return loss
+        if cfg.inject_fault == "oom":
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by inject_fault at step {step})")
+        return loss * float("nan")
+
+    return hook
 
 
 class _null_run:
