@@ -38,10 +38,13 @@ GATE_DEFAULTS = dict(
 )
 
 
-def gate(**changes):
-    if GateConfig is not None:
-        return GateConfig(**changes)
+def stand_in(**changes):
+    """Same attributes as GateConfig, no validation (for values a real config would not hold)."""
     return types.SimpleNamespace(**{**GATE_DEFAULTS, **changes})
+
+
+def gate(**changes):
+    return GateConfig(**changes) if GateConfig is not None else stand_in(**changes)
 
 
 def outcome(name="vision", eval_loss=1.0, **changes) -> StageOutcome:
@@ -411,7 +414,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="retries_used"):
         run(outcome(), retries_used=-1)
     with pytest.raises(ValueError, match="metric"):
-        decide(outcome(), [], types.SimpleNamespace(**{**GATE_DEFAULTS, "metric": "bleu"}), retries_used=0, is_last_stage=False)
+        decide(outcome(), [], stand_in(metric="bleu"), retries_used=0, is_last_stage=False)
 
 
 def test_earlier_failures_are_ignored():
@@ -494,7 +497,7 @@ def test_accuracy_is_the_mirror_of_loss(o, earlier, target, tol):
 
     a = run(as_acc(o), [as_acc(e) for e in earlier], gate(metric="task_accuracy", target=target, regression_tolerance=tol))
     b = run(negated(o), [negated(e) for e in earlier],
-            gate(target=None if target is None else -target, regression_tolerance=tol))
+            stand_in(target=None if target is None else -target, regression_tolerance=tol))  # negative "losses"
     assert (a.action, a.champion) == (b.action, b.champion)
 
 
