@@ -922,3 +922,891 @@ def load_stage_config(path: str | os.PathLike[str]) -> StageConfig:
             [f"(top level): {_render_value(data)} is not allowed: must be a JSON object of config keys"], source
         )
     return validate_config(StageConfig, data, source)
+
+# =============================================================================================
+# The pipeline file (`stages.yaml`): gate, schedule, MLflow names, profiles, and its loader.
+# =============================================================================================
+#
+# A stage of the pipeline is built from layers, later ones winning:
+#     model section + data section + defaults + plateau section (as the flat plateau_* keys)
+#     + the stage's own keys (+ its name)
+# and validated as one `StageConfig`. A profile is an overlay deep-merged onto the file before any
+# of this. `load_pipeline_config` validates the base file and every profile, and reports every
+# problem at once, each with the key path where the bad value was written.
+
+import copy as _copy  # noqa: E402
+from collections.abc import Callable  # noqa: E402
+import hashlib as _hashlib  # noqa: E402
+import zoneinfo as _zoneinfo  # noqa: E402
+
+GateMetric = Literal["eval_loss", "task_accuracy"]
+"""What the gate judges: `eval_loss` (lower is better) or `task_accuracy` (higher is better, in [0, 1])."""
+
+
+def _cross_field_error(title: str, problems: list[tuple[str, Any, str]]) -> ValidationError:
+    """A `ValidationError` of `cross_field` errors `(key, value, allowed)` that `format_validation_error` renders."""
+    return ValidationError.from_exception_data(
+        title,
+        [
+            InitErrorDetails(type=PydanticCustomError("cross_field", "{allowed}", {"allowed": allowed}), loc=(key,), input=value)
+            for key, value, allowed in problems
+        ],
+    )
+
+
+class GateConfig(StrictModel):
+    """What the gate after each stage decides on (the guide's "Evaluate: is performance good enough?").
+
+    After a stage: diverged -> retry with the divergence recipe (up to `max_diverged_retries`);
+    out of memory -> retry with half the batch and twice the accumulation (up to `max_oom_retries`);
+    metric meets `target` -> stop and deploy this stage; metric worse than the best earlier stage by
+    more than `regression_tolerance` -> stop and keep the best earlier stage; otherwise the next stage.
+    `theworld_core.training.gate.decide` applies these rules.
+    """
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    metric: GateMetric = "eval_loss"
+    """What "good enough" and "regression" are judged on: `eval_loss` (the held-out loss; lower is
+    better) or `task_accuracy` (share of `eval_task_samples` held-out samples answered correctly;
+    higher is better)."""
+    target: float | None = Field(None, allow_inf_nan=False)
+    """The stage is good enough, and the pipeline stops and deploys it, once the metric reaches this
+    value (eval_loss <= target, or task_accuracy >= target; a task_accuracy target is in [0, 1]).
+    Null: never stop early for quality; every stage runs unless one regresses or fails."""
+    regression_tolerance: float = Field(0.02, ge=0, allow_inf_nan=False)
+    """A stage whose metric is worse than the best earlier stage's by more than this share of it
+    (0.02 = 2%) stops the pipeline, and the best earlier stage is kept (rollback)."""
+    max_diverged_retries: int = Field(1, ge=0)
+    """How often a stage that diverged (NaN/inf loss, or gradient norm above `divergence_grad_norm`)
+    is retried with the divergence recipe before the pipeline stops as failed."""
+    max_oom_retries: int = Field(2, ge=0)
+    """How often a stage that ran out of memory is retried with half the batch size and twice the
+    gradient accumulation (the same effective batch) before the pipeline stops as failed."""
+    diverged_lr_factor: float = Field(0.1, gt=0, lt=1, allow_inf_nan=False)
+    """Divergence recipe: the retry's learning rates are the failed attempt's times this (the guide: /10)."""
+    diverged_max_grad_norm: PositiveFloat = 0.5
+    """Divergence recipe: the retry clips gradients to at most this norm (the guide: 0.5)."""
+    diverged_warmup_steps: int = Field(500, ge=0)
+    """Divergence recipe: the retry warms up for at least this many steps (the guide: 500), capped
+    at the stage's `max_steps`."""
+
+    @model_validator(mode="after")
+    def _target_range(self) -> GateConfig:
+        if self.target is None:
+            return self
+        if self.metric == "task_accuracy" and not 0 <= self.target <= 1:
+            raise _cross_field_error(
+                type(self).__name__, [("target", self.target, "must be in [0, 1]: metric task_accuracy is a share of correct answers")]
+            )
+        if self.metric == "eval_loss" and self.target < 0:
+            raise _cross_field_error(
+                type(self).__name__,
+                [("target", self.target, "must be greater than or equal to 0: metric eval_loss is a cross-entropy, never negative")],
+            )
+        return self
+
+
+_CRON_NAMES = {
+    "month": {m: i for i, m in enumerate(["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)},
+    "day of week": {d: i for i, d in enumerate(["sun", "mon", "tue", "wed", "thu", "fri", "sat"])},
+}
+_CRON_FIELDS: tuple[tuple[str, int, int], ...] = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day of month", 1, 31),
+    ("month", 1, 12),
+    ("day of week", 0, 7),
+)
+
+
+def cron_problem(expression: str) -> str | None:
+    """Why `expression` is not a standard 5-field cron expression (None when it is one).
+
+    Each field is `*`, a number, a range `a-b`, any of these with a step `/n`, or a comma list of
+    them; months and weekdays may be written as names (`jan`, `mon`); weekday 0 and 7 are Sunday.
+    """
+    fields = expression.split()
+    if len(fields) != 5:
+        return (
+            f"must be a cron expression of 5 fields (minute hour day-of-month month day-of-week), "
+            f"e.g. '0 3 * * *' (03:00 daily); this has {len(fields)}"
+        )
+    for text, (label, low, high) in zip(fields, _CRON_FIELDS, strict=True):
+        names = _CRON_NAMES.get(label, {})
+
+        def number(token: str) -> int | None:
+            if token.isdigit():
+                return int(token)
+            return names.get(token.lower())
+
+        for part in text.split(","):
+            base, slash, step = part.partition("/")
+            if slash and not (step.isdigit() and int(step) >= 1):
+                return f"{label} field {text!r}: the step after '/' must be a whole number >= 1"
+            if base == "*":
+                continue
+            first, dash, last = base.partition("-")
+            a = number(first)
+            b = number(last) if dash else a
+            if a is None or b is None:
+                return (
+                    f"{label} field {text!r}: {part!r} is not '*', a number, a range 'a-b' or a step '/n'"
+                    + (" (names like 'mon' or 'jan' are allowed)" if names else "")
+                )
+            if not (low <= a <= high and low <= b <= high):
+                return f"{label} field {text!r}: values must be in {low}-{high}"
+            if a > b:
+                return f"{label} field {text!r}: range {base!r} runs backwards"
+    return None
+
+
+class ScheduleConfig(StrictModel):
+    """When the pipeline reruns on its own (the Prefect deployment's triggers)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    cron: str | None = None
+    """Standard 5-field cron expression (minute hour day-of-month month day-of-week) of scheduled
+    runs, e.g. `0 3 * * *` for 03:00 every day, in `timezone`. Null: no schedule (runs only on demand
+    or on `new_data_event`)."""
+    timezone: str = "UTC"
+    """IANA time zone the cron expression is read in (e.g. `UTC`, `Europe/Berlin`)."""
+    new_data_event: str = "theworld.data.updated"
+    """Name of the Prefect event that triggers a rerun when new data lands (emit it after adding data)."""
+    only_on_new_data: bool = True
+    """A scheduled run whose data fingerprint equals the last completed run's completes at once with
+    "no new data" instead of training again."""
+    warm_start_from_champion: bool = False
+    """Start a rerun's first stage from the registered champion's stage output instead of from the
+    pretrained base."""
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, value: str | None) -> str | None:
+        if value is not None:
+            problem = cron_problem(value)
+            if problem:
+                raise ValueError(problem)
+            value = " ".join(value.split())
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _timezone(cls, value: str) -> str:
+        try:
+            _zoneinfo.ZoneInfo(value)
+        except (ValueError, _zoneinfo.ZoneInfoNotFoundError):
+            hint = suggest_key(value, sorted(_zoneinfo.available_timezones()))
+            raise ValueError(
+                "must be an IANA time zone name such as 'UTC' or 'Europe/Berlin'" + (f"; did you mean {hint!r}?" if hint else "")
+            ) from None
+        return value
+
+    @field_validator("new_data_event")
+    @classmethod
+    def _event_name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*", value):
+            raise ValueError("must be a Prefect event name: letters, digits, '.', '_', '-', ':' (e.g. 'theworld.data.updated')")
+        return value
+
+
+_MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+class MlflowConfig(StrictModel):
+    """Where the pipeline's runs and models go in MLflow (the tracking server comes from the
+    `MLFLOW_TRACKING_URI` environment variable, never from this file)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    experiment: str = DEFAULT_MLFLOW_EXPERIMENT
+    """MLflow experiment of the pipeline run (parent) and its stage runs (children, named after the stages)."""
+    registered_model: str = "theworld"
+    """Model Registry name the winning stage output is registered under."""
+    champion_alias: str = "champion"
+    """Registry alias moved to the newly registered version (load it as `models:/<registered_model>@<alias>`)."""
+    log_system_metrics: bool = True
+    """Also record CPU/GPU/memory usage in the stage runs (MLflow system metrics)."""
+
+    @field_validator("experiment")
+    @classmethod
+    def _experiment(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty experiment name")
+        return value
+
+    @field_validator("registered_model")
+    @classmethod
+    def _registered_model(cls, value: str) -> str:
+        if not value.strip() or "/" in value or ":" in value:
+            raise ValueError("must be a non-empty model name without '/' or ':' (MLflow Model Registry rule)")
+        return value
+
+    @field_validator("champion_alias")
+    @classmethod
+    def _alias(cls, value: str) -> str:
+        if not _MLFLOW_ALIAS.match(value) or value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
+            raise ValueError(
+                "must be an MLflow alias: letters, digits, '_' and '-', and neither 'latest' nor a version like 'v3'"
+            )
+        return value
+
+
+class PipelinePlateauConfig(PlateauConfig):
+    """The `plateau:` section of a pipeline file: `PlateauConfig`, with `min_steps` optional. Each
+    key becomes the flat stage key `plateau_<key>` of every stage (a stage may override it)."""
+
+    min_steps: int | None = Field(None, ge=0)
+    """No plateau verdict before this optimizer step. Null: the guide's per-stage value, 10000 for a
+    projection-only stage (all three components frozen) and 5000 for the others."""
+
+
+class _PipelineSettings(StrictModel):
+    """The pipeline-level scalar keys of a pipeline file."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True)
+
+    output_root: str = "./.theworld/stages"
+    """Folder the stages' output folders go in (one folder per stage and attempt, made by the flow),
+    relative to the working directory of the run."""
+    eval_generations: int = Field(4, ge=0)
+    """Sample generations (image + prompt -> answer) recorded per stage for a look by eye."""
+    eval_task_samples: int = Field(64, ge=0)
+    """Held-out samples the task metric (`task_accuracy`) is computed on, per stage."""
+
+    @field_validator("output_root")
+    @classmethod
+    def _non_empty_root(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be a non-empty folder path")
+        return value
+
+
+_SETTINGS_KEYS: tuple[str, ...] = tuple(_PipelineSettings.model_fields)
+_SECTIONS: dict[str, type[StrictModel]] = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "plateau": PipelinePlateauConfig,
+    "gate": GateConfig,
+    "schedule": ScheduleConfig,
+    "mlflow": MlflowConfig,
+}
+PIPELINE_KEYS: tuple[str, ...] = ("model", "data", "defaults", "stages", "plateau", "gate", "schedule", "mlflow", *_SETTINGS_KEYS, "profiles")
+"""The top-level keys of a pipeline file."""
+PROFILE_KEYS: tuple[str, ...] = tuple(k for k in PIPELINE_KEYS if k != "profiles")
+"""The keys of a profile overlay (`stages` there maps a stage name to its overrides)."""
+
+_PLATEAU_FLAT = {f"plateau_{k}": k for k in PlateauConfig.model_fields}
+_WANDB_KEYS = ("log_to_wandb", "wandb_project", "wandb_run_name")
+_TRAINING_KEYS: tuple[str, ...] = tuple(TrainingConfig.model_fields)
+
+
+def _stage_key_problem(key: Any, value: Any, path: str, *, in_defaults: bool, first_stage: bool) -> str | None:
+    """Why `key` may not appear in `defaults` (or in a stage entry); None when it may."""
+
+    def refuse(reason: str) -> str:
+        return f"{path}: {_render_value(value)} is not allowed: {reason}"
+
+    if not isinstance(key, str):
+        return f"{path}: unknown key (keys are names of config fields)"
+    if key == "name":
+        return refuse("stage names are given per stage, in the stages list") if in_defaults else None
+    if key in _PLATEAU_FLAT:
+        return refuse(f"set it in the plateau section as plateau.{_PLATEAU_FLAT[key]} (a stage may override it)") if in_defaults else None
+    if key == "plateau":
+        return refuse("a stage overrides the plateau rule with the flat keys " + ", ".join(_PLATEAU_FLAT))
+    if key == "output_dir":
+        return refuse("the pipeline sets it (a folder per stage under output_root); change output_root instead")
+    if key in _WANDB_KEYS:
+        return refuse("MLflow names come from the mlflow section (mlflow.experiment); stage runs are named after the stages")
+    if key == "resume_from_checkpoint" and not first_stage:
+        return refuse(
+            "only the first stage may name a checkpoint to start from; every later stage starts from the "
+            "previous stage's output, which the pipeline passes on"
+        )
+    if key == "seed" and not in_defaults:
+        return refuse(
+            "one seed for the whole pipeline: set it in defaults (it also seeds the synthetic data, so the "
+            "stages' eval losses stay comparable)"
+        )
+    if key in ModelConfig.model_fields and key not in _TRAINING_KEYS:
+        return refuse("a model key: set it in the model section (one model for all stages)")
+    if key in DataConfig.model_fields and key not in _TRAINING_KEYS:
+        return refuse("a data key: set it in the data section (one data set for all stages, so their eval losses compare)")
+    if key in _TRAINING_KEYS:
+        return None
+    if is_secret_key(key):
+        return _secret_problem(path, key)
+    if key in _RETIRED_SEED_KEYS:
+        return f"{path}: unknown key; the seed's {key!r} is not used here: {_RETIRED_SEED_KEYS[key]}"
+    allowed = [k for k in _TRAINING_KEYS if k not in ("output_dir", *_WANDB_KEYS)]
+    hint = suggest_key(key, allowed)
+    return f"{path}: unknown key; did you mean {hint!r}?" if hint else f"{path}: unknown key (not a training config key)"
+
+
+def _where_plain(loc: tuple[Any, ...]) -> str:
+    return _join_path("", loc)
+
+
+def _where_mapped(origins: dict[tuple[Any, ...], tuple[Any, ...]]) -> Callable[[tuple[Any, ...]], str]:
+    """A key-path renderer that shows, for values a profile wrote, where the profile wrote them."""
+
+    def where(loc: tuple[Any, ...]) -> str:
+        for cut in range(len(loc), 0, -1):
+            origin = origins.get(loc[:cut])
+            if origin is not None:
+                return _join_path("", origin + loc[cut:])
+        return _join_path("", loc)
+
+    return where
+
+
+def _errors_of(exc: ValidationError) -> list[tuple[tuple[Any, ...], dict[str, Any]]]:
+    out = []
+    for error in exc.errors(include_url=False):
+        loc = tuple(error.get("loc", ()))
+        if loc and loc[-1] == "[key]":
+            loc = loc[:-1]
+        out.append((loc, error))
+    return out
+
+
+def _validate_section(cls: type[M], raw: Any, at: tuple[Any, ...], where: Callable[[tuple[Any, ...]], str], problems: list[str]) -> M | None:
+    """Validate one section, adding a problem line per error (paths rendered by `where`)."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where(at)}: {_render_value(raw)} is not allowed: must be a mapping of keys to values")
+        return None
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as exc:
+        for loc, error in _errors_of(exc):
+            home = _home_of(loc[0]) if error["type"] == "extra_forbidden" and len(loc) == 1 else None
+            if home is not None and home != at:
+                problems.append(f"{where(at + loc)}: unknown key here; {loc[0]!r} belongs in {home}")
+            else:
+                problems.append(_describe(error, loc, cls, where(at + loc)))
+        return None
+
+
+def _home_of(key: Any) -> str | None:
+    """Where a key that is misplaced in a section belongs (None when it is nobody's key)."""
+    if not isinstance(key, str):
+        return None
+    if key in ModelConfig.model_fields:
+        return "the model section"
+    if key in DataConfig.model_fields:
+        return "the data section"
+    if key in _PLATEAU_FLAT:
+        return f"the plateau section (as {_PLATEAU_FLAT[key]})"
+    if key in _TRAINING_KEYS:
+        return "defaults or a stage"
+    for section, cls in _SECTIONS.items():
+        if key in cls.model_fields and section not in ("model", "data"):
+            return f"the {section} section"
+    if key in _SETTINGS_KEYS:
+        return "the top level of the file"
+    return None
+
+
+def _stage_layers(
+    model: Mapping[str, Any], data: Mapping[str, Any], defaults: Mapping[str, Any], plateau: Mapping[str, Any], stage: Mapping[str, Any], index: int
+) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
+    """The flat stage dict (later layers win, key by key) and, per key, the path it came from."""
+    merged: dict[str, Any] = {}
+    origin: dict[str, tuple[Any, ...]] = {}
+    layers: list[tuple[Mapping[str, Any], Callable[[str], tuple[Any, ...]]]] = [
+        (model, lambda k: ("model", k)),
+        (data, lambda k: ("data", k)),
+        (defaults, lambda k: ("defaults", k)),
+        ({f"plateau_{k}": v for k, v in plateau.items()}, lambda k: ("plateau", k.removeprefix("plateau_"))),
+        (stage, lambda k: ("stages", index, k)),
+    ]
+    for layer, path_of in layers:
+        for key, value in layer.items():
+            merged[key] = value
+            origin[key] = path_of(key)
+    return merged, origin
+
+
+def _check_stages(
+    model: Mapping[str, Any] | None,
+    data: Mapping[str, Any] | None,
+    defaults: Any,
+    plateau: Mapping[str, Any] | None,
+    stages: Any,
+    where: Callable[[tuple[Any, ...]], str],
+    problems: list[str],
+    *,
+    stages_given: bool = True,
+) -> tuple[list[StageConfig], dict[str, Any], list[dict[str, Any]]]:
+    """Check `defaults` and `stages` and resolve every stage. Sections that failed their own
+    validation are passed as None and left out of the layering (their problems are already listed).
+    Returns the resolved stages (only when all resolved) and the cleaned defaults and stage entries."""
+    model, data, plateau = model or {}, data or {}, plateau or {}
+    clean_defaults: dict[str, Any] = {}
+    if defaults is None:
+        defaults = {}
+    if not isinstance(defaults, Mapping):
+        problems.append(f"{where(('defaults',))}: {_render_value(defaults)} is not allowed: must be a mapping of training keys to values")
+        defaults = {}
+    for key, value in defaults.items():
+        problem = _stage_key_problem(key, value, where(("defaults", key)), in_defaults=True, first_stage=False)
+        if problem:
+            problems.append(problem)
+        else:
+            clean_defaults[key] = value
+    if "seed" in clean_defaults and "seed" in data and clean_defaults["seed"] != data["seed"]:
+        problems.append(
+            f"{where(('defaults', 'seed'))}: {_render_value(clean_defaults['seed'])} is not allowed: must equal "
+            f"data.seed ({_render_value(data['seed'])}): a stage has one seed for training and the synthetic data"
+        )
+
+    if not stages_given:
+        problems.append(f"{where(('stages',))}: required but missing: list the stages, each with a name and its training keys")
+        return [], clean_defaults, []
+    if not isinstance(stages, list):
+        problems.append(f"{where(('stages',))}: {_render_value(stages)} is not allowed: must be a list of stages (mappings with a name)")
+        return [], clean_defaults, []
+    if not stages:
+        problems.append(f"{where(('stages',))}: [] is not allowed: must list at least one stage")
+        return [], clean_defaults, []
+
+    resolved: list[StageConfig] = []
+    clean_stages: list[dict[str, Any]] = []
+    first_with_name: dict[str, int] = {}
+    ok = True
+    for index, entry in enumerate(stages):
+        at = ("stages", index)
+        if not isinstance(entry, Mapping):
+            problems.append(f"{where(at)}: {_render_value(entry)} is not allowed: must be a mapping with a name and training keys")
+            ok = False
+            continue
+        own: dict[str, Any] = {}
+        for key, value in entry.items():
+            problem = _stage_key_problem(key, value, where(at + (key,)), in_defaults=False, first_stage=index == 0)
+            if problem:
+                problems.append(problem)
+                ok = False
+            else:
+                own[key] = value
+        name = entry.get("name")
+        if "name" not in entry:
+            problems.append(f"{where(at + ('name',))}: required but missing: every stage needs a unique name")
+            ok = False
+        elif isinstance(name, str) and name in first_with_name:
+            problems.append(
+                f"{where(at + ('name',))}: {name!r} is not allowed: stage names must be unique; "
+                f"stages[{first_with_name[name]}] is already named {name!r}"
+            )
+            ok = False
+        elif isinstance(name, str):
+            first_with_name[name] = index
+        clean_stages.append(own)
+        merged, origin = _stage_layers(model, data, clean_defaults, plateau, own, index)
+        try:
+            resolved.append(StageConfig.model_validate(merged))
+        except ValidationError as exc:
+            ok = False
+            for loc, error in _errors_of(exc):
+                key = loc[0] if loc else None
+                source = origin.get(key, at + ((key,) if key is not None else ()))
+                line = _describe(error, loc, StageConfig, where(source + loc[1:]))
+                if error["type"] == "cross_field" and source[:2] != at:
+                    line += f" (in stage {name!r})" if isinstance(name, str) else f" (in stages[{index}])"
+                problems.append(line)
+    return (resolved if ok else []), clean_defaults, clean_stages
+
+
+class PipelineConfig(_PipelineSettings):
+    """A validated pipeline file (`stages.yaml`): the shared model and data, the stages, the plateau
+    rule, the gate, the schedule and the MLflow names. Load one with `load_pipeline_config`.
+
+    `resolved_stages()` gives each stage as a `StageConfig` (its `output_dir` is left at the
+    placeholder default; the flow sets a folder under `output_root`). `config_hash()` identifies the
+    resolved content.
+    """
+
+    model_config = ConfigDict(use_attribute_docstrings=True, hide_input_in_errors=True)
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    """The model every stage trains (ModelConfig keys). `tiny` as `model_name` / `cosmos_model_name`
+    means the embedded tiny models; it is resolved when the model is loaded."""
+    data: DataConfig = Field(default_factory=DataConfig)
+    """The data every stage trains and evaluates on (DataConfig keys)."""
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    """Training keys applied to every stage (a stage's own keys win)."""
+    stages: list[dict[str, Any]]
+    """The stages in order, each `{"name": ..., <training keys>}`."""
+    plateau: PipelinePlateauConfig = Field(default_factory=PipelinePlateauConfig)
+    """The plateau rule of every stage (a stage may override a key with the flat `plateau_<key>`)."""
+    gate: GateConfig = Field(default_factory=GateConfig)
+    """What the gate after each stage decides on."""
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    """When the pipeline reruns on its own."""
+    mlflow: MlflowConfig = Field(default_factory=MlflowConfig)
+    """MLflow experiment, registered model and champion alias."""
+    profile: str | None = None
+    """The profile applied when the file was loaded (null: none). Not part of `config_hash`."""
+    source: str | None = None
+    """The file this was loaded from. Not part of `config_hash`."""
+
+    @model_validator(mode="after")
+    def _stages_resolve(self) -> PipelineConfig:
+        problems = self._problems(_where_plain)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    def _problems(self, where: Callable[[tuple[Any, ...]], str]) -> list[str]:
+        problems: list[str] = []
+        _check_stages(
+            self.model.model_dump(exclude_unset=True),
+            self.data.model_dump(exclude_unset=True),
+            self.defaults,
+            self.plateau.model_dump(exclude_unset=True),
+            self.stages,
+            where,
+            problems,
+        )
+        if self.gate.metric == "task_accuracy" and self.eval_task_samples < 1:
+            problems.append(
+                f"{where(('eval_task_samples',))}: {self.eval_task_samples} is not allowed: must be at least 1 when "
+                "gate.metric is task_accuracy (the metric is computed on these samples)"
+            )
+        return list(dict.fromkeys(problems))
+
+    def resolved_stages(self) -> list[StageConfig]:
+        """Each stage as a validated `StageConfig`: model + data + defaults + plateau + its own keys,
+        with `name` set and `output_dir` left at its default."""
+        problems: list[str] = []
+        resolved, _, _ = _check_stages(
+            self.model.model_dump(exclude_unset=True),
+            self.data.model_dump(exclude_unset=True),
+            self.defaults,
+            self.plateau.model_dump(exclude_unset=True),
+            self.stages,
+            _where_plain,
+            problems,
+        )
+        if problems:  # only reachable after in-place mutation of `defaults` / `stages`
+            raise ConfigError(problems, self.source)
+        return resolved
+
+    def stage(self, name: str) -> StageConfig:
+        """The resolved stage called `name` (KeyError naming the stages otherwise)."""
+        for stage in self.resolved_stages():
+            if stage.name == name:
+                return stage
+        raise KeyError(f"no stage named {name!r}; stages: {self.stage_names}")
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The stage names in order."""
+        return [entry["name"] for entry in self.stages]
+
+    def resolved_dict(self) -> dict[str, Any]:
+        """The resolved content as JSON-ready data: every section with defaults filled in, and the
+        resolved stages instead of `defaults` + stage entries (`profile` and `source` left out)."""
+        return {
+            "model": self.model.model_dump(mode="json"),
+            "data": self.data.model_dump(mode="json"),
+            "plateau": self.plateau.model_dump(mode="json"),
+            "gate": self.gate.model_dump(mode="json"),
+            "schedule": self.schedule.model_dump(mode="json"),
+            "mlflow": self.mlflow.model_dump(mode="json"),
+            **{key: getattr(self, key) for key in _SETTINGS_KEYS},
+            "stages": [stage.model_dump(mode="json") for stage in self.resolved_stages()],
+        }
+
+    def config_hash(self) -> str:
+        """sha256 (hex) of `resolved_dict()` as canonical JSON (sorted keys, no spaces): equal for
+        configs that resolve to the same values however they were written."""
+        text = json.dumps(self.resolved_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        return _hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# --- YAML reading -----------------------------------------------------------------------------
+
+
+def _yaml_loader_class() -> type:
+    """A safe YAML loader with YAML 1.2 scalars: only true/false are booleans (`no` stays the string
+    'no', as `mixed_precision: no` needs) and `1e-4` is a number (YAML 1.1 reads it as a string)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+    )
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        re.compile(
+            r"""^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?
+                |[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+
+                |[-+]?\.(?:inf|Inf|INF)
+                |\.(?:nan|NaN|NAN))$""",
+            re.X,
+        ),
+        list("-+0123456789."),
+    )
+    return Loader
+
+
+_YAML_LOADER: type | None = None
+
+
+def _duplicate_keys(node: Any) -> list[str]:
+    """Keys written twice in one mapping (YAML loaders silently keep the last), with their paths."""
+    import yaml
+
+    problems: list[str] = []
+    seen_nodes: set[int] = set()
+
+    def walk(current: Any, loc: tuple[Any, ...]) -> None:
+        if id(current) in seen_nodes:
+            return
+        seen_nodes.add(id(current))
+        if isinstance(current, yaml.MappingNode):
+            lines: dict[Any, int] = {}
+            for key_node, value_node in current.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                    key = key_node.value
+                    line = key_node.start_mark.line + 1
+                    if key in lines:
+                        problems.append(
+                            f"{_join_path('', loc + (key,))}: duplicate key: written on lines {lines[key]} and {line} "
+                            "(YAML would silently keep the last)"
+                        )
+                    else:
+                        lines[key] = line
+                    walk(value_node, loc + (key,))
+                else:
+                    walk(value_node, loc)
+        elif isinstance(current, yaml.SequenceNode):
+            for index, item in enumerate(current.value):
+                walk(item, loc + (index,))
+
+    walk(node, ())
+    return problems
+
+
+def parse_pipeline_yaml(text: str, source: str | None = None) -> Any:
+    """Parse a pipeline file's YAML (YAML 1.2 booleans and floats, one document). Syntax errors raise
+    `ConfigError` with line and column; duplicate keys raise `ConfigError` naming their paths."""
+    import yaml
+
+    global _YAML_LOADER
+    if _YAML_LOADER is None:
+        _YAML_LOADER = _yaml_loader_class()
+    loader = _YAML_LOADER(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        duplicates = _duplicate_keys(node)
+        if duplicates:
+            raise ConfigError(duplicates, source)
+        return loader.construct_document(node)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        detail = exc.problem or exc.context or "syntax error"
+        if exc.problem and exc.context:
+            where = f", line {exc.context_mark.line + 1}" if exc.context_mark is not None else ""
+            detail = f"{exc.problem} ({exc.context}{where})"
+        raise ConfigError(
+            [f"invalid YAML: {detail}"], source, line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None
+        ) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"invalid YAML: {exc}"], source) from None
+    finally:
+        loader.dispose()
+
+
+# --- profiles -----------------------------------------------------------------------------------
+
+
+def _deep_merge(
+    base: Mapping[str, Any], overlay: Mapping[str, Any], at: tuple[Any, ...], origin: tuple[Any, ...], origins: dict[tuple[Any, ...], tuple[Any, ...]]
+) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = _deep_merge(merged[key], value, at + (key,), origin + (key,), origins)
+        else:
+            merged[key] = _copy.deepcopy(value)
+            origins[at + (key,)] = origin + (key,)
+    return merged
+
+
+def _apply_profile(
+    base: Mapping[str, Any], name: str, overlay: Mapping[str, Any], stage_index: Mapping[str, int]
+) -> tuple[dict[str, Any], dict[tuple[Any, ...], tuple[Any, ...]]]:
+    """The document with profile `name` deep-merged in, and where each overlaid value was written."""
+    document = _copy.deepcopy(dict(base))
+    origins: dict[tuple[Any, ...], tuple[Any, ...]] = {}
+    for key, value in overlay.items():
+        origin = ("profiles", name, key)
+        if key == "stages":
+            for stage_name, changes in (value or {}).items():
+                index = stage_index[stage_name]
+                document["stages"][index] = _deep_merge(document["stages"][index], changes or {}, ("stages", index), origin + (stage_name,), origins)
+        elif isinstance(value, Mapping) and isinstance(document.get(key), Mapping):
+            document[key] = _deep_merge(document[key], value, (key,), origin, origins)
+        else:
+            document[key] = _copy.deepcopy(value)
+            origins[(key,)] = origin
+    return document, origins
+
+
+def _check_profiles(raw: Any, stage_index: Mapping[str, int] | None, problems: list[str]) -> dict[str, dict[str, Any]]:
+    """The profile overlays by name, each with its structurally bad parts (unknown keys, unknown
+    stages) listed in `problems` and left out, so the rest of it is still checked."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        problems.append(f"profiles: {_render_value(raw)} is not allowed: must be a mapping of profile names to overlays")
+        return {}
+    good: dict[str, dict[str, Any]] = {}
+    for name, overlay in raw.items():
+        at = f"profiles.{name}"
+        if not isinstance(name, str) or not _STAGE_NAME.match(name):
+            problems.append(f"{at}: {_render_value(name)} is not allowed: a profile name uses only letters, digits, '_', '-' and '.'")
+            continue
+        if overlay is None:
+            overlay = {}
+        if not isinstance(overlay, Mapping):
+            problems.append(f"{at}: {_render_value(overlay)} is not allowed: must be a mapping with the keys of the file ({', '.join(PROFILE_KEYS)})")
+            continue
+        kept: dict[str, Any] = {}
+        for key, value in overlay.items():
+            if key not in PROFILE_KEYS:
+                hint = suggest_key(str(key), PROFILE_KEYS)
+                problems.append(f"{at}.{key}: unknown key" + (f"; did you mean {hint!r}?" if hint else f" (a profile may set {', '.join(PROFILE_KEYS)})"))
+            elif key != "stages":
+                kept[key] = value
+            elif value is None:
+                continue
+            elif not isinstance(value, Mapping):
+                problems.append(f"{at}.stages: {_render_value(value)} is not allowed: must be a mapping of stage names to the keys to change")
+            elif stage_index is not None:
+                kept_stages: dict[str, Any] = {}
+                for stage_name, changes in value.items():
+                    where = f"{at}.stages.{stage_name}"
+                    if stage_name not in stage_index:
+                        hint = suggest_key(str(stage_name), list(stage_index))
+                        known = ", ".join(repr(s) for s in stage_index)
+                        problems.append(f"{where}: unknown stage" + (f"; did you mean {hint!r}?" if hint else f"; the stages are {known}"))
+                    elif changes is not None and not isinstance(changes, Mapping):
+                        problems.append(f"{where}: {_render_value(changes)} is not allowed: must be a mapping of keys to change")
+                    elif isinstance(changes, Mapping) and "name" in changes and changes["name"] != stage_name:
+                        problems.append(f"{where}.name: {_render_value(changes['name'])} is not allowed: a profile cannot rename a stage")
+                    else:
+                        kept_stages[stage_name] = changes or {}
+                kept["stages"] = kept_stages
+        good[name] = kept
+    return good
+
+
+def _build_pipeline(document: Mapping[str, Any], where: Callable[[tuple[Any, ...]], str]) -> tuple[PipelineConfig | None, list[str]]:
+    """Validate a document (profiles already applied); the config, or None and the problems."""
+    problems: list[str] = []
+    parts: dict[str, Any] = {}
+    for key, cls in _SECTIONS.items():
+        parts[key] = _validate_section(cls, document.get(key), (key,), where, problems)
+    settings = _validate_section(_PipelineSettings, {k: document[k] for k in _SETTINGS_KEYS if k in document}, (), where, problems)
+
+    def layer(key: str) -> dict[str, Any] | None:
+        # a section that failed its own checks is left out of the stages (its problems are listed)
+        return parts[key].model_dump(exclude_unset=True) if parts[key] is not None else None
+
+    _, defaults, stages = _check_stages(
+        layer("model"), layer("data"), document.get("defaults"), layer("plateau"), document.get("stages"), where, problems,
+        stages_given="stages" in document,
+    )
+    if settings is not None and parts["gate"] is not None and parts["gate"].metric == "task_accuracy" and settings.eval_task_samples < 1:
+        problems.append(
+            f"{where(('eval_task_samples',))}: {settings.eval_task_samples} is not allowed: must be at least 1 when "
+            "gate.metric is task_accuracy (the metric is computed on these samples)"
+        )
+    problems = list(dict.fromkeys(problems))
+    if problems or settings is None:
+        return None, problems
+    config = PipelineConfig(
+        **{k: v for k, v in parts.items() if k in document},
+        **settings.model_dump(exclude_unset=True),
+        defaults=defaults,
+        stages=stages,
+    )
+    return config, []
+
+
+def load_pipeline_config(path: str | os.PathLike[str], profile: str | None = None) -> PipelineConfig:
+    """Read a pipeline file (`stages.yaml`) and apply `profile` (one of its `profiles`).
+
+    The base file and every profile in it are validated whichever profile is asked for, so a bad
+    file is refused before anything runs; every problem is listed at once in one `ConfigError`
+    naming the file, each as `<key path>: <value> is not allowed: <what is allowed>` (paths into a
+    profile read `profiles.<name>.<...>`; a problem that only a profile brings out ends with
+    `(with profile '<name>')`). Secrets are refused and their values never shown.
+    """
+    source = os.fspath(path)
+    try:
+        text = Path(source).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(["file not found"], source) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], source) from None
+    raw = parse_pipeline_yaml(text, source)
+    if raw is None:
+        raise ConfigError(["the file is empty: a pipeline file is a YAML mapping with at least a stages list"], source)
+    if not isinstance(raw, Mapping):
+        raise ConfigError([f"(top level): {_render_value(raw)} is not allowed: must be a YAML mapping of the keys {', '.join(PIPELINE_KEYS)}"], source)
+
+    problems: list[str] = []
+    document = _clean(raw, "", problems)  # secrets refused (values never shown), `_` keys dropped
+    for key in list(document):
+        if key not in PIPELINE_KEYS:
+            hint = suggest_key(str(key), PIPELINE_KEYS)
+            problems.append(f"{key}: unknown key" + (f"; did you mean {hint!r}?" if hint else f" (the keys are {', '.join(PIPELINE_KEYS)})"))
+            del document[key]
+
+    base = {k: v for k, v in document.items() if k != "profiles"}
+    stages = base.get("stages")
+    stage_index: dict[str, int] | None = None
+    if isinstance(stages, list) and all(isinstance(s, Mapping) and isinstance(s.get("name"), str) for s in stages):
+        stage_index = {}
+        for index, entry in enumerate(stages):
+            stage_index.setdefault(entry["name"], index)
+    overlays = _check_profiles(document.get("profiles"), stage_index, problems)
+
+    config, base_problems = _build_pipeline(base, _where_plain)
+    problems += base_problems
+    configs: dict[str, PipelineConfig | None] = {}
+    if stage_index is not None:
+        known = set(base_problems)
+        for name, overlay in overlays.items():
+            merged, origins = _apply_profile(base, name, overlay, stage_index)
+            configs[name], found = _build_pipeline(merged, _where_mapped(origins))
+            problems += [p if p in known or p.startswith(f"profiles.{name}.") else f"{p} (with profile {name!r})" for p in found]
+
+    if profile is not None and profile not in overlays:
+        names = [str(n) for n in (document.get("profiles") or {})] if isinstance(document.get("profiles"), Mapping) else []
+        if profile not in names:
+            allowed = "must be one of " + ", ".join(repr(n) for n in names) if names else "the file defines no profiles"
+            hint = suggest_key(profile, names) if names else None
+            problems.append(f"profile: {profile!r} is not allowed: {allowed}" + (f"; did you mean {hint!r}?" if hint else ""))
+
+    problems = list(dict.fromkeys(problems))
+    if problems:
+        raise ConfigError(problems, source)
+    chosen = configs.get(profile) if profile is not None else config
+    assert chosen is not None  # no problems: every config was built
+    return chosen.model_copy(update={"profile": profile, "source": source})
