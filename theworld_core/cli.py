@@ -26,7 +26,7 @@ def _cmd_plan(args) -> int:
     overrides = {k: v for k, v in {"model_name": args.gemma, "cosmos_model_name": args.cosmos}.items() if v}
     stages = None
     if args.stages:
-        from theworld_core.pipeline_config import load_pipeline_config
+        from theworld_core.config import load_pipeline_config
 
         pipeline = load_pipeline_config(args.stages, profile=args.profile)
         stages = {s.name: s.freeze_flags for s in pipeline.resolved_stages()}

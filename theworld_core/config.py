@@ -243,6 +243,12 @@ class TrainingConfig(StrictModel):
     divergence_grad_norm: PositiveFloat | None = 1000.0
     """A gradient norm (before clipping) above this ends the stage as diverged, as does a NaN/inf
     loss (the guide: "Gradients > 1000"). Null: only non-finite values count as divergence."""
+    inject_fault: Literal["nan_loss", "oom"] | None = None
+    """Rehearsal of the gate's failure paths: make this stage's loss NaN (`nan_loss`) or raise a
+    CUDA out-of-memory error (`oom`) at optimizer step `inject_fault_step`. The gate's retry clears
+    it, so the retried attempt runs clean. Leave null for real training."""
+    inject_fault_step: int = Field(1, ge=1)
+    """Optimizer step at which `inject_fault` fires."""
 
     # --- memory -----------------------------------------------------------------------------
     use_gradient_checkpointing: bool = False
@@ -922,6 +928,7 @@ def load_stage_config(path: str | os.PathLike[str]) -> StageConfig:
             [f"(top level): {_render_value(data)} is not allowed: must be a JSON object of config keys"], source
         )
     return validate_config(StageConfig, data, source)
+
 
 # =============================================================================================
 # The pipeline file (`stages.yaml`): gate, schedule, MLflow names, profiles, and its loader.

@@ -100,14 +100,16 @@ def parameter_report(model: nn.Module) -> dict[str, ComponentCount]:
     return report
 
 
-def _checksum(params: list[tuple[str, nn.Parameter]]) -> float:
-    # A float64 sum of |w| + w over the component: any real update changes it, and it costs one
-    # pass over the weights instead of a copy of them (a copy of stage 4 would double memory).
+def _checksum(params: list[tuple[str, nn.Parameter]]) -> tuple[float, float]:
+    # float64 sums of w and of w^2 over the component: any real update changes them, and they cost
+    # one pass over the weights instead of a copy (a copy of stage 4 would double memory).
     with torch.no_grad():
-        return math.fsum(float(p.detach().double().abs().sum() + p.detach().double().sum()) for _, p in params)
+        total = math.fsum(float(p.detach().double().sum()) for _, p in params)
+        squares = math.fsum(float(p.detach().double().square().sum()) for _, p in params)
+    return total, squares
 
 
-def snapshot(model: nn.Module) -> dict[str, float]:
+def snapshot(model: nn.Module) -> dict[str, tuple[float, float]]:
     """Per-component weight checksums, taken before the first optimizer step of a stage."""
     return {c: _checksum(params) for c, params in parameters_by_component(model).items() if params}
 
@@ -122,7 +124,7 @@ def gradient_presence(model: nn.Module) -> dict[str, bool]:
 
 def audit_step(
     model: nn.Module,
-    before: Mapping[str, float],
+    before: Mapping[str, tuple[float, float]],
     had_gradient: Mapping[str, bool],
     expected_trainable: Iterable[str],
 ) -> None:

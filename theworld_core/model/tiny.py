@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the layout or content of a build changes in a way the spec dict below does not capture.
-SPEC_VERSION = 1
+SPEC_VERSION = 2
 SPEC_FILE = "tiny_spec.json"
 GEMMA_SUBDIR = "gemma-3-tiny"
 COSMOS_SUBDIR = "cosmos-predict2-tiny"
@@ -485,6 +485,10 @@ def _build_gemma(folder: Path) -> dict[str, Any]:
     )
     torch.manual_seed(SEED)
     model = Gemma3ForConditionalGeneration(config).eval()  # float32: torch's default dtype
+    # transformers initialises the multi-modal projection to zeros (the pretrained checkpoint
+    # overwrites it): left so, every image would vanish and the vision tower get no gradient.
+    with torch.no_grad():
+        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     # Like the -it checkpoints: stop at <eos> or <end_of_turn>; greedy so tests are reproducible.
     model.generation_config = GenerationConfig(
         bos_token_id=ids["bos"], pad_token_id=ids["pad"], eos_token_id=[ids["eos"], ids["end_of_turn"]]

@@ -1,0 +1,52 @@
+"""Prefect tasks: thin wrappers of `theworld_core.pipeline`'s plain step functions.
+
+Training and evaluation are cached by what determines their result (stage config, upstream stage
+output, data fingerprint, code version), never by run ids, so a rerun after a crash skips the
+stages that finished and the interrupted one resumes from its own resume state.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from theworld_core import pipeline
+
+
+def _train_cache_key(context, parameters) -> str:
+    return "train-" + pipeline.stage_key(
+        parameters["stage_config"], parameters["upstream_uri"], parameters["data_fingerprint"], parameters["code_version"]
+    )
+
+
+def _evaluate_cache_key(context, parameters) -> str:
+    payload = json.dumps([parameters["stage_output_uri"], parameters["task_samples"], parameters["generations"],
+                          parameters["code_version"]], sort_keys=True)
+    return "evaluate-" + hashlib.sha256(payload.encode()).hexdigest()
+
+
+prepare_data = task(name="prepare-data", cache_policy=NO_CACHE)(pipeline.prepare_data_step)
+
+
+@task(name="train-stage", cache_key_fn=_train_cache_key, persist_result=True, task_run_name="train-{stage_config[name]}")
+def train_stage(stage_config: dict, upstream_uri: str | None, data_fingerprint: str, code_version: str, *,
+                output_root: str, parent_run_id: str, attempt: int, global_step_offset: int, tags: dict) -> dict:
+    return pipeline.train_stage_step(
+        stage_config, upstream_uri, data_fingerprint, code_version, output_root=output_root,
+        parent_run_id=parent_run_id, attempt=attempt, global_step_offset=global_step_offset, tags=tags,
+    )
+
+
+@task(name="evaluate-stage", cache_key_fn=_evaluate_cache_key, persist_result=True)
+def evaluate_stage(stage_output_uri: str, stage_config: dict, run_id: str, code_version: str, *,
+                   task_samples: int, generations: int) -> dict:
+    return pipeline.evaluate_stage_step(stage_output_uri, stage_config, run_id,
+                                        task_samples=task_samples, generations=generations)
+
+
+check_plateau = task(name="check-plateau", cache_policy=NO_CACHE)(pipeline.plateau_step)
+gate = task(name="gate", cache_policy=NO_CACHE)(pipeline.gate_step)
+finish = task(name="register-champion", cache_policy=NO_CACHE)(pipeline.finish_step)
