@@ -44,12 +44,12 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None) -> 
                                            output_root=cfg.output_root, parent_run_id=parent, attempt=attempt,
                                            global_step_offset=offset, tags=tags)
                 offset = record["global_end_step"]
-                evaluation = None
+                evaluation = plateau = None
                 if record["stage_output_uri"]:
                     evaluation = tasks.evaluate_stage(record["stage_output_uri"], record["config"], record["run_id"],
                                                       version, task_samples=cfg.eval_task_samples,
                                                       generations=cfg.eval_generations)
-                plateau = tasks.check_plateau(record) if record["stage_output_uri"] else None
+                    plateau = tasks.check_plateau(record)
                 outcome = pipeline.outcome_of(record, evaluation)
                 decision = tasks.gate(outcome, successes, cfg.gate, retries_used=retries,
                                       is_last_stage=index == len(stages) - 1, run_id=record["run_id"], plateau=plateau)
@@ -59,21 +59,24 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None) -> 
                          decision.action, decision.reason)
                 if decision.action != "retry":
                     break
+                # The retry runs clean: a rehearsed fault fires on the first attempt only.
                 stage_config = {**stage_config, **decision.retry_changes, "inject_fault": None}
                 attempt, retries = attempt + 1, retries + 1
-            if record["status"] in pipeline.SUCCESS and outcome.eval_loss is not None:
+            if outcome.succeeded:
                 successes.append(outcome)
             champion = next((o for o in successes if o.name == decision.champion), champion)
             if decision.action != "next":
                 stopped = True
                 break
-    finally:
-        champion_run = next((r["run_id"] for r in records if champion and r["stage_output_uri"] == champion.stage_output_uri), None)
-        summary = tasks.finish(parent, rows, records, champion, champion_run, cfg.mlflow.registered_model,
-                               cfg.mlflow.champion_alias, str(project_dir() / "summaries" / parent), tags)
-        create_table_artifact(rows, key="stage-summary", description="TheWorld multistage: one row per stage attempt")
-        create_markdown_artifact(Path(summary["markdown"]).read_text(), key="stage-comparison",
-                                 description=f"MLflow parent run {parent}")
-        lineage.end_run(parent)
+    except BaseException:
+        lineage.end_run(parent, "FAILED")
+        raise
+    champion_run = next((r["run_id"] for r in records if champion and r["stage_output_uri"] == champion.stage_output_uri), None)
+    summary = tasks.finish(parent, rows, records, champion, champion_run, cfg.mlflow.registered_model,
+                           cfg.mlflow.champion_alias, str(project_dir() / "summaries" / parent), tags)
+    create_table_artifact(rows, key="stage-summary", description="TheWorld multistage: one row per stage attempt")
+    create_markdown_artifact(Path(summary["markdown"]).read_text(), key="stage-comparison",
+                             description=f"MLflow parent run {parent}")
+    lineage.end_run(parent)
     return {"parent_run_id": parent, "champion": summary["champion"], "model_version": summary["model_version"],
             "stopped_early": stopped, "stages": rows, "data_fingerprint": data["fingerprint"]}
