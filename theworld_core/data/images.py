@@ -39,7 +39,7 @@ def normalise_image(data: bytes) -> bytes:
     """
     image = _decode(data)
     rgb = _upright(image)
-    rgb = _to_rgb(rgb)
+    rgb = to_rgb(rgb)
     if rgb is image:
         return data
     buffer = io.BytesIO()
@@ -75,7 +75,7 @@ def _upright(image: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(image)
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Convert any PIL mode to 8-bit RGB; returns `image` itself when it already is RGB."""
     mode = image.mode
     if mode == "RGB":

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from theworld_core.config import COMPONENT_NAMES, FREEZE_FLAG_OF
+
 # Parameter-name prefixes of each component inside `TheWorld` (its attributes are `world`,
 # `gemma` and `vae`). Order matters only for display.
 COMPONENT_PREFIXES: dict[str, tuple[str, ...]] = {
@@ -25,14 +27,11 @@ COMPONENT_PREFIXES: dict[str, tuple[str, ...]] = {
     # Wan 2.1 VAE encoder + quant_conv; the decoder is never loaded.
     "cosmos_vae": ("vae.",),
 }
-COMPONENTS: tuple[str, ...] = tuple(COMPONENT_PREFIXES)
+COMPONENTS: tuple[str, ...] = COMPONENT_NAMES
+assert tuple(COMPONENT_PREFIXES) == COMPONENTS, "the registry and config.COMPONENT_NAMES must list the same components"
 
-# The seed's three freeze flags, each switching one component.
-FREEZE_FLAGS: dict[str, str] = {
-    "freeze_gemma_vision": "gemma_vision",
-    "freeze_gemma_language": "gemma_language",
-    "freeze_cosmos_vae": "cosmos_vae",
-}
+# The seed's three freeze flags, each switching one component (flag -> component).
+FREEZE_FLAGS: dict[str, str] = {flag: component for component, flag in FREEZE_FLAG_OF.items()}
 
 # The seed's four stages, used by `theworld plan` when no stages.yaml is given.
 SEED_STAGES: dict[str, dict[str, bool]] = {

@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from theworld_core.data.images import to_rgb  # one conversion for data and for generate()
+
 IGNORE_INDEX = -100
 START_OF_WORLD = "<start_of_world>"
 END_OF_WORLD = "<end_of_world>"
@@ -29,23 +31,6 @@ END_OF_TURN = "<end_of_turn>"
 
 class SequenceTooLongError(ValueError):
     """The prompt (with image and world tokens) and answer do not fit `max_seq_length`."""
-
-
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode (grayscale, 16-bit, RGBA, palette, CMYK) to 8-bit RGB; transparency onto white."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        array = np.asarray(image, dtype=np.float64)
-        span = float(array.max() - array.min()) or 1.0
-        image = Image.fromarray(((array - array.min()) / span * 255).astype(np.uint8), mode="L")
-    if image.mode == "P" or image.mode == "LA" or image.mode == "PA":
-        image = image.convert("RGBA")
-    if image.mode == "RGBA":
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image, mask=image.getchannel("A"))
-        return background
-    return image.convert("RGB")
 
 
 @dataclass(frozen=True)
