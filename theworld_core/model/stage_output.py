@@ -119,11 +119,15 @@ def resolve_source(source: str | Path) -> Path:
     if path.exists():
         return path
     if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import constants, snapshot_download
 
         from theworld_core.model.base import hf_token
 
-        return Path(snapshot_download(repo_id=text, token=hf_token()))
+        try:
+            return Path(snapshot_download(repo_id=text, token=hf_token()))
+        except Exception as exc:  # noqa: BLE001 - re-raised with the value named
+            hint = " (HF_HUB_OFFLINE=1: only repos already in the HF cache)" if constants.is_offline_mode() else ""
+            raise StageOutputError(f"stage output {text!r}: cannot get the hub repo{hint}: {type(exc).__name__}: {exc}") from exc
     raise StageOutputError(f"stage output {text!r} not found: expected a folder, runs:/..., models:/... or a hub repo id")
 
 

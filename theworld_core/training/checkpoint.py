@@ -112,6 +112,14 @@ def list_resume_states(output_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / TRAINER_STATE_FILE).is_file()]
 
 
+def remove_partial_writes(output_dir: Path) -> None:
+    """Delete temporary folders a killed save left behind (they are never read)."""
+    output_dir = Path(output_dir)
+    if output_dir.is_dir():
+        for leftover in output_dir.glob(".*.tmp-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
 def latest_resume_state(output_dir: Path) -> Path | None:
     states = list_resume_states(output_dir)
     return states[-1] if states else None

@@ -137,7 +137,10 @@ class StageTrainer:
         if resume_dir is not None:
             apply_stage_output(self.model, resume_dir, read_manifest(resume_dir))
         self.builder = self.model.builder
-        self.trainable = self.model.set_trainable(trainable_components(cfg.freeze_flags))
+        # What the audit expects comes from the config, not from the code that applied it, so a
+        # broken unfreeze cannot make the audit agree with it.
+        self.model.set_trainable(trainable_components(cfg.freeze_flags))
+        self.trainable = cfg.trainable_component_names
         if cfg.use_gradient_checkpointing:
             self.model.gemma.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
@@ -164,6 +167,8 @@ class StageTrainer:
     def _choose_start(self) -> tuple[Path | None, Path | None]:
         """(resume state to continue, stage output to transition from); at most one is set."""
         cfg = self.cfg
+        if self.accelerator.is_main_process:
+            ckpt.remove_partial_writes(self.output_dir)
         latest = None if self.fresh else ckpt.latest_resume_state(self.output_dir)
         if latest is not None:
             self._check_resumable(latest)
@@ -237,11 +242,17 @@ class StageTrainer:
 
     # ================================================================== train
 
+    hub = None  # a HubPusher on rank 0 when push_to_hub
+
     def run(self) -> StageResult:
+        from theworld_core.hub import check_hub_ready, pusher_for
         from theworld_core.tracking.mlflow_runs import stage_run
 
+        check_hub_ready(self.cfg)  # a missing token fails before any work, not at the first save
         self.setup()
         cfg = self.cfg
+        if self.accelerator.is_main_process:
+            self.hub = pusher_for(cfg, stage_name=cfg.name or self.output_dir.name)
         names = cfg.mlflow_names(default_run_name=cfg.name)
         if self.accelerator.is_main_process:
             notice = cfg.wandb_notice(default_run_name=cfg.name)
@@ -254,8 +265,12 @@ class StageTrainer:
             self.run_id = self.state.mlflow_run_id = run.info.run_id if run is not None else None
             if run is not None and self.state.step == 0:
                 self._log_params()
-            status, reason, evidence = self._train()
-            return self._finish(status, reason, evidence)
+            try:
+                status, reason, evidence = self._train()
+                return self._finish(status, reason, evidence)
+            finally:
+                if self.hub is not None:
+                    self.hub.close(timeout=5)  # a crash must not leave the upload thread behind
 
     def _train(self) -> tuple[str, str, dict]:
         cfg, acc, state = self.cfg, self.accelerator, self.state
@@ -317,8 +332,9 @@ class StageTrainer:
             if self.loss_hook is not None:
                 loss = self.loss_hook(self.state.step + 1, loss)
             if not torch.isfinite(loss):
-                raise _Stop("diverged", f"loss {float(loss)} at step {self.state.step + 1}",
-                            {"step": self.state.step + 1, "loss": float(loss), "last_train_loss": self._last_train_loss})
+                value = float(loss.detach())
+                raise _Stop("diverged", f"loss {value} at step {self.state.step + 1}",
+                            {"step": self.state.step + 1, "loss": value, "last_train_loss": self._last_train_loss})
             self.accelerator.backward(loss)
         except torch.OutOfMemoryError as exc:
             raise _Stop("oom", f"out of memory at step {self.state.step + 1} with batch_size {self.cfg.batch_size}",
@@ -381,7 +397,7 @@ class StageTrainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
-            ckpt.save_resume_state(
+            path = ckpt.save_resume_state(
                 self.output_dir,
                 model,
                 optimizer_state_by_name(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, self.group_names),
@@ -390,18 +406,26 @@ class StageTrainer:
                 self.cfg.model_dump(mode="json"),
                 self.cfg.save_total_limit,
             )
+            if self.hub is not None:
+                self.hub.on_save(path, self.state.step, {"metrics": self._latest_metrics()})
         acc.wait_for_everyone()
+
+    def _latest_metrics(self) -> dict[str, float]:
+        metrics = {"eval_loss": self.state.eval_history[-1][1]} if self.state.eval_history else {}
+        if self._last_train_loss is not None:
+            metrics["train_loss"] = self._last_train_loss
+        return metrics
 
     def _finish(self, status: str, reason: str, evidence: dict) -> StageResult:
         cfg, state, acc = self.cfg, self.state, self.accelerator
         final = None
+        already_final = state.finished is not None
         if status in ("completed", "plateaued"):
             if cfg.do_eval and (not state.eval_history or state.eval_history[-1][0] != state.step):
                 try:
                     self._evaluate_and_check_plateau()
                 except _Stop:
                     pass  # the stage ends anyway; the verdict is in the history
-            already_final = state.finished is not None
             state.finished = status
             if not already_final:
                 self._save_resume_state()
@@ -430,6 +454,13 @@ class StageTrainer:
             import mlflow
 
             mlflow.set_tags({"stage_status": status, "stage_reason": reason[:500]})
+            if self.hub is not None:
+                from theworld_core.hub import card_info_from_result
+
+                if final is not None and not already_final:
+                    self.hub.on_end(final, card_info_from_result(result, cfg.name or self.output_dir.name))
+                report = self.hub.close(timeout=600)
+                mlflow.set_tags({f"hub_{k}": str(v)[:500] for k, v in report.items()})
             log.info("stage %s %s after %d steps: %s", cfg.name or self.output_dir.name, status, state.step, reason)
         return result
 
