@@ -115,7 +115,7 @@ class StageTrainer:
 
     def setup(self) -> None:
         from accelerate import Accelerator
-        from accelerate.utils import set_seed
+        from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
         from theworld_core.data import prepare_data
 
@@ -125,10 +125,15 @@ class StageTrainer:
             device_type="cuda" if on_gpu else "cpu", bf16_supported=on_gpu and torch.cuda.is_bf16_supported()
         )
         self.accelerator = Accelerator(
-            mixed_precision=precision, gradient_accumulation_steps=cfg.gradient_accumulation_steps, cpu=not on_gpu
+            mixed_precision=precision,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+            cpu=not on_gpu,
+            # Frozen-by-design parameters (e.g. the VAE's temporal convs on one frame) get no gradient.
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         set_seed(cfg.seed)
-        self.data = prepare_data(cfg.data_part())
+        with self.accelerator.main_process_first():  # rank 0 fills the data cache, the others read it
+            self.data = prepare_data(cfg.data_part())
         self.state = ckpt.TrainerState(config_hash=config_hash(cfg))
         self.model = TheWorld.from_base(cfg.model_part())
         resume_dir, transition_dir = self._choose_start()
@@ -297,6 +302,7 @@ class StageTrainer:
                     window.add(loss, batch, acc.num_processes)
                     if not acc.sync_gradients:
                         continue
+                    self._stop_if_any_rank_diverged()
                     grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
                     limit = cfg.divergence_grad_norm
                     if not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit):
@@ -331,15 +337,26 @@ class StageTrainer:
             _, loss = self.model(**batch)
             if self.loss_hook is not None:
                 loss = self.loss_hook(self.state.step + 1, loss)
-            if not torch.isfinite(loss):
-                value = float(loss.detach())
-                raise _Stop("diverged", f"loss {value} at step {self.state.step + 1}",
-                            {"step": self.state.step + 1, "loss": value, "last_train_loss": self._last_train_loss})
+            if not torch.isfinite(loss) and self._bad_loss is None:
+                self._bad_loss = {"step": self.state.step + 1, "loss": float(loss.detach()),
+                                  "last_train_loss": self._last_train_loss}
+            # Backward even on a bad loss: every rank must join the gradient all-reduce; the stage
+            # stops at the optimizer step, on every rank at once.
             self.accelerator.backward(loss)
         except torch.OutOfMemoryError as exc:
             raise _Stop("oom", f"out of memory at step {self.state.step + 1} with batch_size {self.cfg.batch_size}",
                         {"step": self.state.step + 1, "batch_size": self.cfg.batch_size, "error": str(exc)[:300]}) from None
         return float(loss.detach())
+
+    _bad_loss: dict | None = None
+
+    def _stop_if_any_rank_diverged(self) -> None:
+        """A NaN/inf loss on any rank ends the stage on all ranks (before the optimizer step)."""
+        flag = torch.tensor([0.0 if self._bad_loss is None else 1.0], device=self.accelerator.device)
+        if float(self.accelerator.reduce(flag, reduction="sum")) == 0:
+            return
+        evidence = self._bad_loss or {"step": self.state.step + 1, "loss": "non-finite on another rank"}
+        raise _Stop("diverged", f"loss {evidence['loss']} at step {evidence['step']}", evidence)
 
     _last_train_loss: float | None = None
 
@@ -348,6 +365,9 @@ class StageTrainer:
         self.progress.update(1)
         if state.step % cfg.logging_steps == 0:
             metrics = window.metrics()
+            if self.accelerator.num_processes > 1 and "train/loss" in metrics:  # the mean over all ranks
+                local = torch.tensor([metrics["train/loss"]], device=self.accelerator.device)
+                metrics["train/loss"] = float(self.accelerator.reduce(local, reduction="mean"))
             metrics["train/grad_norm"] = grad_norm
             for group in self.optimizer.param_groups:
                 metrics[f"lr/{group['name']}"] = group["lr"]
@@ -572,5 +592,12 @@ def _plain(obj) -> Any:
 
 
 def train_stage(cfg: StageConfig, **kwargs) -> StageResult:
-    """Train one stage to its end (max steps, epochs or plateau) and return its result."""
+    """Train one stage to its end (max steps, epochs or plateau) and return its result.
+
+    With `num_processes` > 1 the stage is relaunched in that many processes (see launch.py).
+    """
+    from theworld_core.training.launch import in_distributed_launch, run_distributed
+
+    if cfg.num_processes > 1 and not in_distributed_launch():
+        return run_distributed(cfg, cfg.num_processes, **kwargs)
     return StageTrainer(cfg, **kwargs).run()

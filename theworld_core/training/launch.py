@@ -1,0 +1,54 @@
+"""Multi-process stages: relaunch `theworld train` under torchrun or `accelerate launch`.
+
+One process per GPU (or CPU processes over gloo). Every rank runs the same trainer; rank 0 alone
+evaluates, logs and writes, and writes the stage result the caller reads back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from theworld_core.config import StageConfig
+
+
+def in_distributed_launch() -> bool:
+    """True inside a process started by torchrun / accelerate launch."""
+    return "LOCAL_RANK" in os.environ
+
+
+def launch_command(config_path: Path, num_processes: int, accelerate_config: str | None, train_args: list[str]) -> list[str]:
+    train = ["-m", "theworld_core.cli", "train", "--config", str(config_path), *train_args]
+    if accelerate_config:
+        # FSDP / DeepSpeed / multi-GPU settings live in the accelerate config file (configs/accelerate/).
+        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
+                "--num_processes", str(num_processes), *train]
+    # torchrun gives real DDP on GPUs and gloo DDP on CPUs (`accelerate launch --cpu` would silently
+    # run a single process).
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}", *train]
+
+
+def run_distributed(cfg: StageConfig, num_processes: int, *, accelerate_config: str | None = None, fresh: bool = False,
+                    mlflow_run_id: str | None = None, global_step_offset: int = 0):
+    """Run one stage in `num_processes` processes and return rank 0's StageResult."""
+    from theworld_core.training.trainer import StageResult
+
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix=".launch-") as tmp:
+        config_path, result_path = Path(tmp) / "stage.json", Path(tmp) / "result.json"
+        config_path.write_text(json.dumps(cfg.model_dump(mode="json")))
+        args = ["--result-file", str(result_path), "--global-step-offset", str(global_step_offset), "--num-processes", "1"]
+        if fresh:
+            args.append("--fresh")
+        if mlflow_run_id:
+            args += ["--mlflow-run-id", mlflow_run_id]
+        command = launch_command(config_path, num_processes, accelerate_config, args)
+        completed = subprocess.run(command, check=False)
+        if not result_path.is_file():
+            raise RuntimeError(f"distributed stage failed (exit code {completed.returncode}): {' '.join(command)}")
+        return StageResult(**json.loads(result_path.read_text()))
