@@ -254,7 +254,9 @@ class StageTrainer:
         from theworld_core.tracking.mlflow_runs import stage_run
 
         check_hub_ready(self.cfg)  # a missing token fails before any work, not at the first save
+        started = time.perf_counter()
         self.setup()
+        self.timings = {"time/setup_s": time.perf_counter() - started}
         cfg = self.cfg
         if self.accelerator.is_main_process:
             self.hub = pusher_for(cfg, stage_name=cfg.name or self.output_dir.name)
@@ -271,7 +273,9 @@ class StageTrainer:
             if run is not None and self.state.step == 0:
                 self._log_params()
             try:
+                started = time.perf_counter()
                 status, reason, evidence = self._train()
+                self.timings["time/train_s"] = time.perf_counter() - started
                 return self._finish(status, reason, evidence)
             finally:
                 if self.hub is not None:
@@ -437,6 +441,7 @@ class StageTrainer:
         return metrics
 
     def _finish(self, status: str, reason: str, evidence: dict) -> StageResult:
+        finish_started = time.perf_counter()
         cfg, state, acc = self.cfg, self.state, self.accelerator
         final = None
         already_final = state.finished is not None
@@ -474,6 +479,9 @@ class StageTrainer:
             import mlflow
 
             mlflow.set_tags({"stage_status": status, "stage_reason": reason[:500]})
+            # Where a stage's time went: building/loading (setup), the loop, the final save + upload.
+            self.timings["time/finish_s"] = time.perf_counter() - finish_started
+            mlflow.log_metrics(self.timings)
             if self.hub is not None:
                 from theworld_core.hub import card_info_from_result
 
