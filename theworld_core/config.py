@@ -94,7 +94,9 @@ class DataConfig(StrictModel):
 
     dataset_name: str = "synthetic"
     """`synthetic` (generated shapes; the embedded default), a local folder with `metadata.jsonl`,
-    or a local `.jsonl` / `.csv` file of image paths and captions."""
+    a local `.jsonl` / `.csv` file of image paths (or of URLs) and captions, a local `.parquet` URL
+    list (`uid`, `url`, `text`), a hub dataset (`owner/name`, `hf:owner/name`) with an `image` or a
+    `url` column, or `datacomp` (the hub URL list `mlfoundations/datacomp_1b`)."""
     num_samples: int | None = Field(None, ge=1)
     """Use at most this many samples of the source (null: all of it)."""
     streaming: bool = False
@@ -109,6 +111,26 @@ class DataConfig(StrictModel):
     """Side in pixels of generated synthetic images."""
     seed: int = 0
     """Seed of the synthetic generator (the split itself depends only on sample ids)."""
+    dataset_split: str = "train"
+    """Split of a hub dataset that is read (`load_dataset(..., split=)`); local sources ignore it."""
+    fetch_timeout_s: float = Field(10.0, gt=0, allow_inf_nan=False)
+    """URL lists: seconds each network operation (connect, each read) may take; a whole attempt
+    (headers and body) gets three times as long."""
+    fetch_retries: int = Field(2, ge=0, le=10)
+    """URL lists: retries of a transient failure (timeout, connection error, truncated body, HTTP
+    408/425/429/5xx); a 404 or a too-large image is not retried."""
+    fetch_backoff_s: float = Field(0.5, ge=0, allow_inf_nan=False)
+    """URL lists: wait before the first retry; doubles with each retry (plus up to this much jitter),
+    at most 30 s."""
+    fetch_max_bytes: int = Field(16 * 1024 * 1024, ge=1)
+    """URL lists: larger images are skipped as `too_large` (a larger Content-Length is refused before
+    the body is read)."""
+    fetch_concurrency: int = Field(16, ge=1, le=256)
+    """URL lists: images fetched at once, read ahead of the consumer in a bounded window."""
+    image_cache_dir: str | None = None
+    """URL lists: folder where fetched images are cached by sha256 of the URL, so a second epoch or a
+    rerun does not fetch them again (null: `$XDG_CACHE_HOME/theworld/url-images`, else
+    `~/.cache/theworld/url-images`)."""
 
 
 # ---------------------------------------------------------------------------------------------

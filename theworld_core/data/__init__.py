@@ -1,10 +1,15 @@
-"""Image-caption data: sources (synthetic, local files), fingerprints, the train/eval split.
+"""Image-caption data: sources (synthetic, local files, hub datasets, URL lists), fingerprints,
+the train/eval split, bad-sample counts.
 
-Entry point: `prepare_data(DataConfig) -> PreparedData`. Every sample is a dict with `id` (str,
-stable identity), `image` (PIL RGB after decoding), `prompt` (str) and `text` (str, the answer).
+Entry point: `prepare_data(DataConfig) -> PreparedData`; `stats_as_metrics(prepared.stats)` gives
+its counts as tracking metrics. Every sample is a dict with `id` (str, stable identity), `image`
+(PIL RGB after decoding), `prompt` (str) and `text` (str, the answer).
 New kinds of source register in `sources.SOURCES`.
 """
 
+from theworld_core.data.fetch import FETCH_REASONS
+from theworld_core.data.hub import HUB_ALIASES
+from theworld_core.data.metrics import BAD_REASONS, stats_as_metrics
 from theworld_core.data.prepare import prepare_data
 from theworld_core.data.sources import SOURCES, resolve_source
 from theworld_core.data.split import split_score
@@ -20,7 +25,10 @@ from theworld_core.data.types import (
 )
 
 __all__ = [
+    "BAD_REASONS",
     "DEFAULT_PROMPT",
+    "FETCH_REASONS",
+    "HUB_ALIASES",
     "SAMPLE_COLUMNS",
     "SAMPLE_FEATURES",
     "SOURCES",
@@ -32,4 +40,5 @@ __all__ = [
     "prepare_data",
     "resolve_source",
     "split_score",
+    "stats_as_metrics",
 ]

@@ -20,8 +20,10 @@ and only matters for tiny datasets; once any sample scores below the fraction it
 from __future__ import annotations
 
 import heapq
-from collections import Counter
-from collections.abc import Iterator
+from collections import Counter, deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -107,7 +109,53 @@ def _read_or_problem(record: SourceRecord) -> bytes | SampleProblem:
         return problem
 
 
-def _make_row(record: SourceRecord, default_prompt: str, read: bytes | SampleProblem | None = None) -> dict[str, Any]:
+Read = bytes | SampleProblem | None
+"""A record's image bytes, why there are none, or None for a record the pass does not read."""
+
+
+def _with_reads(
+    source: Source, records: Iterable[SourceRecord], wanted: Callable[[SourceRecord], bool] | None = None
+) -> Iterator[tuple[SourceRecord, Read]]:
+    """(record, read) in source order; only `wanted` records (default: all) are read.
+
+    Sources with `read_concurrency > 1` (URL lists) are read ahead on a thread pool, at most
+    `2 x read_concurrency` records ahead of the consumer: concurrent fetches in constant memory
+    however long the source. Leaving the loop early cancels what was not started yet.
+    """
+    if source.read_concurrency <= 1:
+        for record in records:
+            yield record, _read_or_problem(record) if wanted is None or wanted(record) else None
+        return
+    window: deque[tuple[SourceRecord, Future[bytes | SampleProblem] | None]] = deque()
+    pool = ThreadPoolExecutor(source.read_concurrency, thread_name_prefix=f"read-{source.kind}")
+    try:
+        for record in records:
+            needed = (wanted is None or wanted(record)) and record.problem is None
+            window.append((record, pool.submit(_read_or_problem, record) if needed else None))
+            if len(window) > 2 * source.read_concurrency:
+                yield _settle(window.popleft(), source.read_timeout_s, wanted)
+        while window:
+            yield _settle(window.popleft(), source.read_timeout_s, wanted)
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _settle(
+    record_and_future: tuple[SourceRecord, Future[bytes | SampleProblem] | None],
+    timeout_s: float | None,
+    wanted: Callable[[SourceRecord], bool] | None,
+) -> tuple[SourceRecord, Read]:
+    record, future = record_and_future
+    if future is None:  # not read, or a record that is bad by itself
+        return record, _read_or_problem(record) if record.problem is not None and (wanted is None or wanted(record)) else None
+    try:
+        return record, future.result(timeout=timeout_s)
+    except FutureTimeout:
+        future.cancel()
+        return record, SampleProblem("timeout", f"no image within {timeout_s:g}s")
+
+
+def _make_row(record: SourceRecord, default_prompt: str, read: Read = None) -> dict[str, Any]:
     """The full row (sample columns + bookkeeping) of one record; `read` avoids a second read."""
     if read is None:
         read = _read_or_problem(record)
@@ -176,8 +224,8 @@ def _hash_content(cfg: DataConfig, source: Source, default_prompt: str) -> str |
     if source.static_fingerprint is not None:
         return None
     content = ContentHash()
-    for record in _limited(source, cfg):
-        _add_to_hash(content, record, default_prompt, _read_or_problem(record))
+    for record, read in _with_reads(source, _limited(source, cfg), _bytes_are_hashed):
+        _add_to_hash(content, record, default_prompt, read)
     return content.hexdigest()
 
 
@@ -188,8 +236,19 @@ def _fingerprint(cfg: DataConfig, source: Source, default_prompt: str, content: 
     return data_fingerprint(cfg, source.kind, default_prompt, content or "")
 
 
-def _add_to_hash(content: ContentHash, record: SourceRecord, default_prompt: str, read: bytes | SampleProblem) -> None:
-    digest = problem_marker(read.reason) if isinstance(read, SampleProblem) else image_digest(read)
+def _bytes_are_hashed(record: SourceRecord) -> bool:
+    """Whether the fingerprint needs the record's image (not for records with a `content_key`)."""
+    return record.content_key is None
+
+
+def _add_to_hash(content: ContentHash, record: SourceRecord, default_prompt: str, read: Read) -> None:
+    if record.content_key is not None:
+        digest = f"key:{record.content_key}"
+    elif isinstance(read, SampleProblem):
+        digest = problem_marker(read.reason)
+    else:
+        assert read is not None, "records without a content_key are hashed by their bytes"
+        digest = image_digest(read)
     content.add(record, record.prompt or default_prompt, digest)
 
 
@@ -207,10 +266,10 @@ def _generate_rows(
     rows under the old key.
     """
     content = ContentHash()
-    for record in _limited(source, cfg):
-        if only_eval and not is_eval(split_score(record.group), cfg.eval_fraction):
-            continue
-        read = _read_or_problem(record)
+    records = _limited(source, cfg)
+    if only_eval:
+        records = (record for record in records if is_eval(split_score(record.group), cfg.eval_fraction))
+    for record, read in _with_reads(source, records):
         if expected_content is not None:
             _add_to_hash(content, record, default_prompt, read)
         yield _make_row(record, default_prompt, read)
@@ -393,11 +452,14 @@ def _stream_train(
 ) -> Iterator[dict[str, Any]]:
     """The train samples in source order, images read and checked as they come."""
     run = _StreamRun(progress)
-    for record in _limited(source, cfg):
+
+    def is_train(record: SourceRecord) -> bool:
         score = split_score(record.group)
-        if is_eval(score, cfg.eval_fraction) or score == forced_score:
-            continue
-        row = _make_row(record, default_prompt)
+        return not (is_eval(score, cfg.eval_fraction) or score == forced_score)
+
+    train_records = (record for record in _limited(source, cfg) if is_train(record))
+    for record, read in _with_reads(source, train_records):
+        row = _make_row(record, default_prompt, read)
         run.record(row)
         if row["bad_reason"] is None:
             yield _sample(row)
@@ -430,10 +492,13 @@ def _scan_stream(cfg: DataConfig, source: Source, default_prompt: str) -> _Strea
     """Count the records and hash their bytes (unless the source has a static fingerprint)."""
     hashing = source.static_fingerprint is None
     scan = _StreamScan()
-    for record in _limited(source, cfg):
+    # Records with a content_key are not read here (URL lists: no download before training);
+    # a record that is bad by itself still counts as certainly bad.
+    for record, read in _with_reads(source, _limited(source, cfg), lambda record: hashing and _bytes_are_hashed(record)):
         scan.total += 1
         score = split_score(record.group)
-        read = _read_or_problem(record) if hashing else None
+        if read is None and record.problem is not None:
+            read = _read_or_problem(record)
         if hashing:
             _add_to_hash(scan.content, record, default_prompt, read)
         if is_eval(score, cfg.eval_fraction):

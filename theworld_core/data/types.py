@@ -90,6 +90,9 @@ class SourceRecord:
     problem: str | None = None
     """Set when the record itself is unusable (malformed row, no caption): the bad reason."""
     detail: str = ""
+    content_key: str | None = None
+    """When set (URL lists: the URL), the fingerprint hashes this instead of the image bytes, so
+    fingerprinting needs no download and only the samples a pass uses get their image fetched."""
 
 
 @dataclass(frozen=True)
@@ -108,6 +111,12 @@ class Source:
     static_fingerprint: Mapping[str, Any] | None = None
     """When the content is a pure function of these parameters (a generator), the fingerprint
     hashes them instead of reading every image; None: hash the content."""
+    read_concurrency: int = 1
+    """How many `load` calls may run at once: above 1 (network sources), `prepare_data` reads ahead
+    on a thread pool in a bounded window of `2 x read_concurrency` records, in source order."""
+    read_timeout_s: float | None = None
+    """Longest wait for one read-ahead `load` before its sample counts as `timeout` (a safety net
+    over the loader's own deadlines, e.g. for a hanging DNS lookup); None: no limit."""
 
 
 @dataclass
