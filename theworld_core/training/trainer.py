@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from theworld_core.config import StageConfig
+from theworld_core.data import stats_as_metrics
 from theworld_core.model.components import (
     audit_step,
     gradient_presence,
@@ -482,6 +483,8 @@ class StageTrainer:
             # Where a stage's time went: building/loading (setup), the loop, the final save + upload.
             self.timings["time/finish_s"] = time.perf_counter() - finish_started
             mlflow.log_metrics(self.timings)
+            # Streamed sources know their bad-sample counts only once read: log them again at the end.
+            mlflow.log_metrics(stats_as_metrics(self.data.stats), step=self.global_step_offset + state.step)
             if self.hub is not None:
                 from theworld_core.hub import card_info_from_result
 
@@ -501,6 +504,7 @@ class StageTrainer:
         params.update({f"trainable/{c}": n.trainable for c, n in parameter_report(self.accelerator.unwrap_model(self.model)).items()})
         params["total_steps"] = self.total_steps
         mlflow.log_params(params)
+        mlflow.log_metrics(stats_as_metrics(self.data.stats), step=self.global_step_offset)
         mlflow.set_tags({"data_fingerprint": self.data.fingerprint, "config_hash": self.state.config_hash,
                          "started_from": self.started_from[:500]})
 
