@@ -1,8 +1,13 @@
 """The `multistage` flow: train, evaluate, check the plateau and gate, stage after stage.
 
-    prepare data -> for each stage: train -> evaluate -> plateau -> gate
+    prepare data (fingerprint) -> new data? (else: Completed "no new data", nothing trains)
+                 -> warm start from the champion? (schedule.warm_start_from_champion)
+                 -> for each stage: train -> evaluate -> plateau -> gate
                                      (retry with the gate's changes | next | stop)
                  -> register the champion, log the stage comparison
+
+Deployed as `multistage/full` by `theworld serve` (or `prefect.yaml` on a work pool); the
+deployment's schedule, new-data trigger and concurrency limit come from the config's `schedule`.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from pathlib import Path
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
+from prefect.states import Completed
 
 from flows import tasks
 from theworld_core import pipeline
@@ -22,52 +28,46 @@ from theworld_core.version import code_version
 
 
 @flow(name="multistage", log_prints=True)
-def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None) -> dict:
-    """Train TheWorld through the stages of `stages_yaml` (optionally with a profile applied)."""
+def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, force: bool = False) -> dict:
+    """Train TheWorld through the stages of `stages_yaml` (optionally with a profile applied).
+
+    With `schedule.only_on_new_data` (the default) a run whose data fingerprint equals that of the
+    last successful run of the same config completes at once with "no new data"; `force` trains
+    regardless.
+    """
     log = get_run_logger()
     cfg = load_pipeline_config(stages_yaml, profile=profile)
     version = code_version()
     data = tasks.prepare_data(cfg.data.model_dump())
+    check = tasks.check_new_data(cfg.mlflow.experiment, cfg.config_hash(), data["fingerprint"],
+                                 only_on_new_data=cfg.schedule.only_on_new_data, force=force)
+    log.info(check["reason"])
+    if not check["new_data"]:
+        create_markdown_artifact(pipeline.no_new_data_markdown(check), key="no-new-data", description=check["reason"])
+        return Completed(message=check["reason"], data={
+            "no_new_data": True, "reason": check["reason"], "data_fingerprint": data["fingerprint"],
+            "previous_run_id": check["previous_run_id"], "parent_run_id": None, "stages": []})
+
+    stages = [stage.model_dump(mode="json") for stage in cfg.resolved_stages()]
+    warm = None
+    if cfg.schedule.warm_start_from_champion:
+        if stages[0].get("resume_from_checkpoint"):
+            log.info("stage %s sets resume_from_checkpoint=%s: no warm start from the champion",
+                     stages[0]["name"], stages[0]["resume_from_checkpoint"])
+        else:
+            warm = tasks.warm_start(cfg.mlflow.registered_model, cfg.mlflow.champion_alias, cfg.model.model_dump())
+            log.info(warm["reason"])
+            if warm["uri"]:
+                stages[0] = {**stages[0], "resume_from_checkpoint": warm["uri"]}
     tags = {"data_fingerprint": data["fingerprint"], "config_hash": cfg.config_hash(), "code_version": version,
             "prefect_flow_run_id": str(flow_run.get_id() or ""), "profile": profile or ""}
-    parent = lineage.start_parent_run(cfg.mlflow.experiment, f"multistage-{flow_run.get_name() or 'local'}", tags,
-                                      {"stages_yaml": stages_yaml, "profile": profile, "stages": ",".join(cfg.stage_names)})
-    stages = cfg.resolved_stages()
-    records, rows, successes = [], [], []
-    champion, offset, stopped = None, 0, False
+    parent = lineage.start_parent_run(
+        cfg.mlflow.experiment, f"multistage-{flow_run.get_name() or 'local'}",
+        {**tags, "run_kind": lineage.PIPELINE_RUN_KIND, "forced": str(force).lower(), "new_data_reason": check["reason"],
+         "warm_start_from": (warm or {}).get("uri") or "none"},
+        {"stages_yaml": stages_yaml, "profile": profile, "stages": ",".join(cfg.stage_names), "force": force})
     try:
-        for index, stage in enumerate(stages):
-            stage_config, attempt, retries = stage.model_dump(mode="json"), 1, 0
-            while True:
-                upstream = champion.stage_output_uri if champion else None
-                record = tasks.train_stage(stage_config, upstream, data["fingerprint"], version,
-                                           output_root=cfg.output_root, parent_run_id=parent, attempt=attempt,
-                                           global_step_offset=offset, tags=tags)
-                offset = record["global_end_step"]
-                evaluation = plateau = None
-                if record["stage_output_uri"]:
-                    evaluation = tasks.evaluate_stage(record["stage_output_uri"], record["config"], record["run_id"],
-                                                      version, task_samples=cfg.eval_task_samples,
-                                                      generations=cfg.eval_generations)
-                    plateau = tasks.check_plateau(record)
-                outcome = pipeline.outcome_of(record, evaluation)
-                decision = tasks.gate(outcome, successes, cfg.gate, retries_used=retries,
-                                      is_last_stage=index == len(stages) - 1, run_id=record["run_id"], plateau=plateau)
-                records.append(record)
-                rows.append(pipeline.summary_row(record, evaluation, plateau, decision))
-                log.info("stage %s attempt %d: %s -> %s: %s", stage.name, attempt, record["status"],
-                         decision.action, decision.reason)
-                if decision.action != "retry":
-                    break
-                # The retry runs clean: a rehearsed fault fires on the first attempt only.
-                stage_config = {**stage_config, **decision.retry_changes, "inject_fault": None}
-                attempt, retries = attempt + 1, retries + 1
-            if outcome.succeeded:
-                successes.append(outcome)
-            champion = next((o for o in successes if o.name == decision.champion), champion)
-            if decision.action != "next":
-                stopped = True
-                break
+        records, rows, champion, stopped = _train_stages(cfg, stages, data["fingerprint"], version, parent, tags)
     except BaseException:
         lineage.end_run(parent, "FAILED")
         raise
@@ -78,5 +78,47 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None) -> 
     create_markdown_artifact(Path(summary["markdown"]).read_text(), key="stage-comparison",
                              description=f"MLflow parent run {parent}")
     lineage.end_run(parent)
-    return {"parent_run_id": parent, "champion": summary["champion"], "model_version": summary["model_version"],
-            "stopped_early": stopped, "stages": rows, "data_fingerprint": data["fingerprint"]}
+    return {"no_new_data": False, "parent_run_id": parent, "champion": summary["champion"],
+            "model_version": summary["model_version"], "stopped_early": stopped, "stages": rows,
+            "data_fingerprint": data["fingerprint"], "warm_start_from": (warm or {}).get("uri"),
+            "summary_dir": str(Path(summary["markdown"]).parent)}
+
+
+def _train_stages(cfg, stages: list[dict], fingerprint: str, version: str, parent: str, tags: dict):
+    """The stage loop: train -> evaluate -> plateau -> gate, with the gate's retries."""
+    log = get_run_logger()
+    records, rows, successes = [], [], []
+    champion, offset, stopped = None, 0, False
+    for index, stage_config in enumerate(stages):
+        attempt, retries = 1, 0
+        while True:
+            upstream = champion.stage_output_uri if champion else None
+            record = tasks.train_stage(stage_config, upstream, fingerprint, version,
+                                       output_root=cfg.output_root, parent_run_id=parent, attempt=attempt,
+                                       global_step_offset=offset, tags=tags)
+            offset = record["global_end_step"]
+            evaluation = plateau = None
+            if record["stage_output_uri"]:
+                evaluation = tasks.evaluate_stage(record["stage_output_uri"], record["config"], record["run_id"],
+                                                  version, task_samples=cfg.eval_task_samples,
+                                                  generations=cfg.eval_generations)
+                plateau = tasks.check_plateau(record)
+            outcome = pipeline.outcome_of(record, evaluation)
+            decision = tasks.gate(outcome, successes, cfg.gate, retries_used=retries,
+                                  is_last_stage=index == len(stages) - 1, run_id=record["run_id"], plateau=plateau)
+            records.append(record)
+            rows.append(pipeline.summary_row(record, evaluation, plateau, decision))
+            log.info("stage %s attempt %d: %s -> %s: %s", stage_config["name"], attempt, record["status"],
+                     decision.action, decision.reason)
+            if decision.action != "retry":
+                break
+            # The retry runs clean: a rehearsed fault fires on the first attempt only.
+            stage_config = {**stage_config, **decision.retry_changes, "inject_fault": None}
+            attempt, retries = attempt + 1, retries + 1
+        if outcome.succeeded:
+            successes.append(outcome)
+        champion = next((o for o in successes if o.name == decision.champion), champion)
+        if decision.action != "next":
+            stopped = True
+            break
+    return records, rows, champion, stopped

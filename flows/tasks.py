@@ -50,3 +50,5 @@ def evaluate_stage(stage_output_uri: str, stage_config: dict, run_id: str, code_
 check_plateau = task(name="check-plateau", cache_policy=NO_CACHE)(pipeline.plateau_step)
 gate = task(name="gate", cache_policy=NO_CACHE)(pipeline.gate_step)
 finish = task(name="register-champion", cache_policy=NO_CACHE)(pipeline.finish_step)
+check_new_data = task(name="check-new-data", cache_policy=NO_CACHE)(pipeline.new_data_step)
+warm_start = task(name="warm-start", cache_policy=NO_CACHE)(pipeline.warm_start_step)

@@ -7,9 +7,15 @@ in progress.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import logging
 import math
+import time
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +25,7 @@ from theworld_core.training.gate import GateDecision, StageOutcome, decide
 from theworld_core.training.plateau import plateau_verdict
 
 SUCCESS = ("completed", "plateaued")
+log = logging.getLogger("theworld.pipeline")
 
 
 def stage_key(stage_config: dict[str, Any], upstream_uri: str | None, data_fingerprint: str, code_version: str) -> str:
@@ -62,12 +69,21 @@ def train_stage_step(
     name = stage_config["name"]
     cfg = StageConfig(**{**stage_config, "output_dir": str(Path(output_root) / f"{name}-{key[:12]}"),
                          "resume_from_checkpoint": upstream_uri or stage_config.get("resume_from_checkpoint")})
-    run_id = lineage.create_child_run(parent_run_id, name, attempt, {**tags, "stage_key": key})
-    try:
-        result = train_stage(cfg, mlflow_run_id=run_id, global_step_offset=global_step_offset)
-    except BaseException:
-        lineage.end_run(run_id, "FAILED")
-        raise
+    # The folder is keyed by content, so another pipeline run may be training the very same stage:
+    # wait for it, then the trainer finds the finished stage and returns at once.
+    with stage_lock(cfg.output_dir):
+        run_id = lineage.create_child_run(parent_run_id, name, attempt,
+                                          {**tags, "run_kind": lineage.STAGE_RUN_KIND, "stage_key": key})
+        try:
+            result = train_stage(cfg, mlflow_run_id=run_id, global_step_offset=global_step_offset)
+            if result.stage_output and not lineage.has_artifact(run_id, lineage.STAGE_OUTPUT_ARTIFACT):
+                # A stage finished earlier in this folder (by another run): its output goes to this run too,
+                # so the stage output URI below is valid.
+                lineage.log_folder(run_id, Path(result.stage_output), lineage.STAGE_OUTPUT_ARTIFACT)
+                lineage.set_tags(run_id, {"reused_stage_output": result.stage_output})
+        except BaseException:
+            lineage.end_run(run_id, "FAILED")
+            raise
     train_history = lineage.metric_history(run_id, "train/loss")
     lineage.end_run(run_id, "FINISHED" if result.status in SUCCESS else "FAILED")
     return {
@@ -194,3 +210,117 @@ def summary_row(record: dict[str, Any], evaluation: dict[str, Any] | None, plate
 
 def finite(value) -> bool:
     return value is not None and math.isfinite(value)
+
+
+# --- operating it: new data, warm start, overlapping runs ---------------------------------------
+
+
+def new_data_step(experiment: str, config_hash: str, fingerprint: str, *, only_on_new_data: bool,
+                  force: bool) -> dict[str, Any]:
+    """Whether this pipeline run trains: {new_data, reason, fingerprint, previous_run_id, ...}.
+
+    It does not (`new_data` False) when `only_on_new_data` is set, the run is not forced, and the
+    data fingerprint equals the `data_fingerprint` tag of the newest successful (FINISHED) pipeline
+    parent run with the same `config_hash` in the experiment. A changed config therefore always
+    trains; so does a first run, or one whose last attempt failed.
+    """
+    check = {"new_data": True, "fingerprint": fingerprint, "config_hash": config_hash, "experiment": experiment,
+             "previous_run_id": None, "previous_run_name": None, "previous_fingerprint": None}
+    if force:
+        return {**check, "reason": "forced run (force=True): the data check is skipped"}
+    if not only_on_new_data:
+        return {**check, "reason": "schedule.only_on_new_data is false: every run trains"}
+    previous = lineage.last_pipeline_run(experiment, config_hash)
+    if previous is None:
+        return {**check, "reason": f"no earlier successful pipeline run of config {config_hash[:12]} in experiment "
+                                   f"{experiment!r}"}
+    check.update(previous_run_id=previous["run_id"], previous_run_name=previous["run_name"],
+                 previous_fingerprint=previous["data_fingerprint"])
+    if previous["data_fingerprint"] == fingerprint:
+        return {**check, "new_data": False,
+                "reason": f"no new data: fingerprint {fingerprint[:16]} equals that of the last successful run "
+                          f"{previous['run_id']} ({previous['run_name']})"}
+    return {**check, "reason": f"new data: fingerprint {fingerprint[:16]} differs from "
+                               f"{str(previous['data_fingerprint'])[:16]} of the last successful run {previous['run_id']}"}
+
+
+def no_new_data_markdown(check: dict[str, Any]) -> str:
+    """The Prefect artifact of a run that ended with "no new data"."""
+    return (
+        "# No new data\n\n"
+        "This run did not train: the data is unchanged since the last successful pipeline run of the same config.\n\n"
+        "| | |\n|---|---|\n"
+        f"| data fingerprint | `{check['fingerprint']}` |\n"
+        f"| earlier MLflow run | `{check['previous_run_id']}` ({check['previous_run_name']}) |\n"
+        f"| config hash | `{check['config_hash']}` |\n"
+        f"| experiment | {check['experiment']} |\n\n"
+        "Add data (`theworld data add ... --notify`) or rerun regardless with `theworld run --force` "
+        "(deployment parameter `force: true`).\n"
+    )
+
+
+ARCHITECTURE_KEYS = ("model_name", "model_revision", "cosmos_model_name", "cosmos_revision", "enable_world",
+                     "world_tokens", "max_world_steps", "world_projector")
+"""ModelConfig keys that decide the parameters' names and shapes (a stage output fits only an equal base)."""
+
+
+def warm_start_step(registered_model: str, alias: str, model_config: dict[str, Any]) -> dict[str, Any]:
+    """Where a rerun's first stage starts when `schedule.warm_start_from_champion` is set:
+    {uri, version, reason}; `uri` None means from the pretrained bases (no champion, or one trained
+    on another architecture; `reason` says which).
+
+    The alias is resolved to its version (`models:/<name>/<version>`), so the stage's content key
+    and output folder change when the champion does.
+    """
+    from theworld_core.model.stage_output import StageOutputError, read_manifest, resolve_source
+
+    alias_uri = f"models:/{registered_model}@{alias}"
+    version = lineage.champion_version(registered_model, alias)
+    if version is None:
+        return {"uri": None, "version": None, "reason": f"no registered champion {alias_uri}: stage 1 starts fresh"}
+    uri = f"models:/{registered_model}/{version}"
+    try:
+        manifest = read_manifest(resolve_source(uri))
+    except (StageOutputError, OSError, ValueError) as error:
+        return {"uri": None, "version": version, "reason": f"champion {alias_uri} (version {version}) cannot be read "
+                                                           f"({error}): stage 1 starts fresh"}
+    saved = manifest.get("model_config") or {}
+    wanted = {k: v for k, v in model_config.items() if k in ARCHITECTURE_KEYS}
+    differs = [f"{k}: champion {saved.get(k)!r}, config {wanted.get(k)!r}" for k in ARCHITECTURE_KEYS
+               if k in wanted and saved.get(k) != wanted[k]]
+    if differs:
+        return {"uri": None, "version": version,
+                "reason": f"champion {alias_uri} (version {version}) has another architecture ({'; '.join(differs)}): "
+                          "stage 1 starts fresh"}
+    return {"uri": uri, "version": version, "reason": f"stage 1 warm-starts from champion {alias_uri} = {uri}"}
+
+
+@contextlib.contextmanager
+def stage_lock(folder: str | os.PathLike[str]):
+    """Hold an exclusive `fcntl` lock on `<folder>.lock` while a stage trains in `folder`.
+
+    Stage folders are keyed by content, so two overlapping pipeline runs may reach the same one;
+    the second waits here and then finds the stage finished. The lock goes with the process (a
+    crashed holder releases it); it works across processes on one machine (and on NFS v4 with
+    working locks), not across machines without a shared lock-capable file system.
+    """
+    path = Path(f"{os.fspath(folder).rstrip('/')}.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            log.info("stage folder %s is in use by %s: waiting for it", folder, holder)
+            start = time.monotonic()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            log.info("stage folder %s is free after %.1f s", folder, time.monotonic() - start)
+        try:
+            handle.seek(0)
+            handle.truncate()
+            handle.write(f"pid {os.getpid()} on {os.uname().nodename}\n")
+            handle.flush()
+            yield path
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)

@@ -138,3 +138,51 @@ def _fmt(value) -> str:
     if value is None or (isinstance(value, float) and not math.isfinite(value)):
         return "-"
     return f"{value:.4f}"
+
+
+# --- reruns: the last successful pipeline run, the registered champion --------------------------
+
+PIPELINE_RUN_KIND = "pipeline"
+"""`run_kind` tag of a pipeline's parent run (stage attempts carry `run_kind = stage`)."""
+STAGE_RUN_KIND = "stage"
+
+
+def last_pipeline_run(experiment: str, config_hash: str) -> dict[str, Any] | None:
+    """The newest successful (status FINISHED) pipeline parent run of this config in `experiment`:
+    {run_id, run_name, data_fingerprint, end_time}, or None when there is none."""
+    import mlflow
+
+    c = client()
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = c.search_runs(
+        [found.experiment_id],
+        filter_string=(f"tags.run_kind = '{PIPELINE_RUN_KIND}' and tags.config_hash = '{config_hash}' "
+                       "and attributes.status = 'FINISHED'"),
+        order_by=["attributes.end_time DESC"],
+        max_results=1,
+    )
+    if not runs:
+        return None
+    run = runs[0]
+    return {"run_id": run.info.run_id, "run_name": run.info.run_name,
+            "data_fingerprint": run.data.tags.get("data_fingerprint"), "end_time": run.info.end_time}
+
+
+def champion_version(name: str, alias: str) -> int | None:
+    """The model version `alias` points at in the registry, or None (no such model or alias)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return int(client().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return None
+
+
+def has_artifact(run_id: str, path: str) -> bool:
+    return bool(client().list_artifacts(run_id, path))
+
+
+def log_folder(run_id: str, folder: Path, artifact_path: str) -> None:
+    client().log_artifacts(run_id, str(folder), artifact_path=artifact_path)
