@@ -114,6 +114,7 @@ def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run
     from theworld_core.model.theworld import TheWorld
     from theworld_core.training.evaluation import evaluate_model
 
+    started = time.perf_counter()
     cfg = StageConfig(**stage_config)
     model = TheWorld.from_pretrained(stage_output_uri, **cfg.model_part().model_dump())
     data = prepare_data(cfg.data_part())
@@ -124,6 +125,7 @@ def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run
     c.log_metric(run_id, "eval/task_accuracy", report.task_accuracy)
     c.log_metric(run_id, "eval/exact_match", report.exact_match)
     c.log_dict(run_id, {"samples": report.samples}, "evaluation/generations.json")
+    c.log_metric(run_id, "time/evaluate_s", time.perf_counter() - started)
     return report.to_dict()
 
 
