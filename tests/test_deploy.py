@@ -215,14 +215,25 @@ def theworld_home(tmp_path_factory) -> Path:
     return home
 
 
+@pytest.fixture
+def own_mlflow_store(tmp_path, monkeypatch):
+    """MLflow on a SQLite store of this test, in this process; the process-wide tracking URI that
+    `mlflow.set_tracking_uri` keeps is put back afterwards (the environment by monkeypatch)."""
+    from mlflow.tracking._tracking_service import utils
+
+    before = utils._tracking_uri
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.setenv("THEWORLD_PROJECT_DIR", str(tmp_path / "project"))
+    yield
+    utils._tracking_uri = before
+
+
 # --- fast: the data check, the lock, `theworld data add` ------------------------------------------------
 
 
-def test_new_data_decision(tmp_path, monkeypatch):
+def test_new_data_decision(own_mlflow_store):
     """No new data exactly when the fingerprint equals the newest FINISHED pipeline run's of the same
     config; force, only_on_new_data=false, another config or a failed last run train."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.setenv("THEWORLD_PROJECT_DIR", str(tmp_path / "project"))
     from theworld_core.pipeline import new_data_step
     from theworld_core.tracking import lineage
 
@@ -486,3 +497,78 @@ def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_h
         prefect.close()
         stop_process_group(serve, grace=10)
         print("timings (s):", {k: round(v, 1) for k, v in timings.items()})
+
+
+LOCK_CHILD = r"""
+import json, logging, sys
+logging.basicConfig(level=logging.INFO)
+from theworld_core import pipeline
+from theworld_core.config import load_pipeline_config
+from theworld_core.tracking import lineage
+
+stages_yaml, name, out = sys.argv[1:4]
+cfg = load_pipeline_config(stages_yaml, profile="tiny")
+stage = cfg.resolved_stages()[0].model_dump(mode="json")
+fingerprint = pipeline.prepare_data_step(cfg.data.model_dump())["fingerprint"]
+parent = lineage.start_parent_run(cfg.mlflow.experiment, name, {"run_kind": "pipeline"}, {})
+record = pipeline.train_stage_step(stage, None, fingerprint, "test-code", output_root=cfg.output_root,
+                                   parent_run_id=parent, attempt=1, global_step_offset=0, tags={})
+lineage.end_run(parent)
+open(out, "w").write(json.dumps({k: record[k] for k in ("run_id", "status", "steps", "stage_output_uri", "stage_key")}))
+"""
+
+
+@pytest.mark.slow
+def test_two_runs_of_the_same_stage_do_not_clobber(theworld_home, tmp_path):
+    """Two pipeline processes reach the same content-keyed stage folder at once: one trains, the other
+    waits on `<folder>.lock`, then finds the stage finished and reuses its output (logged to its own
+    MLflow run, so its stage output URI works)."""
+    images = tmp_path / "images"
+    rows = make_images(images, 0, 48)
+    (images / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    doc = pipeline_doc(images, tmp_path / "stages", "lock-test", None)
+    doc["stages"] = doc["stages"][:1]
+    del doc["profiles"]["tiny"]["stages"]["vision"]
+    doc["profiles"]["tiny"]["defaults"].update(max_steps=10, eval_steps=5, save_steps=5)
+    stages_yaml = tmp_path / "pipeline.yaml"
+    stages_yaml.write_text(yaml.safe_dump(doc, sort_keys=False))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = base_env(MLFLOW_TRACKING_URI=tracking, THEWORLD_PROJECT_DIR=str(tmp_path / "project"),
+                   THEWORLD_HOME=str(theworld_home))
+    # one process creates the MLflow store first (two creating one SQLite schema at once collide)
+    init = run([sys.executable, "-c", "from theworld_core.tracking.mlflow_runs import configure_tracking, "
+                "ensure_experiment; configure_tracking(); ensure_experiment('lock-test')"], env, tmp_path, timeout=120)
+    assert init.returncode == 0, init.stdout
+    script = tmp_path / "child.py"
+    script.write_text(LOCK_CHILD)
+    procs = [subprocess.Popen([sys.executable, str(script), str(stages_yaml), name, str(tmp_path / f"{name}.json")],
+                              cwd=tmp_path, env=env, stdout=open(tmp_path / f"{name}.log", "wb"),
+                              stderr=subprocess.STDOUT, start_new_session=True) for name in ("a", "b")]
+    try:
+        for proc in procs:
+            proc.wait(timeout=240)
+    finally:
+        for proc in procs:
+            stop_process_group(proc, grace=2)
+    logs = {n: tail(tmp_path / f"{n}.log") for n in ("a", "b")}
+    assert [p.returncode for p in procs] == [0, 0], logs
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
+    assert a["stage_key"] == b["stage_key"] and a["status"] == b["status"] == "completed", (a, b)
+    assert a["steps"] == b["steps"] == 10 and a["run_id"] != b["run_id"]
+    folders = [p for p in (tmp_path / "stages").iterdir() if p.is_dir()]
+    assert len(folders) == 1 and (folders[0] / "final").is_dir(), folders
+    assert (tmp_path / "stages" / f"{folders[0].name}.lock").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking)
+    runs = {r: client.get_run(r) for r in (a["run_id"], b["run_id"])}
+    reused = [r for r, run in runs.items() if "reused_stage_output" in run.data.tags]
+    assert len(reused) == 1, "exactly one process trained; the other reused its output"
+    waited = next(n for n, rec in (("a", a), ("b", b)) if rec["run_id"] in reused)
+    assert "is in use by pid" in logs[waited] and "waiting for it" in logs[waited], logs[waited]
+    for run_id in runs:
+        assert {f.path for f in client.list_artifacts(run_id, "stage_output")} >= {"stage_output/manifest.json",
+                                                                                   "stage_output/model.safetensors"}
+    trained = next(r for r in runs if r not in reused)
+    assert runs[reused[0]].info.start_time >= runs[trained].info.end_time, "the waiting run started early"
