@@ -242,7 +242,7 @@ def test_new_data_decision(own_mlflow_store):
 
     assert check()["new_data"] and "no earlier successful" in check()["reason"]
     first = lineage.start_parent_run("exp", "one", {"run_kind": "pipeline", "config_hash": "cfg-1",
-                                                    "data_fingerprint": "fp-a"}, {})
+                                                    "data_fingerprint": "fp-a", "champion": "vision"}, {})
     assert check()["new_data"], "a RUNNING run is no reference"
     lineage.end_run(first)
     stage = lineage.start_parent_run("exp", "stage", {"run_kind": "stage", "config_hash": "cfg-1",
@@ -254,9 +254,13 @@ def test_new_data_decision(own_mlflow_store):
     assert check(config="cfg-2")["new_data"]
     assert check(force=True)["new_data"] and check(only_on_new_data=False)["new_data"]
     failed = lineage.start_parent_run("exp", "two", {"run_kind": "pipeline", "config_hash": "cfg-1",
-                                                     "data_fingerprint": "fp-b"}, {})
+                                                     "data_fingerprint": "fp-b", "champion": "vision"}, {})
     lineage.end_run(failed, "FAILED")
     assert check("fp-b")["new_data"], "a failed run is no reference"
+    no_champion = lineage.start_parent_run("exp", "three", {"run_kind": "pipeline", "config_hash": "cfg-1",
+                                                            "data_fingerprint": "fp-b", "champion": "none"}, {})
+    lineage.end_run(no_champion)
+    assert check("fp-b")["new_data"], "a run whose every stage failed is no reference"
     assert not check("fp-a")["new_data"]
 
 

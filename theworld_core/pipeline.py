@@ -222,9 +222,9 @@ def new_data_step(experiment: str, config_hash: str, fingerprint: str, *, only_o
     """Whether this pipeline run trains: {new_data, reason, fingerprint, previous_run_id, ...}.
 
     It does not (`new_data` False) when `only_on_new_data` is set, the run is not forced, and the
-    data fingerprint equals the `data_fingerprint` tag of the newest successful (FINISHED) pipeline
-    parent run with the same `config_hash` in the experiment. A changed config therefore always
-    trains; so does a first run, or one whose last attempt failed.
+    data fingerprint equals the `data_fingerprint` tag of the newest successful pipeline parent run
+    (FINISHED, with a champion) with the same `config_hash` in the experiment. A changed config
+    therefore always trains; so does a first run, or one whose last attempt failed.
     """
     check = {"new_data": True, "fingerprint": fingerprint, "config_hash": config_hash, "experiment": experiment,
              "previous_run_id": None, "previous_run_name": None, "previous_fingerprint": None}

@@ -148,8 +148,9 @@ STAGE_RUN_KIND = "stage"
 
 
 def last_pipeline_run(experiment: str, config_hash: str) -> dict[str, Any] | None:
-    """The newest successful (status FINISHED) pipeline parent run of this config in `experiment`:
-    {run_id, run_name, data_fingerprint, end_time}, or None when there is none."""
+    """The newest successful pipeline parent run of this config in `experiment`: status FINISHED and
+    a champion found (a run whose every stage failed does not count); {run_id, run_name,
+    data_fingerprint, end_time}, or None when there is none."""
     import mlflow
 
     c = client()
@@ -159,7 +160,7 @@ def last_pipeline_run(experiment: str, config_hash: str) -> dict[str, Any] | Non
     runs = c.search_runs(
         [found.experiment_id],
         filter_string=(f"tags.run_kind = '{PIPELINE_RUN_KIND}' and tags.config_hash = '{config_hash}' "
-                       "and attributes.status = 'FINISHED'"),
+                       "and attributes.status = 'FINISHED' and tags.champion != 'none'"),
         order_by=["attributes.end_time DESC"],
         max_results=1,
     )
