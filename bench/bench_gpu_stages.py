@@ -1,0 +1,758 @@
+"""The seed's four training stages on the real architectures with random weights: s/step, tokens/s, memory, MFU.
+
+    # on a GPU (H100 / H200), the real Gemma 3 4B + Wan 2.1 VAE encoder from ../shared/reference/:
+    .venv/bin/python bench/bench_gpu_stages.py --out bench/gpu_stages.json
+    # the same script, tiny models on the CPU (what tests/test_bench_gpu_stages.py runs):
+    .venv/bin/python bench/bench_gpu_stages.py --tiny --steps 2 --out tmp.json
+    # the real hidden sizes / vocabulary with 2 text and 2 vision layers, one step on the CPU:
+    .venv/bin/python bench/bench_gpu_stages.py --device cpu --layers 2 --batch 1 --accum 1 --warmup 1 --steps 1
+    # no training: per-stage parameter and FLOP counts of the real architecture (meta device, seconds)
+    .venv/bin/python bench/bench_gpu_stages.py --meta
+
+What runs, per stage (the seed's freeze flags, `SEED_STAGES`):
+
+- The model: `TheWorld.on_meta(ModelConfig)` from the config files (`--gemma`, `--cosmos`; default
+  `../shared/reference/*.config.json` beside the repository), world token ids set by hand (the three
+  ids after Gemma's image token, 262145-262147 for the real vocabulary, as the real tokenizer would
+  give them), the stage's freeze applied with `set_trainable`, parameters cast on meta, then
+  `to_empty(device)` and initialised on the device: Gemma with its own HF `init_weights()` (which also
+  recomputes the rotary and embed-scale buffers and re-ties lm_head), its zero-initialised
+  multi-modal projector and the world branch N(0, 0.02), the VAE encoder N(0, 1/fan_in) weights,
+  zero biases, unit RMS-norm gammas; the VAE's latent mean/std buffers from its config. Weights are
+  checked finite and not all zero per component. No download, no CPU copy of the weights; each stage
+  is built afresh so its peak memory is its own.
+- dtypes (`--frozen-dtype`, `--trainable-dtype`): frozen components bf16, trainable ones fp32 (so
+  AdamW keeps fp32 weights and moments: 16 bytes per trainable parameter), forward under
+  `torch.autocast(bfloat16)`; buffers (rotary frequencies, latent mean/std) stay fp32. Note: the
+  stage trainer today loads every component in fp32 (`TheWorld.from_base(dtype=None)`) with
+  accelerate's bf16 autocast: `--frozen-dtype fp32` measures that. `--trainable-dtype bf16` is pure
+  bf16 (weights, gradients and AdamW moments in bf16: 8 bytes per trainable parameter, no fp32
+  master copy), a memory bound only.
+- The seed's batch sizes: batch 4 x accumulation 4 for stages 1-2, batch 2 x 8 with gradient
+  checkpointing (`gradient_checkpointing_enable(use_reentrant=False)`, as the trainer) for stages
+  3-4 (`--batch`, `--accum`, `--checkpointing` override). AdamW from `build_optimizer` (trainable
+  parameters only, the trainer's groups; `--adamw fused|foreach|loop` to compare implementations),
+  gradient clipping at 1.0, `zero_grad(set_to_none=True)`.
+- Synthetic inputs, one fixed batch on the device, laid out as `InputBuilder` builds them:
+  `<bos><start_of_turn>user\\n` `\\n\\n<boi>` + `mm_tokens_per_image` (256) image tokens + `<eoi>\\n\\n`
+  + `<start_of_world>` + `world_tokens` (64) + `<end_of_world>` + `--prompt-tokens` (32) +
+  `<end_of_turn>\\n<start_of_turn>model\\n` + `--answer-tokens` (32) + `<end_of_turn>`: 400 tokens,
+  labels on the answer and its end of turn only; `pixel_values` at SigLIP's size (896 x 896),
+  `world_pixel_values` 256 x 256, both uniform in [-1, 1].
+- Timing: `--warmup` optimizer steps (untimed; the first also records which components received
+  gradients), then `--steps` timed optimizer steps, each = `accum` forward/backward micro-steps +
+  clip + AdamW step, synchronised; s/step is their mean.
+- Memory (CUDA): `max_memory_allocated` / `max_memory_reserved` from after the weights are built to
+  the end of the timed steps (weights included), in GiB (2^30 bytes). An out-of-memory error in a
+  stage (CUDA OOM or a failed CPU allocation) gives an `OOM` row with the peak at the failure, and
+  the next stage runs.
+
+Throughput and MFU:
+
+- tokens/s = batch x accum x sequence length (every language-model position: text, image, world
+  tokens) / s per optimizer step.
+- FLOPs: the forward FLOPs of one sample are counted per component with `torch.utils.flop_counter`
+  on the meta device (exact matmul/conv/attention FLOPs for these shapes, no weights needed):
+  F_vision (SigLIP on the 4096 patches + multi-modal projector), F_vae (VAE encoder + quant_conv),
+  F_world (projector), F_lm (Gemma 3 text model + lm_head over the sequence). Training FLOPs per
+  sample ("6N" adjusted for what is trainable), backward = activation gradients (~1x forward) where a
+  gradient must flow through the component + weight gradients (~1x forward) where it is trainable:
+
+      F_train = F_lm * (2 + [language trainable])          # the world projector feeds the LM: its
+                                                           # input gradients are always needed
+              + F_vision * (3 if vision trainable else 1)  # frozen: forward only, under no_grad
+              + F_vae * (3 if VAE trainable else 1)
+              + F_world * (2 + [VAE trainable])
+
+  so a fully trainable model gets 3 x forward = 6 N tokens. Gradient-checkpointing recompute is not
+  counted (model FLOPs, not hardware FLOPs). MFU = F_train x batch x accum / s_per_step /
+  (`--peak-tflops` x 1e12); the default peak is the card's dense bf16 figure (H100 SXM 989, H200
+  989, H100 PCIe 756, H100 NVL 835, A100 312 TFLOP/s), none on the CPU (MFU not reported unless
+  `--peak-tflops` is given).
+
+Prints a Markdown table beside the seed's estimates and writes everything to `--out` (JSON).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+# Offline and quiet, before transformers / diffusers are imported (only config files are read).
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
+    os.environ.setdefault(_key, _value)
+
+import torch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from theworld_core.config import ModelConfig  # noqa: E402
+from theworld_core.model.components import (  # noqa: E402
+    COMPONENTS,
+    SEED_STAGES,
+    gradient_presence,
+    parameter_report,
+    parameters_by_component,
+    trainable_components,
+)
+from theworld_core.model.inputs import IGNORE_INDEX, WorldTokenIds  # noqa: E402
+
+REFERENCE = ROOT.parent / "shared" / "reference"
+DEFAULT_GEMMA = REFERENCE / "gemma-3-4b-it.config.json"
+DEFAULT_COSMOS = REFERENCE / "cosmos-predict2-vae.config.json"
+
+# The seed guide's stage table (estimated there, not measured) and its batch recipe.
+SEED: dict[str, dict] = {
+    "stage1_projection": {"memory_gb": (20, 24), "s_per_step": (1, 2), "batch": 4, "accum": 4, "checkpointing": False},
+    "stage2_vision": {"memory_gb": (35, 40), "s_per_step": (3, 4), "batch": 4, "accum": 4, "checkpointing": False},
+    "stage3_language": {"memory_gb": (56, 60), "s_per_step": (8, 10), "batch": 2, "accum": 8, "checkpointing": True},
+    "stage4_full": {"memory_gb": (80, 84), "s_per_step": (15, 20), "batch": 2, "accum": 8, "checkpointing": True},
+}
+assert tuple(SEED) == tuple(SEED_STAGES)
+
+# Dense bf16 peak TFLOP/s by device name (first match wins; more specific names first).
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),  # SXM (e.g. "NVIDIA H100 80GB HBM3")
+    ("H200", 989.0),
+    ("A100", 312.0),
+)
+
+# Tiny mode: the embedded tiny models at a size that runs in seconds on a CPU.
+TINY_DEFAULTS = {"batch": 2, "accum": 2, "world_tokens": 4, "world_image_size": 32, "prompt_tokens": 8,
+                 "answer_tokens": 8, "warmup": 1, "threads": 1}
+REAL_DEFAULTS = {"world_tokens": 64, "world_image_size": 256, "prompt_tokens": 32, "answer_tokens": 32, "warmup": 2}
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+GIB = 2**30
+
+
+# ------------------------------------------------------------------------------------ sources
+
+
+@dataclass(frozen=True)
+class Sources:
+    gemma: str
+    cosmos: str
+    model_config: ModelConfig
+
+
+def _override_layers(gemma_source: str, layers: int, workdir: Path) -> str:
+    """A copy of the Gemma config with `layers` text and vision layers (at least one global attention layer)."""
+    from theworld_core.model.base import load_gemma_config
+
+    config = load_gemma_config(gemma_source)
+    text, vision = config.text_config, config.vision_config
+    kinds = list(getattr(text, "layer_types", None) or [])[:layers]
+    if len(kinds) < layers:
+        kinds += ["sliding_attention"] * (layers - len(kinds))
+    if "full_attention" not in kinds:
+        kinds[-1] = "full_attention"  # keep both of Gemma 3's attention kinds in the measured model
+    text.num_hidden_layers = layers
+    text.layer_types = kinds
+    vision.num_hidden_layers = layers
+    path = workdir / "gemma-layers.config.json"
+    path.write_text(json.dumps(config.to_dict(), indent=1, default=str))
+    return str(path)
+
+
+def resolve_sources(args, workdir: Path) -> Sources:
+    if args.tiny:
+        from theworld_core.model.tiny import ensure_tiny_models
+
+        tiny = ensure_tiny_models(Path(args.tiny_dir) if args.tiny_dir else None)
+        gemma, cosmos = str(tiny.gemma), str(tiny.cosmos)
+    else:
+        gemma, cosmos = str(args.gemma), str(args.cosmos)
+    if args.layers:
+        gemma = _override_layers(gemma, args.layers, workdir)
+    model_config = ModelConfig(model_name=gemma, cosmos_model_name=cosmos, world_tokens=args.world_tokens,
+                               world_image_size=args.world_image_size, max_seq_length=max(2048, 4 * args.world_tokens + 2048))
+    return Sources(gemma, cosmos, model_config)
+
+
+def world_token_ids(gemma_config) -> WorldTokenIds:
+    """The three ids after Gemma's highest special (image) token; inside the padded embedding table."""
+    first = max(gemma_config.image_token_index, gemma_config.boi_token_index, gemma_config.eoi_token_index) + 1
+    ids = WorldTokenIds(first, first + 1, first + 2)
+    vocab = gemma_config.get_text_config().vocab_size
+    if ids.soft >= vocab:
+        raise ValueError(f"world token ids {ids} do not fit the embedding table of {vocab} rows")
+    return ids
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+def build_meta(sources: Sources):
+    from theworld_core.model.theworld import TheWorld
+
+    model = TheWorld.on_meta(sources.model_config)
+    model.token_ids = world_token_ids(model.gemma.config)
+    return model
+
+
+def _cast_parameters(model, dtype_of: dict[str, torch.dtype]) -> None:
+    """Parameters only (buffers such as rotary frequencies stay fp32), component by component, on meta."""
+    for component, params in parameters_by_component(model).items():
+        for _, param in params:
+            if param.dtype != dtype_of[component]:
+                param.data = param.data.to(dtype_of[component])
+
+
+@torch.no_grad()
+def initialise(model, vae_config: dict, seed: int) -> None:
+    """Random, finite, non-zero weights in place (after `to_empty`)."""
+    torch.manual_seed(seed)
+    gemma = model.gemma
+    # HF init: normal(initializer_range) weights, Gemma's (1 + w) RMS norms at 0, rotary inv_freq,
+    # embed_scale and SigLIP position ids recomputed, lm_head tied to the embeddings again.
+    gemma.init_weights()
+    # HF initialises the multi-modal projection to zeros (the checkpoint overwrites it); left so,
+    # images would vanish and the vision tower get no gradient.
+    gemma.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.02)
+    for module in model.vae.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if name == "bias":
+                param.zero_()
+            elif name == "gamma":  # Wan's RMS norm scale
+                param.fill_(1.0)
+            else:
+                param.normal_(0.0, param[0].numel() ** -0.5)
+    z = model.vae.z_dim
+    model.vae.latents_mean.copy_(torch.tensor(vae_config["latents_mean"], dtype=torch.float32).view(1, z, 1, 1, 1))
+    model.vae.latents_std.copy_(torch.tensor(vae_config["latents_std"], dtype=torch.float32).view(1, z, 1, 1, 1))
+    for name, param in model.world.named_parameters():
+        if name.endswith("bias"):
+            param.zero_()
+        else:
+            param.normal_(0.0, 0.02)
+
+
+@torch.no_grad()
+def check_weights(model) -> None:
+    embed = model.gemma.get_input_embeddings().weight
+    if model.gemma.config.get_text_config().tie_word_embeddings and model.gemma.lm_head.weight is not embed:
+        raise RuntimeError("lm_head is not tied to the token embeddings after initialisation")
+    for component, params in parameters_by_component(model).items():
+        finite = all(bool(torch.isfinite(p).all()) for _, p in params)
+        nonzero = any(bool(p.count_nonzero() > 0) for _, p in params)
+        if not (finite and nonzero):
+            raise RuntimeError(f"{component}: weights after initialisation are {'not finite' if not finite else 'all zero'}")
+    for name, buffer in model.named_buffers():
+        if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
+            raise RuntimeError(f"buffer {name} is not finite after initialisation")
+
+
+def build_stage_model(sources: Sources, stage: str, device: torch.device, frozen_dtype: torch.dtype,
+                      trainable_dtype: torch.dtype, seed: int):
+    """Meta build -> freeze -> per-component dtypes -> `to_empty(device)` -> init on the device."""
+    from theworld_core.model.base import load_vae_config
+
+    model = build_meta(sources)
+    trainable = model.set_trainable(trainable_components(SEED_STAGES[stage]))
+    _cast_parameters(model, {c: trainable_dtype if c in trainable else frozen_dtype for c in COMPONENTS})
+    model.to_empty(device=device)  # requires_grad survives; ties are restored by init_weights()
+    initialise(model, load_vae_config(sources.cosmos), seed)
+    check_weights(model)
+    return model, trainable
+
+
+# ------------------------------------------------------------------------------------ inputs
+
+
+@dataclass(frozen=True)
+class Layout:
+    seq_len: int
+    labelled: int
+    image_tokens: int
+    image_size: int
+    world_tokens: int
+    world_image_size: int
+
+
+def sequence_layout(gemma_config, args) -> Layout:
+    mm = gemma_config.mm_tokens_per_image
+    seq_len = 4 + 1 + 1 + mm + 1 + 1 + 1 + args.world_tokens + 1 + args.prompt_tokens + 5 + args.answer_tokens + 1
+    return Layout(seq_len, args.answer_tokens + 1, mm, gemma_config.vision_config.image_size, args.world_tokens,
+                  args.world_image_size)
+
+
+def synthetic_batch(gemma_config, ids: WorldTokenIds, layout: Layout, batch: int, args, device, seed: int) -> dict:
+    """One batch in `InputBuilder`'s layout; words are random ordinary token ids."""
+    g = torch.Generator().manual_seed(seed)
+    text_cfg = gemma_config.get_text_config()
+    reserved = {gemma_config.image_token_index, gemma_config.boi_token_index, gemma_config.eoi_token_index,
+                ids.start, ids.end, ids.soft, text_cfg.bos_token_id, text_cfg.pad_token_id}
+    reserved |= set(text_cfg.eos_token_id if isinstance(text_cfg.eos_token_id, list) else [text_cfg.eos_token_id])
+    reserved.discard(None)
+    high = min(gemma_config.image_token_index, gemma_config.boi_token_index)
+    safe = next(i for i in range(high) if i not in reserved)
+
+    def words(n: int) -> torch.Tensor:
+        t = torch.randint(0, high, (batch, n), generator=g)
+        t[torch.isin(t, torch.tensor(sorted(reserved)))] = safe
+        return t
+
+    def const(token: int, n: int = 1) -> torch.Tensor:
+        return torch.full((batch, n), token, dtype=torch.long)
+
+    sot, eot, user, model, newline, blank = words(6)[0].tolist()  # fixed "template" words
+    parts = [
+        const(text_cfg.bos_token_id), const(sot), const(user), const(newline),
+        const(blank), const(gemma_config.boi_token_index), const(gemma_config.image_token_index, layout.image_tokens),
+        const(gemma_config.eoi_token_index), const(blank),
+        const(ids.start), const(ids.soft, layout.world_tokens), const(ids.end),
+        words(args.prompt_tokens),
+        const(eot), const(newline), const(sot), const(model), const(newline),
+    ]
+    prompt = torch.cat(parts, dim=1)
+    answer = torch.cat([words(args.answer_tokens), const(eot)], dim=1)
+    input_ids = torch.cat([prompt, answer], dim=1)
+    assert input_ids.shape[1] == layout.seq_len, (input_ids.shape, layout)
+    labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer], dim=1)
+    side = layout.image_size
+    out = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "token_type_ids": (input_ids == gemma_config.image_token_index).long(),
+        "pixel_values": torch.rand(batch, 3, side, side, generator=g) * 2 - 1,
+        "world_pixel_values": torch.rand(batch, 3, layout.world_image_size, layout.world_image_size, generator=g) * 2 - 1,
+        "labels": labels,
+    }
+    return {k: v.to(device) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def forward_flops(sources: Sources, layout: Layout) -> dict[str, int]:
+    """Forward FLOPs of one sample per component, counted on the meta device (shapes only)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = build_meta(sources)
+    text_cfg = model.gemma.config.get_text_config()
+    counts = {}
+
+    def count(key, fn):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            fn()
+        counts[key] = int(counter.get_total_flops())
+
+    with torch.device("meta"):
+        side, ws = layout.image_size, layout.world_image_size
+        count("gemma_vision", lambda: model.gemma.model.get_image_features(pixel_values=torch.randn(1, 3, side, side)))
+        latent = torch.randn(1, model.vae.z_dim, 1, ws // 8, ws // 8)
+        count("cosmos_vae", lambda: model.vae(torch.randn(1, 3, 1, ws, ws)))
+        count("world_projector", lambda: model.world(latent))
+        n = layout.seq_len
+        token_types = torch.zeros(1, n, dtype=torch.long)
+        count("gemma_language", lambda: model.gemma(
+            inputs_embeds=torch.randn(1, n, text_cfg.hidden_size), attention_mask=torch.ones(1, n, dtype=torch.long),
+            token_type_ids=token_types, use_cache=False))
+    return counts
+
+
+def training_flops_per_sample(fwd: dict[str, int], trainable) -> int:
+    """Forward + backward FLOPs of one sample for a stage (see the module docstring for the rule)."""
+    t = set(trainable)
+    return int(
+        fwd["gemma_language"] * (2 + ("gemma_language" in t))
+        + fwd["gemma_vision"] * (3 if "gemma_vision" in t else 1)
+        + fwd["cosmos_vae"] * (3 if "cosmos_vae" in t else 1)
+        + fwd["world_projector"] * (2 + ("cosmos_vae" in t))
+    )
+
+
+# ------------------------------------------------------------------------------------ running
+
+
+def is_oom(exc: BaseException) -> bool:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
+                                              or "cannot allocate memory" in text)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _memory(device: torch.device) -> dict:
+    import resource
+
+    # Process-wide high-water mark of resident memory (Linux: KiB); never goes down, so on the CPU it
+    # bounds the stages run so far, not this stage alone.
+    rss = {"process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    if device.type != "cuda":
+        return {"peak_allocated_gib": None, "peak_reserved_gib": None, **rss}
+    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB, **rss}
+
+
+def _optimizer(model, args):
+    from theworld_core.training.optim import build_optimizer
+
+    optimizer, _ = build_optimizer(model, args.lr, args.weight_decay)
+    if args.adamw == "default":
+        return optimizer  # exactly the trainer's
+    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[args.adamw]
+    # The same groups, without the defaults the first optimizer wrote into them (a group's own
+    # `foreach` / `fused` keys would override the constructor's).
+    groups = [{k: g[k] for k in ("params", "lr", "weight_decay", "name")} for g in optimizer.param_groups]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, **kwargs)
+
+
+def run_stage(stage: str, sources: Sources, layout: Layout, fwd: dict[str, int], args, device: torch.device,
+              progress: dict) -> dict:
+    """Build, warm up and time one stage; raises on OOM (the caller reports it)."""
+    seed_row = SEED[stage]
+    batch = args.batch or seed_row["batch"]
+    accum = args.accum or seed_row["accum"]
+    checkpointing = {"seed": seed_row["checkpointing"], "on": True, "off": False}[args.checkpointing]
+    progress.update(phase="build", batch_size=batch, accum=accum, gradient_checkpointing=checkpointing)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    started = time.perf_counter()
+    model, trainable = build_stage_model(sources, stage, device, DTYPES[args.frozen_dtype], DTYPES[args.trainable_dtype],
+                                         args.seed)
+    _sync(device)
+    build_s = time.perf_counter() - started
+    report = parameter_report(model)
+    progress["trainable_params"] = sum(r.trainable for r in report.values())
+    weights_gib = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
+    model.train()
+    if checkpointing:
+        with warnings.catch_warnings():  # transformers 5 renames it; the call is the trainer's
+            warnings.simplefilter("ignore", FutureWarning)
+            model.gemma.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    progress["phase"] = "optimizer"
+    optimizer = _optimizer(model, args)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    inputs = synthetic_batch(model.gemma.config, model.token_ids, layout, batch, args, device, args.seed + 1)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)  # from here: weights + optimizer + activations
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    gradients: dict[str, bool] | None = None
+    losses: list[float] = []
+
+    def optimizer_step(first: bool) -> None:
+        nonlocal gradients
+        for _ in range(accum):
+            with autocast:
+                _, loss = model(**inputs)
+            (loss / accum).backward()
+        if first:
+            gradients = gradient_presence(model)
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+
+    progress["phase"] = "warmup"
+    for i in range(args.warmup):
+        optimizer_step(first=i == 0)
+    _sync(device)
+    progress["phase"] = "timed"
+    times = []
+    for i in range(args.steps):
+        if stage in args.inject_oom:
+            raise torch.OutOfMemoryError(f"injected out-of-memory in {stage} (--inject-oom)")
+        _sync(device)
+        t0 = time.perf_counter()
+        optimizer_step(first=args.warmup == 0 and i == 0)
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    memory = _memory(device)
+    s_per_step = sum(times) / len(times)
+    tokens_per_step = batch * accum * layout.seq_len
+    flops_per_step = training_flops_per_sample(fwd, trainable) * batch * accum
+    expected = set(trainable)
+    gradients_ok = None if gradients is None else all(gradients[c] == (c in expected) for c in COMPONENTS)
+    if gradients_ok is False:
+        print(f"# WARNING {stage}: gradients {gradients} do not match the trainable components {sorted(expected)}",
+              file=sys.stderr)
+    return {
+        "status": "ok",
+        "trainable_components": list(trainable),
+        "trainable_params": sum(r.trainable for r in report.values()),
+        "total_params": sum(r.total for r in report.values()),
+        "trainable_by_component": {c: r.trainable for c, r in report.items()},
+        "batch_size": batch,
+        "accum": accum,
+        "gradient_checkpointing": checkpointing,
+        "build_s": build_s,
+        "s_per_step": s_per_step,
+        "s_per_step_min": min(times),
+        "step_times": times,
+        "tokens_per_step": tokens_per_step,
+        "tokens_per_s": tokens_per_step / s_per_step,
+        "samples_per_s": batch * accum / s_per_step,
+        "train_flops_per_step": flops_per_step,
+        "achieved_tflops": flops_per_step / s_per_step / 1e12,
+        "mfu": flops_per_step / s_per_step / (args.peak_tflops * 1e12) if args.peak_tflops else None,
+        "weights_gib": weights_gib,
+        **memory,
+        "loss_last": losses[-1] if losses else None,
+        "loss_finite": all(math.isfinite(x) for x in losses),
+        "gradients": gradients,
+        "gradients_match_trainable": gradients_ok,
+    }
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def meta_report(sources: Sources, layout: Layout, fwd: dict[str, int]) -> list[dict]:
+    """No training: per-stage parameter and FLOP counts on the meta device."""
+    model = build_meta(sources)
+    rows = []
+    for stage, flags in SEED_STAGES.items():
+        trainable = model.set_trainable(trainable_components(flags))
+        report = parameter_report(model)
+        rows.append({"stage": stage, "status": "meta", "trainable_components": list(trainable),
+                     "trainable_params": sum(r.trainable for r in report.values()),
+                     "total_params": sum(r.total for r in report.values()),
+                     "train_flops_per_sample": training_flops_per_sample(fwd, trainable),
+                     "batch_size": SEED[stage]["batch"], "accum": SEED[stage]["accum"],
+                     "gradient_checkpointing": SEED[stage]["checkpointing"],
+                     "bytes_weights_grads_adam": sum(r.trainable for r in report.values()) * 16
+                     + sum(r.total - r.trainable for r in report.values()) * 2})
+    return rows
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def machine() -> dict:
+    info = {"cpu": platform.processor() or None, "cores": os.cpu_count(), "ram_gib": None, "gpu": None,
+            "gpu_memory_gib": None, "torch": torch.__version__, "cuda": torch.version.cuda}
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemTotal"):
+                info["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
+    except (OSError, subprocess.SubprocessError):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(0).total_memory / GIB, 1)
+    try:
+        import diffusers
+        import transformers
+
+        info["transformers"], info["diffusers"] = transformers.__version__, diffusers.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def default_peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def _range(pair) -> str:
+    return f"{pair[0]}-{pair[1]}"
+
+
+def format_table(result: dict) -> str:
+    lines = ["| stage | trainable | batch x accum | seed memory (GB) | measured memory: peak alloc / reserved (GiB) "
+             "| seed s/step | measured s/step | tokens/s | MFU |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for row in result["stages"]:
+        seed = SEED[row["stage"]]
+        recipe = f"{row.get('batch_size', '?')} x {row.get('accum', '?')}" + (" + GC" if row.get("gradient_checkpointing") else "")
+        trainable = f"{row['trainable_params']:,}" if row.get("trainable_params") is not None else "?"
+        if row["status"] == "oom":
+            peak = row.get("peak_allocated_gib")
+            memory = f"OOM in {row['oom_phase']}" + (f" (peak {peak:.1f} / {row['peak_reserved_gib']:.1f})" if peak else "")
+            cells = [memory, "OOM", "-", "-"]
+        elif row["status"] == "meta":
+            cells = [f"weights+grads+AdamW >= {row['bytes_weights_grads_adam'] / GIB:.1f}", "not run", "-",
+                     f"{row['train_flops_per_sample'] / 1e12:.2f} TFLOP/sample"]
+        else:
+            memory = ("n/a (CPU)" if row["peak_allocated_gib"] is None
+                      else f"{row['peak_allocated_gib']:.1f} / {row['peak_reserved_gib']:.1f}")
+            mfu = f"{100 * row['mfu']:.1f} %" if row["mfu"] is not None else "n/a"
+            cells = [memory, f"{row['s_per_step']:.3f}", f"{row['tokens_per_s']:,.0f}", mfu]
+        lines.append(f"| {row['stage']} | {trainable} | {recipe} | {_range(seed['memory_gb'])} | {cells[0]} "
+                     f"| {_range(seed['s_per_step'])} | {cells[1]} | {cells[2]} | {cells[3]} |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------ driver
+
+
+def _write(out: str | None, result: dict) -> None:
+    if not out:
+        return
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gemma", default=str(DEFAULT_GEMMA), help="Gemma 3 config.json, model folder or hub id "
+                        "(default: ../shared/reference/gemma-3-4b-it.config.json beside the repository)")
+    parser.add_argument("--cosmos", default=str(DEFAULT_COSMOS), help="Wan VAE config.json, Cosmos/VAE folder or hub id")
+    parser.add_argument("--tiny", action="store_true", help="the embedded tiny models, small batch, on the CPU")
+    parser.add_argument("--tiny-dir", help="tiny model folder (default: $THEWORLD_HOME/tiny)")
+    parser.add_argument("--meta", action="store_true", help="no training: parameter and FLOP counts on the meta device")
+    parser.add_argument("--layers", type=int, help="override the text and vision layer counts (CPU validation)")
+    parser.add_argument("--device", help="cuda or cpu (default: cuda if available; cpu with --tiny)")
+    parser.add_argument("--stages", default=",".join(SEED_STAGES), help="comma-separated (default: all four)")
+    parser.add_argument("--warmup", type=int, help="untimed optimizer steps (default 2; 1 with --tiny)")
+    parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default %(default)s)")
+    parser.add_argument("--batch", type=int, help="micro-batch size for every stage (default: the seed's, 4 or 2)")
+    parser.add_argument("--accum", type=int, help="gradient accumulation for every stage (default: the seed's, 4 or 8)")
+    parser.add_argument("--checkpointing", choices=("seed", "on", "off"), default="seed",
+                        help="gradient checkpointing: the seed's (stages 3-4), on or off for all")
+    parser.add_argument("--frozen-dtype", choices=tuple(DTYPES), default="bf16")
+    parser.add_argument("--trainable-dtype", choices=tuple(DTYPES), default="fp32")
+    parser.add_argument("--adamw", choices=("default", "fused", "foreach", "loop"), default="default",
+                        help="AdamW implementation (default: build_optimizer's, i.e. the trainer's)")
+    parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument("--weight-decay", type=float, default=0.01)
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--world-tokens", type=int)
+    parser.add_argument("--world-image-size", type=int)
+    parser.add_argument("--prompt-tokens", type=int)
+    parser.add_argument("--answer-tokens", type=int)
+    parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default by device name: "
+                        + ", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS) + "; none on the CPU)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's; 1 with --tiny, where "
+                        "more threads only add overhead)")
+    parser.add_argument("--inject-oom", default="", help=argparse.SUPPRESS)  # comma-separated stages (tests)
+    parser.add_argument("--out", help="JSON file to write")
+    args = parser.parse_args(argv)
+    defaults = {**REAL_DEFAULTS, **(TINY_DEFAULTS if args.tiny else {})}
+    for key, value in defaults.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    args.inject_oom = {s.strip() for s in args.inject_oom.split(",") if s.strip()}
+    unknown = [s for s in args.stages if s not in SEED_STAGES]
+    if unknown:
+        parser.error(f"unknown stages {unknown}; allowed: {list(SEED_STAGES)}")
+    if args.warmup < 0 or args.steps < 1:
+        parser.error("--warmup must be >= 0 and --steps >= 1")
+    if args.layers is not None and args.layers < 1:
+        parser.error("--layers must be >= 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import logging
+
+    logging.getLogger("theworld").setLevel(logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cpu" if args.tiny or not torch.cuda.is_available() else "cuda"))
+    if args.peak_tflops is None:
+        args.peak_tflops = default_peak_tflops(device)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-stages-") as tmp:
+        sources = resolve_sources(args, Path(tmp))
+        meta = build_meta(sources)
+        gemma_config = meta.gemma.config
+        layout = sequence_layout(gemma_config, args)
+        parameters = {c: r.total for c, r in parameter_report(meta).items()}
+        token_ids = meta.token_ids
+        del meta
+        fwd = forward_flops(sources, layout)
+        result = {
+            "bench": "gpu_stages",
+            "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "machine": machine(),
+            "device": str(device),
+            "mode": "meta" if args.meta else ("tiny" if args.tiny else "real"),
+            "gemma": str(args.gemma) if not args.tiny else "tiny",
+            "cosmos": str(args.cosmos) if not args.tiny else "tiny",
+            "layers_override": args.layers,
+            "settings": {
+                "frozen_dtype": args.frozen_dtype, "trainable_dtype": args.trainable_dtype, "autocast": "bf16",
+                "adamw": args.adamw, "lr": args.lr, "max_grad_norm": args.max_grad_norm, "warmup": args.warmup,
+                "steps": args.steps, "checkpointing": args.checkpointing, "peak_tflops": args.peak_tflops,
+                "world_token_ids": [token_ids.start, token_ids.end, token_ids.soft],
+                "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
+                "layout": layout.__dict__,
+                "attn_implementation": getattr(gemma_config.get_text_config(), "_attn_implementation", None),
+            },
+            "parameters": parameters,
+            "forward_flops_per_sample": fwd,
+            "stages": [],
+        }
+        if args.meta:
+            result["stages"] = meta_report(sources, layout, fwd)
+        else:
+            for stage in args.stages:
+                progress: dict = {"phase": "start"}
+                print(f"# {stage} ...", file=sys.stderr, flush=True)
+                try:
+                    row = {"stage": stage, **run_stage(stage, sources, layout, fwd, args, device, progress)}
+                except Exception as exc:  # noqa: BLE001 - only OOM is reported and survived
+                    if not is_oom(exc):
+                        raise
+                    row = {"stage": stage, "status": "oom", "oom_phase": progress.get("phase"),
+                           "error": str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__,
+                           **{k: v for k, v in progress.items() if k != "phase"}, **_memory(device),
+                           "s_per_step": None, "tokens_per_s": None, "mfu": None}
+                _release(device)
+                result["stages"].append(row)
+                _write(args.out, result)  # after every stage: a later crash or time limit keeps these
+                shown = (f"{row['s_per_step']:.4f} s/step, {row['tokens_per_s']:,.0f} tokens/s" if row["status"] == "ok"
+                         else f"OOM in {row['oom_phase']}")
+                print(f"# {stage}: {shown}", file=sys.stderr, flush=True)
+    result["elapsed_s"] = round(time.perf_counter() - started, 1)
+    print(f"\n{result['mode']} on {device} ({result['machine']['gpu'] or result['machine']['cpu']}), "
+          f"{args.warmup} warmup + {args.steps} timed optimizer steps, frozen {args.frozen_dtype}, trainable "
+          f"{args.trainable_dtype}, autocast bf16, sequence {layout.seq_len} tokens, image {layout.image_size} px, "
+          f"world {layout.world_tokens} tokens from {layout.world_image_size} px\n")
+    print(format_table(result))
+    print("\nFLOPs per sample (forward, counted on meta): " + ", ".join(f"{k} {v / 1e9:.4g} G" for k, v in fwd.items()))
+    if args.out:
+        _write(args.out, result)
+        print(f"JSON written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(BrokenPipeError):
+        sys.exit(main())
