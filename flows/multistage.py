@@ -38,7 +38,9 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
     log = get_run_logger()
     cfg = load_pipeline_config(stages_yaml, profile=profile)
     version = code_version()
-    data = tasks.prepare_data(cfg.data.model_dump())
+    stage_configs = cfg.resolved_stages()
+    # The data as the stages see it (their seed included), so the fingerprint is the one they train on.
+    data = tasks.prepare_data(stage_configs[0].data_part().model_dump())
     check = tasks.check_new_data(cfg.mlflow.experiment, cfg.config_hash(), data["fingerprint"],
                                  only_on_new_data=cfg.schedule.only_on_new_data, force=force)
     log.info(check["reason"])
@@ -48,7 +50,7 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
             "no_new_data": True, "reason": check["reason"], "data_fingerprint": data["fingerprint"],
             "previous_run_id": check["previous_run_id"], "parent_run_id": None, "stages": []})
 
-    stages = [stage.model_dump(mode="json") for stage in cfg.resolved_stages()]
+    stages = [stage.model_dump(mode="json") for stage in stage_configs]
     warm = None
     if cfg.schedule.warm_start_from_champion:
         if stages[0].get("resume_from_checkpoint"):

@@ -470,7 +470,8 @@ class TrainingConfig(StrictModel):
 
     def wandb_notice(self, *, default_run_name: str | None = None) -> str | None:
         """One line to log once when the config uses the seed's wandb keys (None when it does not)."""
-        used = [k for k in ("log_to_wandb", "wandb_project", "wandb_run_name") if k in self.model_fields_set]
+        # By value, not by "was the key written": the pipeline passes complete config dumps.
+        used = [k for k in ("log_to_wandb", "wandb_project", "wandb_run_name") if getattr(self, k)]
         if not used:
             return None
         names = self.mlflow_names(default_run_name=default_run_name)

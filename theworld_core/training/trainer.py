@@ -208,7 +208,8 @@ class StageTrainer:
         load_optimizer_state_by_name(optimizer, self.group_names, ckpt.load_torch(directory, "optimizer.pt"))
         self.scheduler.load_state_dict(ckpt.load_torch(directory, "scheduler.pt"))
         self.state = ckpt.load_trainer_state(directory)
-        self.tracker.load_state_dict(self.state.plateau)
+        if self.state.plateau:  # empty when the state was saved before the stage's first evaluation
+            self.tracker.load_state_dict(self.state.plateau)
         ckpt.restore_rng(ckpt.load_torch(directory, "rng.pt"))
 
     # ================================================================== data
@@ -270,8 +271,10 @@ class StageTrainer:
         run_id = self.mlflow_run_id or self.state.mlflow_run_id  # a resumed stage keeps its run
         run_ctx = stage_run(run_id, names.experiment, names.run_name) if self.accelerator.is_main_process else _null_run()
         with run_ctx as run:
+            previous_run = self.state.mlflow_run_id
             self.run_id = self.state.mlflow_run_id = run.info.run_id if run is not None else None
-            if run is not None and self.state.step == 0:
+            # A new run (a fresh stage, or a resumed one the pipeline gave a new child run) gets the params.
+            if run is not None and (self.state.step == 0 or previous_run != self.run_id):
                 self._log_params()
             try:
                 started = time.perf_counter()
@@ -420,6 +423,7 @@ class StageTrainer:
     def _save_resume_state(self) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        self.state.plateau = self.tracker.state_dict()
         if acc.is_main_process:
             model = acc.unwrap_model(self.model)
             path = ckpt.save_resume_state(
