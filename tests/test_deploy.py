@@ -394,7 +394,10 @@ def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_h
     (images / "metadata.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     experiment, cron = "deploy-test", far_cron()
     stages_yaml = tmp_path / "pipeline.yaml"
-    stages_yaml.write_text(yaml.safe_dump(pipeline_doc(images, tmp_path / "stages", experiment, cron), sort_keys=False))
+    doc = pipeline_doc(images, tmp_path / "stages", experiment, cron)
+    # "cold": the tiny profile without the warm start, so that a forced rerun of it is all cached
+    doc["profiles"]["cold"] = {**doc["profiles"]["tiny"], "schedule": {"cron": cron, "warm_start_from_champion": False}}
+    stages_yaml.write_text(yaml.safe_dump(doc, sort_keys=False))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
     env = base_env(PREFECT_API_URL=prefect_api.url, PREFECT_HOME=str(tmp_path / "prefect-home"),
                    PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_RUNNER_HEARTBEAT_FREQUENCY="30",
@@ -480,9 +483,10 @@ def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_h
             filter_string=f"tags.mlflow.parentRunId = '{parents[1].info.run_id}' and tags.stage = 'projection'")
         assert stage1 and stage1[0].data.tags["started_from"] == f"stage output {parents[1].data.tags['warm_start_from']}"
 
-        # 4. two runs at once (forced: the data is unchanged): the second waits for the first
-        a = deployment_run(env, tmp_path, "force=true")
-        b = deployment_run(env, tmp_path, "force=true")
+        # 4. two runs at once (forced: the data is unchanged; no warm start, so the second one's stages
+        #    come from Prefect's cache): the second waits for the first, each has its own summary
+        a = deployment_run(env, tmp_path, "force=true", "profile=cold")
+        b = deployment_run(env, tmp_path, "force=true", "profile=cold")
         start = time.monotonic()
         runs = [prefect.wait_final(r, 420, log) for r in (a, b)]
         timings["two forced runs"] = time.monotonic() - start
@@ -496,7 +500,7 @@ def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_h
         assert all(s.is_file() for s in summaries) and summaries[0] != summaries[1]
         for r in (a, b):
             assert by_flow_run[r].info.status == "FINISHED" and by_flow_run[r].data.tags["forced"] == "true"
-        assert json.loads(summaries[0].read_text())[0]["run_id"] != json.loads(summaries[1].read_text())[0]["run_id"]
+        assert [len(json.loads(s.read_text())) for s in summaries] == [2, 2]
     finally:
         prefect.close()
         stop_process_group(serve, grace=10)
