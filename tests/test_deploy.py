@@ -264,6 +264,30 @@ def test_new_data_decision(own_mlflow_store):
     assert not check("fp-a")["new_data"]
 
 
+def test_warm_start_checks_the_champion_architecture(own_mlflow_store, tmp_path):
+    """No champion: fresh. A champion of the same architecture: its pinned version. Another
+    architecture (here world_tokens): fresh, and the reason names the key."""
+    from theworld_core.config import ModelConfig
+    from theworld_core.model.stage_output import FORMAT, FORMAT_VERSION, MANIFEST_FILE
+    from theworld_core.pipeline import warm_start_step
+    from theworld_core.tracking import lineage
+
+    model = ModelConfig(model_name="tiny", cosmos_model_name="tiny", world_tokens=4, world_image_size=32).model_dump()
+    assert warm_start_step("m", "champion", model)["uri"] is None
+    folder = tmp_path / "stage_output"
+    folder.mkdir()
+    (folder / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
+                                                    "model_config": model}))
+    run = lineage.start_parent_run("exp", "stage", {}, {})
+    lineage.log_folder(run, folder, lineage.STAGE_OUTPUT_ARTIFACT)
+    lineage.end_run(run)
+    assert lineage.register_champion(run, "m", "champion", {}) == 1
+    same = warm_start_step("m", "champion", model)
+    assert same["uri"] == "models:/m/1" and same["version"] == 1, same
+    other = warm_start_step("m", "champion", {**model, "world_tokens": 16})
+    assert other["uri"] is None and "world_tokens: champion 4, config 16" in other["reason"], other
+
+
 def test_stage_lock_makes_the_second_wait(tmp_path):
     from theworld_core.pipeline import stage_lock
 
