@@ -174,7 +174,7 @@ def _notify(stages_yaml: str, profile: str | None) -> int:
     from theworld_core.data import prepare_data
 
     require_api_url()  # before the (possibly long) fingerprint
-    fingerprint = prepare_data(cfg.data).fingerprint
+    fingerprint = prepare_data(cfg.resolved_stages()[0].data_part()).fingerprint  # as the flow computes it
     sent = notify_new_data(cfg, fingerprint)
     print(f"emitted {sent['event']} about {sent['resource']} (fingerprint {fingerprint[:16]}, event {sent['id']})")
     return 0
