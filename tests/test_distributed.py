@@ -1,0 +1,723 @@
+"""Multi-process stages on CPU (gloo DDP through torchrun), end to end through `theworld train`.
+
+- 2 processes x batch B train what 1 process x batch 2B trains: the same logged train losses and
+  the same final weights, with the language model unfrozen (the gradient all-reduce matters) and
+  with the world projector alone; the rank processes are checked (RANK 0 and 1, WORLD_SIZE 2);
+- a 2-process stage SIGKILLed as a whole (the CLI's process group and the ranks, which torchrun
+  starts in sessions of their own) resumes and ends with the weights of an uninterrupted run;
+- SIGKILL of the CLI's process group alone should end the ranks too (strict xfail: today they
+  train on without a launcher, see the marker), and a stage killed between its last resume state
+  and its final/ must write final/ on the rerun (strict xfail: today the rerun reports a final/
+  that does not exist);
+- a NaN loss stops both ranks with status `diverged` and the command returns (no rank left
+  waiting in a collective): injected on every rank (`inject_fault`), and on rank 1 alone (a
+  `sitecustomize` on the ranks' PYTHONPATH), where only the collective check can stop rank 0;
+- the shipped accelerate configs load as the distributed types their README names, and the
+  `--accelerate-config` route really launches 2 processes and trains as the torchrun route does.
+
+Every launch runs in its own session with a LAUNCH_TIMEOUT; a launch that overruns is killed
+(every process of it) and fails the test, and no process of a launch may outlive it. Ranks exit
+with their process group alive and then sometimes abort in teardown, failing a completed launch
+(strict xfail test_ranks_destroy_their_process_group_before_exit); until that is fixed, a launch
+lost exactly that way is retried once, with a warning.
+
+Why the parity tolerances can be tight
+--------------------------------------
+The trainer's loss is the mean cross entropy over a process's answer tokens, and DDP averages
+the ranks' gradients, so 2 ranks optimise mean(rank 0 token mean, rank 1 token mean) whereas 1
+process with the whole batch optimises the token mean over both halves. The two agree only when
+the halves hold the same number of answer tokens; with the `synthetic` source (captions of 11 or
+12 tokens) they differ measurably: over 20 steps at lr 1e-3 the logged losses differed by up to
+1.6e-4 relative and the final weights by up to 8.9e-4 (language unfrozen) / 1.5e-4 (projector
+only), while 2 ranks matched 1 process with batch B x gradient accumulation 2 (the same
+mean-of-means) to 1.6e-7 / 1.1e-5. That is the definition of the loss (the same one gradient
+accumulation has), not a DDP fault. These tests therefore train on an image folder of synthetic
+shapes whose captions all tokenize to the same length (and so every sequence has the same
+length: no padding differs either). Then the two runs compute the same mathematical quantity
+and only float summation order and thread counts (torchrun runs its ranks with
+OMP_NUM_THREADS=1) separate them:
+- train loss: rtol 1e-5 (observed 1.7e-7; on the synthetic data a 1-process run with half the
+  batch, i.e. what a rank trains without the all-reduce, drifts by 3e-2 relative in 20 steps);
+- final weights: atol 1e-4 (observed 1.5e-5 with the language model unfrozen, 3e-8 for the
+  projector alone: Adam divides by sqrt(v) + 1e-8, which magnifies rounding on near-zero
+  gradients; half-batch training differs by 1e-2, and every trainable component moves by more
+  than 1e-3 between step 10 and step 20, which the test checks so that the tolerance is not
+  vacuous).
+The learning rate is raised to 1e-3 for the same reason (the seed's 1e-5 would move the weights
+by about the tolerance).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from theworld_core.config import load_stage_config
+
+REPO = Path(__file__).resolve().parents[1]
+SEED = REPO / "configs" / "seed"
+ACCELERATE_CONFIGS = REPO / "configs" / "accelerate"
+THEWORLD_CLI = Path(sys.executable).parent / "theworld"
+LAUNCH_TIMEOUT = 240  # seconds for any one launch: nothing may hang CI
+
+B = 2  # per-rank batch; the 1-process run uses 2B
+STEPS = 20
+SETTINGS = {
+    # stage 3 of the seed: world projector + vision + language unfrozen (gradient checkpointing on)
+    "language": "stage3_language.json",
+    # stage 1 of the seed: the world projector alone
+    "projector": "stage1_projection.json",
+}
+LOSS_RTOL = 1e-5
+WEIGHT_ATOL = 1e-4
+
+
+# ---------------------------------------------------------------------------------------------
+# data, configs
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def equal_length_folder(tiny_paths, tmp_path_factory) -> Path:
+    """An image folder of synthetic shapes whose captions all tokenize to the same number of
+    answer tokens (the most common length), so per-rank and global token means coincide."""
+    from collections import Counter
+
+    from transformers import AutoTokenizer
+
+    from theworld_core.data.synthetic import render_png, shape_spec
+    from theworld_core.model.inputs import END_OF_TURN
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny_paths.gemma))
+    specs = [shape_spec(0, i) for i in range(400)]
+    lengths = [len(tokenizer(s.caption + END_OF_TURN, add_special_tokens=False)["input_ids"]) for s in specs]
+    modal = Counter(lengths).most_common(1)[0][0]
+    chosen = [s for s, n in zip(specs, lengths) if n == modal][:120]
+    assert len(chosen) == 120
+    folder = tmp_path_factory.mktemp("equal-length-shapes")
+    rows = []
+    for i, spec in enumerate(chosen):
+        name = f"{i:04d}.png"
+        (folder / name).write_bytes(render_png(spec, 32))
+        rows.append(json.dumps({"file_name": name, "text": spec.caption}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder
+
+
+def stage_config(tiny, seed_file: str, output_dir: Path, data: Path, **changes):
+    """A seed stage file with the tiny models, the equal-length folder, a 20-step schedule that
+    logs every step and saves/evaluates every 10, lr 1e-3; `changes` override any of it."""
+    values = dict(
+        model_name=str(tiny.gemma),
+        cosmos_model_name=str(tiny.cosmos),
+        world_tokens=4,
+        world_image_size=32,
+        dataset_name=str(data),
+        streaming=False,
+        output_dir=str(output_dir),
+        push_to_hub=False,
+        resume_from_checkpoint=None,
+        learning_rate=1e-3,
+        batch_size=B,
+        gradient_accumulation_steps=1,
+        max_steps=STEPS,
+        warmup_steps=2,
+        logging_steps=1,
+        eval_steps=10,
+        save_steps=10,
+    )
+    return load_stage_config(SEED / seed_file).with_changes(**{**values, **changes})
+
+
+def write_config(cfg, path: Path) -> Path:
+    path.write_text(json.dumps(cfg.model_dump(mode="json", exclude_unset=True), indent=2))
+    return path
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / "model.safetensors"))
+
+
+def loss_history(project: Path, run_id: str) -> list[tuple[int, float]]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project}/mlflow.db")
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, "train/loss"))
+
+
+# ---------------------------------------------------------------------------------------------
+# launching `theworld train` in its own process group, watching its ranks
+# ---------------------------------------------------------------------------------------------
+
+
+def _stat(pid: int) -> tuple[int, str, int] | None:
+    """(parent pid, state, start time) of a process, None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return int(fields[1]), fields[0], int(fields[19])
+
+
+def _rank_env(pid: int) -> dict[str, str] | None:
+    """RANK/WORLD_SIZE/LOCAL_RANK of a rank process (None for the CLI and the launcher)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    if b"theworld_core.cli" not in cmdline or b"torch.distributed.run" in cmdline:
+        return None
+    env = dict(item.decode(errors="replace").split("=", 1) for item in environ if b"=" in item)
+    return {k: env.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK")} if "RANK" in env else None
+
+
+class Job:
+    """`theworld train --config CONFIG --json ARGS` started in a new session (its own process
+    group), output to files (a full pipe can never stall it). It follows the job's process tree:
+    the CLI, the launcher (torchrun / accelerate launch) and the ranks, which torchrun starts in
+    sessions of their own, so they are not in the CLI's process group."""
+
+    def __init__(self, config: Path, *args: str, project: Path, logs: Path, extra_env: dict | None = None):
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "THEWORLD_PROJECT_DIR": str(project), **(extra_env or {})}
+        env.pop("MLFLOW_TRACKING_URI", None)
+        self.out, self.err = logs.with_suffix(".out"), logs.with_suffix(".err")
+        self.cmd = [str(THEWORLD_CLI), "train", "--config", str(config), "--json", *args]
+        self.start = time.monotonic()
+        with open(self.out, "w") as stdout, open(self.err, "w") as stderr:
+            self.proc = subprocess.Popen(self.cmd, env=env, stdout=stdout, stderr=stderr, start_new_session=True)
+        self.tree: dict[int, int] = {self.proc.pid: _stat(self.proc.pid)[2]}  # pid -> start time
+        self.ranks: dict[int, dict] = {}  # pid -> RANK / WORLD_SIZE / LOCAL_RANK
+
+    def scan(self) -> None:
+        """Add the job's new descendants (and the ranks among them)."""
+        children: dict[int, list[tuple[int, int]]] = defaultdict(list)
+        for entry in os.listdir("/proc"):
+            if entry.isdigit() and (stat := _stat(int(entry))) is not None:
+                children[stat[0]].append((int(entry), stat[2]))
+        todo = list(self.tree)
+        while todo:
+            for pid, started in children.get(todo.pop(), []):
+                if pid not in self.tree:
+                    self.tree[pid] = started
+                    todo.append(pid)
+        for pid in self.tree:
+            if pid not in self.ranks and (info := _rank_env(pid)) is not None:
+                self.ranks[pid] = info
+
+    def alive(self, pids=None) -> list[int]:
+        """Processes of the job still running (zombies count as gone)."""
+        alive = []
+        for pid in self.tree if pids is None else pids:
+            stat = _stat(pid)
+            if stat is not None and stat[2] == self.tree[pid] and stat[1] != "Z":
+                alive.append(pid)
+        return alive
+
+    def kill_launcher_group(self) -> None:
+        """SIGKILL the CLI's process group: what `kill -9 -PGID` (or a runner killing the group) does."""
+        os.killpg(self.proc.pid, signal.SIGKILL)
+
+    def kill_all(self) -> None:
+        """SIGKILL every process of the job: the ranks' own groups first, then the CLI's group."""
+        self.scan()
+        for pid in self.alive():
+            if pid != self.proc.pid:
+                try:
+                    os.killpg(os.getpgid(pid), signal.SIGKILL)
+                except OSError:
+                    pass
+        try:
+            self.kill_launcher_group()
+        except OSError:
+            pass
+
+    def wait(self, stop_when=None, kill=None) -> "Launch":
+        """Until the CLI exits (or, with `stop_when`, until it returns true, then `kill()`), scanning
+        the process tree twice a second. Past LAUNCH_TIMEOUT the job is killed and the test fails.
+        Every process of the job must be gone afterwards."""
+        try:
+            next_scan = 0.0
+            while self.proc.poll() is None:
+                now = time.monotonic()
+                if now - self.start > LAUNCH_TIMEOUT:
+                    pytest.fail(f"`{' '.join(self.cmd)}` still running after {LAUNCH_TIMEOUT} s:\n"
+                                f"{self.err.read_text()[-4000:]}")
+                if stop_when is not None and stop_when():
+                    kill()
+                    self.proc.wait(timeout=60)
+                    break
+                if now >= next_scan:
+                    self.scan()
+                    next_scan = now + 0.5
+                time.sleep(0.02)
+            seconds = time.monotonic() - self.start
+            deadline = time.monotonic() + 30
+            while (left := self.alive()) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not left, f"processes of the job outlived it: {left}"
+        finally:
+            if self.proc.poll() is None or self.alive():
+                self.kill_all()
+                self.proc.wait(timeout=60)
+        return Launch(self.proc.returncode, self.out.read_text(), self.err.read_text(), seconds, dict(self.ranks),
+                      len(self.tree))
+
+
+@dataclass
+class Launch:
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    ranks: dict[int, dict] = field(default_factory=dict)
+    """pid -> RANK/WORLD_SIZE/LOCAL_RANK of every rank process seen while it ran."""
+    processes: int = 0
+    """processes of the job seen (CLI, launcher, ranks, ...)."""
+
+    def result(self) -> dict:
+        assert self.stdout.strip(), f"no JSON on stdout (exit {self.returncode}):\n{self.stderr[-4000:]}"
+        return json.loads(self.stdout)
+
+    def rank_ids(self) -> list[str]:
+        return sorted(r["RANK"] for r in self.ranks.values())
+
+
+EXIT_ABORT = "terminate called without an active exception"
+
+
+def aborted_at_exit(run: Launch) -> bool:
+    """A rank died of SIGABRT in interpreter teardown (its gloo process group never destroyed);
+    torchrun then SIGTERMs the other rank, often before rank 0 wrote the stage result."""
+    return run.returncode != 0 and not run.stdout.strip() and EXIT_ABORT in run.stderr
+
+
+def launch(config: Path, *args: str, project: Path, logs: Path, extra_env: dict | None = None,
+           before_retry=None) -> Launch:
+    """Run `theworld train` to its end (at most LAUNCH_TIMEOUT). A launch lost to the rank abort
+    at exit (a product bug, pinned by test_ranks_destroy_their_process_group_before_exit) is
+    retried once, after `before_retry()`, with a warning, so that the other tests test their own
+    subject; any other failure is returned as it is."""
+    run = Job(config, *args, project=project, logs=logs, extra_env=extra_env).wait()
+    if aborted_at_exit(run):
+        warnings.warn(f"{logs.name}: a rank aborted at exit ({EXIT_ABORT!r}) and the launch failed; "
+                      "retried once", RuntimeWarning, stacklevel=2)
+        if before_retry is not None:
+            before_retry()
+        retry_logs = logs.with_name(logs.name + "-retry")
+        run = Job(config, *args, project=project, logs=retry_logs, extra_env=extra_env).wait()
+    return run
+
+
+SITECUSTOMIZE = '''
+"""Test-only hooks in the rank processes of a launched stage; nothing happens without the env vars.
+
+THEWORLD_TEST_NAN_ON_RANK=R   rank R's loss is NaN at optimizer step 3; the other ranks' stay finite
+THEWORLD_TEST_EXIT_PROBE=DIR  at exit each rank writes DIR/rank<R>.json: is its process group still
+                              initialised (atexit handlers run before the interpreter's teardown)
+"""
+import atexit, importlib.abc, importlib.machinery, json, os, sys
+
+RANK = os.environ.get("RANK")
+
+
+class _NanOnThisRank(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "theworld_core.training.trainer":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        execute = spec.loader.exec_module
+
+        def exec_module(module):
+            execute(module)
+            init = module.StageTrainer.__init__
+
+            def __init__(self, *args, **kwargs):
+                init(self, *args, **kwargs)
+                self.loss_hook = lambda step, loss: loss * float("nan") if step == 3 else loss
+
+            module.StageTrainer.__init__ = __init__
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+def _exit_probe():
+    dist = sys.modules.get("torch.distributed")
+    initialised = bool(dist.is_available() and dist.is_initialized()) if dist is not None else None
+    with open(os.path.join(os.environ["THEWORLD_TEST_EXIT_PROBE"], f"rank{RANK}.json"), "w") as sink:
+        json.dump({"rank": RANK, "process_group_initialized": initialised}, sink)
+
+
+if RANK is not None:
+    if os.environ.get("THEWORLD_TEST_NAN_ON_RANK") == RANK:
+        sys.meta_path.insert(0, _NanOnThisRank())
+    if os.environ.get("THEWORLD_TEST_EXIT_PROBE"):
+        atexit.register(_exit_probe)
+'''
+
+
+def assert_two_ranks(run: Launch) -> None:
+    """Two rank processes really ran: RANK 0 and 1, WORLD_SIZE 2, distinct PIDs."""
+    assert run.rank_ids() == ["0", "1"], (run.ranks, run.stderr[-2000:])
+    assert {r["WORLD_SIZE"] for r in run.ranks.values()} == {"2"}, run.ranks
+
+
+# ---------------------------------------------------------------------------------------------
+# runs shared by the tests of this module
+# ---------------------------------------------------------------------------------------------
+
+
+class Runs:
+    """The parity runs, made once: 1 process x 2B (in this process) and 2 processes x B (CLI)."""
+
+    def __init__(self, tiny, data: Path, root: Path):
+        self.tiny, self.data, self.root = tiny, data, root
+        self.project = root / "project"
+        self.site = root / "site"
+        self.site.mkdir()
+        (self.site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+        self.exit_probe = root / "exit-probe"
+        self.exit_probe.mkdir()
+        self._one: dict[str, tuple] = {}
+        self._two: dict[str, tuple] = {}
+
+    def hooks(self, **variables: str) -> dict[str, str]:
+        """Environment that turns on SITECUSTOMIZE hooks in the ranks."""
+        pythonpath = os.pathsep.join(p for p in (str(self.site), os.environ.get("PYTHONPATH")) if p)
+        return {"PYTHONPATH": pythonpath, **variables}
+
+    def config(self, setting: str, output_dir: Path, **changes):
+        return stage_config(self.tiny, SETTINGS[setting], output_dir, self.data, **changes)
+
+    def one(self, setting: str):
+        if setting not in self._one:
+            from theworld_core.training.trainer import train_stage
+
+            cfg = self.config(setting, self.root / f"{setting}-one", batch_size=2 * B)
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setenv("THEWORLD_PROJECT_DIR", str(self.project))
+                mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+                result = train_stage(cfg)
+            assert result.status == "completed", result.reason
+            self._one[setting] = (cfg, result.to_dict())
+        return self._one[setting]
+
+    def two(self, setting: str):
+        if setting not in self._two:
+            cfg = self.config(setting, self.root / f"{setting}-two")
+            path = write_config(cfg, self.root / f"{setting}-two.json")
+            probe = self.hooks(THEWORLD_TEST_EXIT_PROBE=str(self.exit_probe)) if setting == "projector" else None
+            run = launch(path, "--num-processes", "2", project=self.project, logs=self.root / f"{setting}-two",
+                         extra_env=probe, before_retry=lambda: shutil.rmtree(cfg.output_dir, ignore_errors=True))
+            assert run.returncode == 0, run.stderr[-4000:]
+            self._two[setting] = (cfg, path, run)
+        return self._two[setting]
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_paths, equal_length_folder, tmp_path_factory) -> Runs:
+    return Runs(tiny_paths, equal_length_folder, tmp_path_factory.mktemp("distributed"))
+
+
+@pytest.fixture(autouse=True)
+def local_mlflow(tmp_path, monkeypatch):
+    """In-process runs of a test track into its own project folder (SQLite), never a server."""
+    monkeypatch.setenv("THEWORLD_PROJECT_DIR", str(tmp_path / "project"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path / "project"
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. 2 processes x B == 1 process x 2B
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+def test_two_processes_match_one_process_with_twice_the_batch(setting, runs):
+    assert THEWORLD_CLI.is_file(), f"console script missing: {THEWORLD_CLI}"
+    cfg_one, one = runs.one(setting)
+    cfg_two, _, two_run = runs.two(setting)
+    assert_two_ranks(two_run)
+    two = two_run.result()
+    assert two["status"] == "completed" and two["steps"] == one["steps"] == STEPS, two["reason"]
+    # Same seed, same data, same schedule; 2 x B per step against 2B per step.
+    differing = {k for k, v in cfg_one.model_dump().items() if cfg_two.model_dump()[k] != v}
+    assert differing == {"batch_size", "output_dir"}, differing
+    assert cfg_one.batch_size == 2 * cfg_two.batch_size
+    # One epoch covers the 20 steps: no wrap-around batch at an epoch end differs between them.
+    assert len(runs.data.joinpath("metadata.jsonl").read_text().splitlines()) * 0.9 > STEPS * 2 * B
+    if setting == "language":
+        assert two["trainable"]["gemma_language"] > 0 and two["trainable"]["gemma_vision"] > 0
+    else:
+        assert [c for c, n in two["trainable"].items() if n > 0] == ["world_projector"]
+
+    # Logged train losses (rank 0 logs the mean of the ranks' losses), every step.
+    hist_one = loss_history(runs.project, one["mlflow_run_id"])
+    hist_two = loss_history(runs.project, two["mlflow_run_id"])
+    assert [s for s, _ in hist_one] == [s for s, _ in hist_two] == list(range(1, STEPS + 1))
+    for (step, a), (_, b) in zip(hist_one, hist_two):
+        assert math.isclose(a, b, rel_tol=LOSS_RTOL), f"step {step}: 1 process {a}, 2 processes {b}"
+    if setting == "language":
+        assert hist_two[-1][1] < hist_two[0][1] - 0.5, "the loss did not go down: nothing was trained"
+
+    # Final weights.
+    final_one, final_two = weights(Path(one["stage_output"])), weights(Path(two["stage_output"]))
+    assert final_one.keys() == final_two.keys() and final_one
+    worst = max((float((final_one[n] - final_two[n]).abs().max()), n) for n in final_one)
+    assert worst[0] <= WEIGHT_ATOL, f"final weights differ by {worst[0]:.3g} at {worst[1]}"
+    # The tolerance is far below how far training moves every trainable component.
+    moved: dict[str, float] = defaultdict(float)
+    mid = weights(Path(cfg_two.output_dir) / "checkpoint-10")
+    for name, tensor in final_two.items():
+        component = ".".join(name.split(".")[:3]) if name.startswith("gemma.") else "world"
+        moved[component] = max(moved[component], float((tensor - mid[name]).abs().max()))
+    assert moved and min(moved.values()) > 10 * WEIGHT_ATOL, dict(moved)
+    if setting == "language":
+        assert {"gemma.model.language_model", "gemma.model.vision_tower", "world"} <= set(moved), sorted(moved)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. SIGKILL the whole 2-process group, resume, same weights
+# ---------------------------------------------------------------------------------------------
+
+
+def test_two_process_sigkill_and_resume_gives_the_same_weights(runs, tmp_path):
+    cfg_a, _, run_a = runs.two("language")  # A: uninterrupted, 2 processes
+    result_a = run_a.result()
+    out_b = tmp_path / "B"
+    config_b = write_config(cfg_a.with_changes(output_dir=str(out_b)), tmp_path / "B.json")
+    diff = {k for k, v in json.loads(config_b.read_text()).items()
+            if json.loads(write_config(cfg_a, tmp_path / "A.json").read_text()).get(k) != v}
+    assert diff == {"output_dir"}
+
+    # The whole job dies at once: the CLI's process group and the ranks' own groups (torchrun starts
+    # each rank in a session of its own; see the next test for killing the CLI's group alone).
+    job = Job(config_b, "--num-processes", "2", project=runs.project, logs=tmp_path / "B-killed")
+    killed = job.wait(stop_when=lambda: (out_b / "checkpoint-10").is_dir(), kill=job.kill_all)
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-3000:])
+    assert_two_ranks(killed)
+    assert killed.processes >= 4, killed.processes  # CLI, torchrun, 2 ranks: none left (wait checks)
+    assert (out_b / "checkpoint-10").is_dir()
+    assert not (out_b / "final").exists(), "B finished before it could be killed: nothing was tested"
+
+    resumed = launch(config_b, "--num-processes", "2", project=runs.project, logs=tmp_path / "B-resumed")
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    assert_two_ranks(resumed)
+    assert "resumed" in resumed.stderr, resumed.stderr[-3000:]
+    result_b = resumed.result()
+    assert result_b["status"] == "completed" and result_b["steps"] == STEPS, result_b["reason"]
+    assert result_b["started_from"].startswith("resumed"), result_b["started_from"]
+
+    final_a, final_b = weights(Path(cfg_a.output_dir) / "final"), weights(out_b / "final")
+    assert final_a.keys() == final_b.keys() and final_a
+    for name in final_a:
+        assert torch.allclose(final_a[name], final_b[name], rtol=0, atol=1e-6), name
+    hist_a, hist_b = result_a["eval_history"], result_b["eval_history"]
+    assert [s for s, _ in hist_a] == [s for s, _ in hist_b] == [10, 20]
+    assert all(math.isclose(a, b, rel_tol=0, abs_tol=1e-6) for (_, a), (_, b) in zip(hist_a, hist_b))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: torchrun starts every rank with start_new_session=True, so SIGKILL of the CLI's process group "
+    "(CLI + torchrun) leaves both ranks running: they finish the stage and write output_dir/final with no "
+    "launcher. Fix in theworld_core/training/launch.py: make ranks and launcher die with their parent "
+    "(prctl(PR_SET_PDEATHSIG, SIGKILL) in the rank at `theworld train` start when in_distributed_launch(), "
+    "and as preexec_fn of the torchrun/accelerate subprocess in run_distributed)"), raises=AssertionError)
+def test_sigkill_of_the_launcher_group_ends_the_ranks(runs, tmp_path):
+    out = tmp_path / "orphans"
+    cfg = runs.config("projector", out, max_steps=2000, save_steps=10_000,
+                      eval_steps=10_000, logging_steps=100)
+    job = Job(write_config(cfg, tmp_path / "orphans.json"), "--num-processes", "2", project=runs.project,
+              logs=tmp_path / "orphans")
+    try:
+        deadline = time.monotonic() + LAUNCH_TIMEOUT
+        while "starts from" not in job.err.read_text():  # both ranks are set up and training
+            if job.proc.poll() is not None or time.monotonic() > deadline:  # pytest.fail: not the xfail
+                pytest.fail(f"the stage did not start: {job.err.read_text()[-3000:]}")
+            time.sleep(0.1)
+        job.scan()
+        ranks = list(job.ranks)
+        if len(ranks) != 2:
+            pytest.fail(f"expected 2 ranks, saw {job.ranks}")
+        job.kill_launcher_group()
+        job.proc.wait(timeout=60)
+        deadline = time.monotonic() + 5
+        while job.alive(ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        survivors = job.alive(ranks)
+        assert not survivors, f"ranks {survivors} still training 5 s after the launcher's group was killed"
+    finally:
+        job.kill_all()
+        if job.proc.poll() is None:
+            job.proc.wait(timeout=60)
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "BUG: a stage killed after its last resume state was saved (marked finished) but before final/ was "
+    "written reruns as 'completed' with stage_output=OUTPUT_DIR/final that does not exist. "
+    "theworld_core/training/trainer.py StageTrainer._finish skips save_stage_output when "
+    "state.finished was already set (`already_final`); fix: write final/ whenever it is missing "
+    "(`if acc.is_main_process and not (final / WEIGHTS).is_file()`), or save final before the "
+    "finished resume state"))
+def test_rerun_after_a_kill_before_final_writes_final(runs, tmp_path):
+    """The window is the final save itself: seconds to minutes for a 4B model."""
+    from theworld_core.training.trainer import train_stage
+
+    cfg_a, _, run_a = runs.two("projector")
+    out = tmp_path / "C"
+    # What SIGKILL leaves in that window: every resume state, the last one marked finished, and no
+    # final/ (it is written to a temporary folder and renamed; a leftover one is removed on start).
+    shutil.copytree(cfg_a.output_dir, out, ignore=shutil.ignore_patterns("final", ".launch-*"))
+    state = json.loads((out / f"checkpoint-{STEPS}" / "trainer_state.json").read_text())
+    if state.get("finished") != "completed":
+        pytest.fail(f"checkpoint-{STEPS} is not marked finished: {state.get('finished')!r}")
+    result = train_stage(cfg_a.with_changes(output_dir=str(out), num_processes=1))
+    assert result.status == "completed", result.reason
+    assert result.stage_output is not None
+    assert (Path(result.stage_output) / "model.safetensors").is_file(), \
+        f"the result names {result.stage_output}, which was never written"
+    final_a, final_c = weights(Path(cfg_a.output_dir) / "final"), weights(result.stage_output)
+    assert final_a.keys() == final_c.keys()
+    assert all(torch.equal(final_a[n], final_c[n]) for n in final_a)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. a NaN stops both ranks: diverged, no hang
+# ---------------------------------------------------------------------------------------------
+
+
+def _assert_diverged_at_3(run: Launch, out: Path) -> dict:
+    assert run.returncode == 1, (run.returncode, run.stderr[-3000:])  # diverged: not a success
+    assert_two_ranks(run)
+    result = run.result()
+    assert result["status"] == "diverged", result
+    assert result["steps"] == 2, result
+    assert result["evidence"]["step"] == 3, result["evidence"]
+    assert result["stage_output"] is None and not (out / "final").exists()
+    return result
+
+
+def test_nan_loss_on_every_rank_stops_both_ranks_diverged(runs, tmp_path):
+    out = tmp_path / "nan"
+    cfg = runs.config("projector", out, max_steps=6, save_steps=100, eval_steps=100,
+                      inject_fault="nan_loss", inject_fault_step=3)
+    run = launch(write_config(cfg, tmp_path / "nan.json"), "--num-processes", "2", project=runs.project,
+                 logs=tmp_path / "nan")
+    result = _assert_diverged_at_3(run, out)
+    assert math.isnan(result["evidence"]["loss"])
+    assert run.seconds < LAUNCH_TIMEOUT
+
+
+def test_nan_loss_on_one_rank_stops_both_ranks_diverged(runs, tmp_path):
+    """Rank 0's own loss stays finite: only the collective check can stop it (else it would
+    step on with NaN gradients, or wait forever in the next all-reduce)."""
+    out = tmp_path / "nan1"
+    cfg = runs.config("projector", out, max_steps=6, save_steps=100, eval_steps=100)
+    run = launch(write_config(cfg, tmp_path / "nan1.json"), "--num-processes", "2", project=runs.project,
+                 logs=tmp_path / "nan1", extra_env=runs.hooks(THEWORLD_TEST_NAN_ON_RANK="1"))
+    result = _assert_diverged_at_3(run, out)
+    assert "another rank" in str(result["evidence"]["loss"]), result["evidence"]
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "BUG: ranks exit with their gloo process group still initialised; in interpreter teardown a rank "
+    "then intermittently dies of SIGABRT ('terminate called without an active exception'), torchrun "
+    "SIGTERMs the other rank, often before rank 0 writes the stage result, and `theworld train` fails "
+    "(RuntimeError: distributed stage failed) although the stage completed (seen in about 1 of 12 "
+    "launches here). Fix: at the end of StageTrainer.run() (theworld_core/training/trainer.py), when "
+    "num_processes > 1: accelerator.wait_for_everyone(), drop the DDP-wrapped model and optimizer "
+    "(accelerator.free_memory(), del self.model/self.optimizer, gc.collect()), then "
+    "accelerator.end_training() (torch.distributed.destroy_process_group()). In a gloo DDP repro "
+    "that aborted at exit in 4 of 16 runs, this gave 0 of 32"))
+def test_ranks_destroy_their_process_group_before_exit(runs):
+    cfg, _, run = runs.two("projector")
+    records = [json.loads(p.read_text()) for p in sorted(runs.exit_probe.glob("rank*.json"))]
+    if sorted(r["rank"] for r in records) != ["0", "1"]:  # pytest.fail: not the xfail
+        pytest.fail(f"the exit probe did not run in both ranks: {records}")
+    assert [r["process_group_initialized"] for r in records] == [False, False], records
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. the shipped accelerate configs
+# ---------------------------------------------------------------------------------------------
+
+
+EXPECTED_TYPES = {
+    "single_gpu.yaml": "NO",
+    "ddp.yaml": "MULTI_GPU",
+    "fsdp.yaml": "FSDP",
+    "deepspeed_zero3.yaml": "DEEPSPEED",
+}
+
+
+def test_readme_table_names_every_accelerate_config():
+    readme = (ACCELERATE_CONFIGS / "README.md").read_text()
+    in_table = set(re.findall(r"^\|\s*`([^`]+\.ya?ml)`\s*\|", readme, flags=re.MULTILINE))
+    shipped = {p.name for p in ACCELERATE_CONFIGS.iterdir() if p.suffix in (".yaml", ".yml")}
+    assert in_table == shipped == set(EXPECTED_TYPES), (in_table, shipped)
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_TYPES))
+def test_shipped_accelerate_config_loads(name, tiny_paths):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ACCELERATE_CONFIGS / name))
+    assert config.distributed_type.value == EXPECTED_TYPES[name]
+    assert config.num_machines == 1
+    if name == "single_gpu.yaml":
+        assert config.num_processes == 1
+    if name == "fsdp.yaml":
+        fsdp = config.fsdp_config
+        assert fsdp["fsdp_sharding_strategy"] == "FULL_SHARD"
+        assert fsdp["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+        assert fsdp["fsdp_use_orig_params"] is True
+        wrap = [c.strip() for c in fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")]
+        assert "Gemma3DecoderLayer" in wrap
+        # Every class named for wrapping exists in a Gemma 3 (the tiny one is built like the real one).
+        from transformers import Gemma3ForConditionalGeneration
+
+        model = Gemma3ForConditionalGeneration.from_pretrained(str(tiny_paths.gemma))
+        present = {type(m).__name__ for m in model.modules()}
+        assert set(wrap) <= present, (wrap, sorted(present))
+    if name == "deepspeed_zero3.yaml":
+        assert config.deepspeed_config["zero_stage"] == 3
+
+
+def test_accelerate_config_route_launches_two_cpu_processes(runs, tmp_path):
+    """`--accelerate-config configs/accelerate/ddp.yaml --num-processes 2` (the accelerate launch
+    route) gives 2 real ranks on CPU, and the same first steps as the torchrun route."""
+    out = tmp_path / "ddp"
+    cfg = runs.config("projector", out, max_steps=4, save_steps=100, eval_steps=100)
+    run = launch(write_config(cfg, tmp_path / "ddp.json"), "--num-processes", "2", "--accelerate-config",
+                 str(ACCELERATE_CONFIGS / "ddp.yaml"), project=runs.project, logs=tmp_path / "ddp",
+                 before_retry=lambda: shutil.rmtree(out, ignore_errors=True))
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert_two_ranks(run)
+    result = run.result()
+    assert result["status"] == "completed" and result["steps"] == 4, result["reason"]
+    assert (out / "final" / "model.safetensors").is_file()
+    # The linear schedule's learning rates of steps 1-3 (0, lr/2, lr) do not depend on max_steps
+    # once warmup (2) is over, so the first 4 logged losses equal the 20-step torchrun run's.
+    _, _, torchrun_run = runs.two("projector")
+    reference = loss_history(runs.project, torchrun_run.result()["mlflow_run_id"])[:4]
+    mine = loss_history(runs.project, result["mlflow_run_id"])
+    assert [s for s, _ in mine] == [s for s, _ in reference] == [1, 2, 3, 4]
+    for (step, a), (_, b) in zip(mine, reference):
+        assert math.isclose(a, b, rel_tol=1e-6), f"step {step}: accelerate launch {a}, torchrun {b}"
