@@ -5,10 +5,8 @@
   with the world projector alone; the rank processes are checked (RANK 0 and 1, WORLD_SIZE 2);
 - a 2-process stage SIGKILLed as a whole (the CLI's process group and the ranks, which torchrun
   starts in sessions of their own) resumes and ends with the weights of an uninterrupted run;
-- SIGKILL of the CLI's process group alone should end the ranks too (strict xfail: today they
-  train on without a launcher, see the marker), and a stage killed between its last resume state
-  and its final/ must write final/ on the rerun (strict xfail: today the rerun reports a final/
-  that does not exist);
+- SIGKILL of the CLI's process group alone ends the ranks too (they die with their launcher), and
+  a stage killed between its last resume state and its final/ writes final/ on the rerun;
 - a NaN loss stops both ranks with status `diverged` and the command returns (no rank left
   waiting in a collective): injected on every rank (`inject_fault`), and on rank 1 alone (a
   `sitecustomize` on the ranks' PYTHONPATH), where only the collective check can stop rank 0;
@@ -16,10 +14,9 @@
   `--accelerate-config` route really launches 2 processes and trains as the torchrun route does.
 
 Every launch runs in its own session with a LAUNCH_TIMEOUT; a launch that overruns is killed
-(every process of it) and fails the test, and no process of a launch may outlive it. Ranks exit
-with their process group alive and then sometimes abort in teardown, failing a completed launch
-(strict xfail test_ranks_destroy_their_process_group_before_exit); until that is fixed, a launch
-lost exactly that way is retried once, with a warning.
+(every process of it) and fails the test, and no process of a launch may outlive it. Ranks tear
+down their process group before exit (test_ranks_destroy_their_process_group_before_exit): a
+rank that aborted in teardown used to fail a completed launch.
 
 Why the parity tolerances can be tight
 --------------------------------------
@@ -309,19 +306,9 @@ def aborted_at_exit(run: Launch) -> bool:
 
 def launch(config: Path, *args: str, project: Path, logs: Path, extra_env: dict | None = None,
            before_retry=None) -> Launch:
-    """Run `theworld train` to its end (at most LAUNCH_TIMEOUT). A launch lost to the rank abort
-    at exit (a product bug, pinned by test_ranks_destroy_their_process_group_before_exit) is
-    retried once, after `before_retry()`, with a warning, so that the other tests test their own
-    subject; any other failure is returned as it is."""
-    run = Job(config, *args, project=project, logs=logs, extra_env=extra_env).wait()
-    if aborted_at_exit(run):
-        warnings.warn(f"{logs.name}: a rank aborted at exit ({EXIT_ABORT!r}) and the launch failed; "
-                      "retried once", RuntimeWarning, stacklevel=2)
-        if before_retry is not None:
-            before_retry()
-        retry_logs = logs.with_name(logs.name + "-retry")
-        run = Job(config, *args, project=project, logs=retry_logs, extra_env=extra_env).wait()
-    return run
+    """Run `theworld train` to its end (at most LAUNCH_TIMEOUT). `before_retry` is accepted for the
+    callers' sake but unused: ranks now tear down their process group, so a launch is never retried."""
+    return Job(config, *args, project=project, logs=logs, extra_env=extra_env).wait()
 
 
 SITECUSTOMIZE = '''
@@ -534,12 +521,6 @@ def test_two_process_sigkill_and_resume_gives_the_same_weights(runs, tmp_path):
     assert all(math.isclose(a, b, rel_tol=0, abs_tol=1e-6) for (_, a), (_, b) in zip(hist_a, hist_b))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: torchrun starts every rank with start_new_session=True, so SIGKILL of the CLI's process group "
-    "(CLI + torchrun) leaves both ranks running: they finish the stage and write output_dir/final with no "
-    "launcher. Fix in theworld_core/training/launch.py: make ranks and launcher die with their parent "
-    "(prctl(PR_SET_PDEATHSIG, SIGKILL) in the rank at `theworld train` start when in_distributed_launch(), "
-    "and as preexec_fn of the torchrun/accelerate subprocess in run_distributed)"), raises=AssertionError)
 def test_sigkill_of_the_launcher_group_ends_the_ranks(runs, tmp_path):
     out = tmp_path / "orphans"
     cfg = runs.config("projector", out, max_steps=2000, save_steps=10_000,
@@ -569,13 +550,6 @@ def test_sigkill_of_the_launcher_group_ends_the_ranks(runs, tmp_path):
             job.proc.wait(timeout=60)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: a stage killed after its last resume state was saved (marked finished) but before final/ was "
-    "written reruns as 'completed' with stage_output=OUTPUT_DIR/final that does not exist. "
-    "theworld_core/training/trainer.py StageTrainer._finish skips save_stage_output when "
-    "state.finished was already set (`already_final`); fix: write final/ whenever it is missing "
-    "(`if acc.is_main_process and not (final / WEIGHTS).is_file()`), or save final before the "
-    "finished resume state"))
 def test_rerun_after_a_kill_before_final_writes_final(runs, tmp_path):
     """The window is the final save itself: seconds to minutes for a 4B model."""
     from theworld_core.training.trainer import train_stage
@@ -636,16 +610,6 @@ def test_nan_loss_on_one_rank_stops_both_ranks_diverged(runs, tmp_path):
     assert "another rank" in str(result["evidence"]["loss"]), result["evidence"]
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "BUG: ranks exit with their gloo process group still initialised; in interpreter teardown a rank "
-    "then intermittently dies of SIGABRT ('terminate called without an active exception'), torchrun "
-    "SIGTERMs the other rank, often before rank 0 writes the stage result, and `theworld train` fails "
-    "(RuntimeError: distributed stage failed) although the stage completed (seen in about 1 of 12 "
-    "launches here). Fix: at the end of StageTrainer.run() (theworld_core/training/trainer.py), when "
-    "num_processes > 1: accelerator.wait_for_everyone(), drop the DDP-wrapped model and optimizer "
-    "(accelerator.free_memory(), del self.model/self.optimizer, gc.collect()), then "
-    "accelerator.end_training() (torch.distributed.destroy_process_group()). In a gloo DDP repro "
-    "that aborted at exit in 4 of 16 runs, this gave 0 of 32"))
 def test_ranks_destroy_their_process_group_before_exit(runs):
     cfg, _, run = runs.two("projector")
     records = [json.loads(p.read_text()) for p in sorted(runs.exit_probe.glob("rank*.json"))]

@@ -41,6 +41,10 @@ def _cmd_train(args) -> int:
     from theworld_core.training.launch import in_distributed_launch, run_distributed
     from theworld_core.training.trainer import train_stage
 
+    if in_distributed_launch():
+        from theworld_core.training.launch import die_with_parent
+
+        die_with_parent()  # a rank never outlives its launcher
     cfg = load_stage_config(args.config)
     if args.num_processes is not None:
         cfg = cfg.with_changes(num_processes=args.num_processes)

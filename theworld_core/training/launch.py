@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -19,6 +20,18 @@ from theworld_core.config import StageConfig
 def in_distributed_launch() -> bool:
     """True inside a process started by torchrun / accelerate launch."""
     return "LOCAL_RANK" in os.environ
+
+
+def die_with_parent() -> None:
+    """Make this process die when its parent does (Linux): torchrun starts ranks in sessions of
+    their own, so killing the launcher's process group would otherwise leave the ranks training."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
 def launch_command(config_path: Path, num_processes: int, accelerate_config: str | None, train_args: list[str]) -> list[str]:
@@ -39,6 +52,8 @@ def run_distributed(cfg: StageConfig, num_processes: int, *, accelerate_config: 
 
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in output_dir.glob(".launch-*"):  # from a launch that was killed
+        shutil.rmtree(leftover, ignore_errors=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".launch-") as tmp:
         config_path, result_path = Path(tmp) / "stage.json", Path(tmp) / "result.json"
         config_path.write_text(json.dumps(cfg.model_dump(mode="json")))
@@ -48,7 +63,7 @@ def run_distributed(cfg: StageConfig, num_processes: int, *, accelerate_config: 
         if mlflow_run_id:
             args += ["--mlflow-run-id", mlflow_run_id]
         command = launch_command(config_path, num_processes, accelerate_config, args)
-        completed = subprocess.run(command, check=False)
+        completed = subprocess.run(command, check=False, preexec_fn=die_with_parent)
         if not result_path.is_file():
             raise RuntimeError(f"distributed stage failed (exit code {completed.returncode}): {' '.join(command)}")
         return StageResult(**json.loads(result_path.read_text()))

@@ -36,6 +36,7 @@ from theworld_core.model.components import (
     trainable_components,
 )
 from theworld_core.model.stage_output import (
+    WEIGHTS_FILE,
     apply_stage_output,
     read_manifest,
     resolve_source,
@@ -284,6 +285,20 @@ class StageTrainer:
             finally:
                 if self.hub is not None:
                     self.hub.close(timeout=5)  # a crash must not leave the upload thread behind
+                self._end_distributed()
+
+    def _end_distributed(self) -> None:
+        """Ranks leave together and tear down their process group (else one may crash at exit)."""
+        if self.accelerator.num_processes <= 1:
+            return
+        self.accelerator.wait_for_everyone()
+        self.model = self.optimizer = None
+        self.accelerator.free_memory()
+        import gc
+
+        gc.collect()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     def _train(self) -> tuple[str, str, dict]:
         cfg, acc, state = self.cfg, self.accelerator, self.state
@@ -460,7 +475,9 @@ class StageTrainer:
             if not already_final:
                 self._save_resume_state()
             final = self.output_dir / ckpt.FINAL_DIR
-            if acc.is_main_process and not already_final:
+            # Also when a kill came between the finished resume state and final/: write it now.
+            final_missing = not (final / WEIGHTS_FILE).is_file()
+            if acc.is_main_process and (not already_final or final_missing):
                 save_stage_output(acc.unwrap_model(self.model), final, stage_config=cfg.model_dump(mode="json"))
                 self._log_stage_output(final)
         losses = [loss for _, loss in state.eval_history if math.isfinite(loss)]
