@@ -38,7 +38,7 @@ def main() -> int:
         env.pop("MLFLOW_TRACKING_URI", None)
         env.pop("PREFECT_API_URL", None)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "theworld_core.cli", "run", args.stages_yaml, "--profile", args.profile],
+        subprocess.run([sys.executable, "-m", "flows.cli", "run", args.stages_yaml, "--profile", args.profile],
                        env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp)
         wall = time.perf_counter() - started
         rows = stage_timings(f"sqlite:///{tmp}/mlflow.db")

@@ -258,7 +258,7 @@ def client_env(*, mlflow: Server, prefect: Server, project_dir: Path, prefect_ho
 
 def theworld_command(*args: str) -> list[str]:
     exe = VENV_BIN / "theworld"
-    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "theworld_core.cli", *args]
+    return [str(exe), *args] if exe.exists() else [sys.executable, "-m", "flows.cli", *args]
 
 
 def start_theworld(args: list[str], env: dict[str, str], cwd: Path, log: Path) -> subprocess.Popen:

@@ -318,7 +318,7 @@ def test_stage_lock_makes_the_second_wait(tmp_path):
 
 def cli(capsys, *args: str) -> tuple[int, str]:
     """`theworld ARGS` in this process: (exit code, stdout + stderr)."""
-    from theworld_core.cli import main
+    from flows.cli import main
 
     code = main(list(args))
     out = capsys.readouterr()
