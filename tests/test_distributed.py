@@ -292,7 +292,9 @@ class Launch:
         return json.loads(self.stdout)
 
     def rank_ids(self) -> list[str]:
-        return sorted(r["RANK"] for r in self.ranks.values())
+        # Distinct ranks: a rank's short-lived fork (e.g. MLflow running `git` while it starts a run)
+        # carries the rank's command line and RANK until it execs, and may be seen in between.
+        return sorted({r["RANK"] for r in self.ranks.values()})
 
 
 EXIT_ABORT = "terminate called without an active exception"

@@ -114,6 +114,9 @@ def resolve_source(source: str | Path) -> Path:
     if text.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
         import mlflow
 
+        from theworld_core.tracking.mlflow_runs import configure_tracking
+
+        configure_tracking()  # MLFLOW_TRACKING_URI wins over a store set earlier in this process
         return Path(mlflow.artifacts.download_artifacts(artifact_uri=text))
     path = Path(text).expanduser()
     if path.exists():
