@@ -929,16 +929,21 @@ def parse_json_with_comments(text: str, source: str | None = None) -> Any:
     return data
 
 
-def load_stage_config(path: str | os.PathLike[str]) -> StageConfig:
-    """Read one stage file as the seed writes it (`//` comments, `"_comment"` keys) into a
-    `StageConfig`. Every problem is reported at once in a `ConfigError` naming the file."""
+def _read_config_file(path: str | os.PathLike[str]) -> tuple[str, str]:
+    """(source name, text) of a config file; an unreadable file is a `ConfigError` naming it."""
     source = os.fspath(path)
     try:
-        text = Path(source).read_text(encoding="utf-8")
+        return source, Path(source).read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ConfigError(["file not found"], source) from None
     except OSError as exc:
         raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], source) from None
+
+
+def load_stage_config(path: str | os.PathLike[str]) -> StageConfig:
+    """Read one stage file as the seed writes it (`//` comments, `"_comment"` keys) into a
+    `StageConfig`. Every problem is reported at once in a `ConfigError` naming the file."""
+    source, text = _read_config_file(path)
     try:
         blank = not strip_json_comments(text).strip()
     except _CommentError:
@@ -1787,13 +1792,7 @@ def load_pipeline_config(path: str | os.PathLike[str], profile: str | None = Non
     profile read `profiles.<name>.<...>`; a problem that only a profile brings out ends with
     `(with profile '<name>')`). Secrets are refused and their values never shown.
     """
-    source = os.fspath(path)
-    try:
-        text = Path(source).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(["file not found"], source) from None
-    except OSError as exc:
-        raise ConfigError([f"cannot read the file: {exc.strerror or exc}"], source) from None
+    source, text = _read_config_file(path)
     raw = parse_pipeline_yaml(text, source)
     if raw is None:
         raise ConfigError(["the file is empty: a pipeline file is a YAML mapping with at least a stages list"], source)
