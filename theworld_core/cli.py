@@ -82,13 +82,13 @@ def build_parser(extend: Callable | None = None) -> argparse.ArgumentParser:
     tiny.set_defaults(func=_cmd_tiny)
 
     plan = sub.add_parser("plan", help="trainable parameters per component and stage (meta device: no weights, no GPU)")
-    plan.add_argument("stages", nargs="?", help="a stages.yaml (default: the seed's four stages)")
+    plan.add_argument("stages", nargs="?", help="a stages.yaml (default: the four stages of docs/stages.md)")
     plan.add_argument("--profile", help="profile of the stages.yaml to apply")
     plan.add_argument("--gemma", help="Gemma 3: hub id, model folder or config.json")
     plan.add_argument("--cosmos", help="Cosmos: hub id, folder (with vae/) or the VAE's config.json")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
     plan.set_defaults(func=_cmd_plan)
-    train = sub.add_parser("train", help="train one stage from a stage config (the seed's JSON files as written)")
+    train = sub.add_parser("train", help="train one stage from a stage JSON file (e.g. configs/seed/*.json)")
     train.add_argument("--config", required=True, help="stage config JSON (// comments and _comment keys allowed)")
     train.add_argument("--fresh", action="store_true",
                        help="ignore resume states in output_dir and start the stage afresh (default: continue the newest)")

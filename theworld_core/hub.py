@@ -1,7 +1,8 @@
 """Pushing stage outputs to the Hugging Face hub, in the background, never at training's expense.
 
-The seed pushed every stage to `hub_model_id` (`push_to_hub`, `hub_strategy` `every_save` or
-`end`) and started the next stage from it (`"resume_from_checkpoint": "owner/name"`). Here:
+The stage JSON files push every stage to `hub_model_id` (`push_to_hub`, `hub_strategy` `every_save`
+or `end`) and start the next stage from it (`"resume_from_checkpoint": "owner/name"`); see
+docs/checkpoints.md#where-stage-outputs-go. Here:
 
 - `check_hub_ready(cfg)`: called before a stage loads anything; raises `ValueError` when
   `push_to_hub` is on and no token is available (naming HF_TOKEN / HF_TOKEN_PATH, never a value)

@@ -1,7 +1,7 @@
 """Hub datasets: `datasets.load_dataset(id, split=dataset_split, streaming=...)` as a source.
 
 Names that mean a hub dataset: `hf:<id or local dataset folder>`, a bare `owner/name` that is not
-a local path, and the aliases in `HUB_ALIASES` (the seed's `datacomp`).
+a local path, and the aliases in `HUB_ALIASES` (`datacomp`, the stage JSON files' dataset).
 
 Two layouts are understood, from the dataset's columns:
 
@@ -31,7 +31,7 @@ from theworld_core.data.urls import URL_COLUMN, URL_LIST_COLUMNS, url_list_sourc
 
 HUB_PREFIX = "hf:"
 HUB_ALIASES: dict[str, str] = {"datacomp": "mlfoundations/datacomp_1b"}
-"""Short names for hub datasets. `datacomp`: the seed trains on "DataComp-1B", the 1.4B-sample
+"""Short names for hub datasets. `datacomp`: "DataComp-1B", the 1.4B-sample
 filtered subset of DataComp's 12.8B pool, published as the URL list `mlfoundations/datacomp_1b`
 (columns `uid`, `url`, `text`, ...; parquet, CC-BY-4.0). The smaller pools
 (`mlfoundations/datacomp_small`, 12.8M) can be named directly."""

@@ -30,10 +30,10 @@ COMPONENT_PREFIXES: dict[str, tuple[str, ...]] = {
 COMPONENTS: tuple[str, ...] = COMPONENT_NAMES
 assert tuple(COMPONENT_PREFIXES) == COMPONENTS, "the registry and config.COMPONENT_NAMES must list the same components"
 
-# The seed's three freeze flags, each switching one component (flag -> component).
+# The three freeze flags, each switching one component (flag -> component); see docs/stages.md#components.
 FREEZE_FLAGS: dict[str, str] = {flag: component for component, flag in FREEZE_FLAG_OF.items()}
 
-# The seed's four stages, used by `theworld plan` when no stages.yaml is given.
+# The four stages (docs/stages.md#the-four-stages), used by `theworld plan` when no stages.yaml is given.
 SEED_STAGES: dict[str, dict[str, bool]] = {
     "stage1_projection": {"freeze_gemma_vision": True, "freeze_gemma_language": True, "freeze_cosmos_vae": True},
     "stage2_vision": {"freeze_gemma_vision": False, "freeze_gemma_language": True, "freeze_cosmos_vae": True},
@@ -55,7 +55,7 @@ def component_of(param_name: str) -> str:
 
 
 def trainable_components(freeze_flags: Mapping[str, bool]) -> tuple[str, ...]:
-    """Components a stage trains, from the seed's freeze flags (missing flags mean frozen)."""
+    """Components a stage trains, from its freeze flags (missing flags mean frozen)."""
     unknown = set(freeze_flags) - set(FREEZE_FLAGS)
     if unknown:
         raise KeyError(f"unknown freeze flags {sorted(unknown)}; allowed: {sorted(FREEZE_FLAGS)}")

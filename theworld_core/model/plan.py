@@ -29,7 +29,7 @@ def _count(module) -> int:
 
 
 def plan(config: ModelConfig, stages: Mapping[str, Mapping[str, bool]] | None = None) -> dict[str, Any]:
-    """Per stage (name -> freeze flags; the seed's four by default): trainable parameters per component."""
+    """Per stage (name -> freeze flags; the four of docs/stages.md by default): trainable parameters per component."""
     from diffusers import AutoencoderKLWan
     import torch
 
@@ -69,7 +69,7 @@ def plan(config: ModelConfig, stages: Mapping[str, Mapping[str, bool]] | None = 
 
 
 def format_plan(result: dict[str, Any]) -> str:
-    """The plan as the seed's tables: one row per stage, trainable parameters per component."""
+    """The plan as a table: one row per stage, trainable parameters per component."""
     header = f"{'stage':<20}" + "".join(f"{c:>18}" for c in COMPONENTS) + f"{'trainable':>16}{'share':>10}"
     lines = [
         f"Gemma 3: {result['gemma']}",

@@ -170,7 +170,7 @@ class TheWorld(nn.Module):
 
     @torch.no_grad()
     def generate(self, image: Image.Image, prompt: str, max_new_tokens: int = 32) -> str:
-        """Greedy answer to `prompt` about `image` (the seed's qualitative check)."""
+        """Greedy answer to `prompt` about `image` (sample generations: docs/stages.md#steps-and-evaluation)."""
         device = next(self.parameters()).device
         batch = self.builder.collate([self.builder.encode(image, prompt)])
         batch = {k: v.to(device) for k, v in batch.items()}

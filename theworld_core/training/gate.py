@@ -1,4 +1,4 @@
-"""The gate between stages (DESIGN.md "Plateau and gate"), as a pure function.
+"""The gate between stages (docs/stages.md#gate), as a pure function.
 
 After each stage attempt the pipeline calls `decide(outcome, earlier, gate, retries_used=...,
 is_last_stage=...)` and gets one `GateDecision`:
@@ -15,14 +15,14 @@ is_last_stage=...)` and gets one `GateDecision`:
 
 Rules, in this order:
 
-1. **diverged**: while `retries_used < max_diverged_retries`, retry with the seed's recipe
-   ("Gradient Explosion When Unfreezing"): `learning_rate * diverged_lr_factor` (every
+1. **diverged**: while `retries_used < max_diverged_retries`, retry with the divergence recipe
+   (docs/stages.md#retries): `learning_rate * diverged_lr_factor` (every
    `learning_rates` entry too, when the stage gave per-component rates), `max_grad_norm =
    min(current, diverged_max_grad_norm)` and `warmup_steps = max(current, diverged_warmup_steps)`
    clamped to `max_steps` (the config refuses a warmup longer than the stage). The recipe only ever
    tightens: it never raises the clipping norm nor shortens the warmup a stage already had.
 2. **oom**: while `batch_size > 1` and `retries_used < max_oom_retries`, retry with
-   `batch_size // 2` and `gradient_accumulation_steps * 2` (the seed's "Memory Issues"): the
+   `batch_size // 2` and `gradient_accumulation_steps * 2` (docs/stages.md#retries): the
    effective batch is kept when the batch size is even and shrinks when it is odd (3 -> 1 x 2).
 3. **completed / plateaued** without a finite metric (None, NaN, inf): `stop_failed`.
 4. **regression first**: with `best` the best earlier stage (`best_stage(earlier)`), the stage has

@@ -1,4 +1,4 @@
-"""The plateau rule of the guide ("When to Move to Next Stage"), as a pure function and a tracker.
+"""The plateau rule (docs/stages.md#plateau), as a pure function and a tracker.
 
 Input: the stage's evaluation history, `(step, eval_loss)` points with strictly increasing
 optimizer steps. With `t` the latest step and `rule` a `PlateauConfig`, the stage has plateaued when
