@@ -124,7 +124,7 @@ def test_shipped_tiny_profile():
                                      warmup_steps=pipeline.gate.diverged_warmup_steps)
     assert retried.learning_rate == pytest.approx(5e-4)
     assert pipeline.output_root == base.output_root
-    assert pipeline.config_hash() != base.config_hash()
+    assert pipeline.pipeline_hash() != base.pipeline_hash()
 
 
 _KEY_LINE = re.compile(r"^(\s*)(?:-\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*:(?:\s|$)")
@@ -421,17 +421,17 @@ stages:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_config_hash_is_stable_and_tracks_values(tmp_path):
+def test_pipeline_hash_is_stable_and_tracks_values(tmp_path):
     base = MINIMAL + "defaults: {batch_size: 4}\n"
     path = write(tmp_path, base)
     first = load_pipeline_config(path)
-    assert first.config_hash() == load_pipeline_config(path).config_hash()
-    assert re.fullmatch(r"[0-9a-f]{64}", first.config_hash())
+    assert first.pipeline_hash() == load_pipeline_config(path).pipeline_hash()
+    assert re.fullmatch(r"[0-9a-f]{64}", first.pipeline_hash())
     # the same values written differently (reordered, explicit defaults, comments): same hash
     rewritten = "# note\nstages:\n  - learning_rate: 0.0001\n    name: a\n    weight_decay: 0.01\n  - {name: b, learning_rate: 5.0e-5, freeze_gemma_vision: false}\ndefaults: {batch_size: 4}\ngate: {metric: eval_loss}\n"
-    assert load_pipeline_config(write(tmp_path, rewritten, "other.yaml")).config_hash() == first.config_hash()
+    assert load_pipeline_config(write(tmp_path, rewritten, "other.yaml")).pipeline_hash() == first.pipeline_hash()
     # the file's location and the profile's name are not part of it
-    assert first.model_copy(update={"source": "x", "profile": "y"}).config_hash() == first.config_hash()
+    assert first.model_copy(update={"source": "x", "profile": "y"}).pipeline_hash() == first.pipeline_hash()
     for changed in [
         base.replace("5.0e-5", "6.0e-5"),
         base + "gate: {target: 1.0}\n",
@@ -439,7 +439,7 @@ def test_config_hash_is_stable_and_tracks_values(tmp_path):
         base + "plateau: {min_steps: 3}\n",
         base.replace("batch_size: 4", "batch_size: 2"),
     ]:
-        assert load_pipeline_config(write(tmp_path, changed, "changed.yaml")).config_hash() != first.config_hash(), changed
+        assert load_pipeline_config(write(tmp_path, changed, "changed.yaml")).pipeline_hash() != first.pipeline_hash(), changed
 
 
 def test_programmatic_construction_validates():
