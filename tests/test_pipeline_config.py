@@ -287,6 +287,8 @@ BAD_CASES = [
     (MINIMAL.replace("  - name: b\n", "  - name: b\n    wandb_project: p\n"), "stages[1].wandb_project: 'p' is not allowed: MLflow names come from the mlflow section (mlflow.experiment); stage runs are named after the stages"),
     (MINIMAL + "schedule:\n  cron: '0 3 * *'\n", "schedule.cron: '0 3 * *' is not allowed: must be a cron expression of 5 fields (minute hour day-of-month month day-of-week), e.g. '0 3 * * *' (03:00 daily); this has 4"),
     (MINIMAL + "schedule:\n  cron: '0 24 * * *'\n", "schedule.cron: '0 24 * * *' is not allowed: hour field '24': values must be in 0-23"),
+    (MINIMAL + "schedule:\n  cron: '0 0 30 2 *'\n",
+     "schedule.cron: '0 0 30 2 *' is not allowed: day of month field '30': no such day in month field '2', so the schedule never fires"),
     (MINIMAL + "schedule:\n  timezone: Europe/Berln\n", "schedule.timezone: 'Europe/Berln' is not allowed: must be an IANA time zone name such as 'UTC' or 'Europe/Berlin'; did you mean 'Europe/Berlin'?"),
     (MINIMAL + "mlflow:\n  champion_alias: latest\n", "mlflow.champion_alias: 'latest' is not allowed: must be an MLflow alias: letters, digits, '_' and '-', and neither 'latest' nor a version like 'v3'"),
     (MINIMAL + "mlflow:\n  registered_model: a/b\n", "mlflow.registered_model: 'a/b' is not allowed: must be a non-empty model name without '/' or ':' (MLflow Model Registry rule)"),
@@ -466,6 +468,11 @@ def test_plateau_section_defaults_agree_with_the_flat_stage_keys():
         ("0 0 * * 7", True), ("0-30/5 8-18 * * 1-5", True), ("@daily", False), ("60 * * * *", False),
         ("* * 0 * *", False), ("* * * 13 *", False), ("*/0 * * * *", False), ("5-1 * * * *", False),
         ("0 3 * * * *", False), ("x * * * *", False),
+        # parses, but never fires; with a weekday as well, it fires on that weekday (cron's OR rule)
+        ("0 0 31 2 *", False), ("0 0 30 feb *", False), ("0 0 31 4,6 *", False), ("0 0 30 2,4 *", True),
+        ("0 0 31 2 mon", True), ("0 0 29 2 *", True),
+        # outside what Prefect's croniter and cronsim both read the same way
+        ("0 0 L * *", False), ("0 0 LW * *", False), ("0 0 * * 1#2", False), ("0 0 ? * *", False),
     ],
 )
 def test_cron_validation(cron, ok):

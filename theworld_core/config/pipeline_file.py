@@ -202,7 +202,7 @@ def _check_profiles(raw: Any, stage_index: Mapping[str, int] | None, problems: l
     return good
 
 
-def where_mapped(origins: dict[tuple[Any, ...], tuple[Any, ...]]) -> Callable[[tuple[Any, ...]], str]:
+def _where_mapped(origins: dict[tuple[Any, ...], tuple[Any, ...]]) -> Callable[[tuple[Any, ...]], str]:
     """A key-path renderer that shows, for values a profile wrote, where the profile wrote them."""
 
     def where(loc: tuple[Any, ...]) -> str:
@@ -255,7 +255,7 @@ def load_pipeline_config(path: str | os.PathLike[str], profile: str | None = Non
         known = set(base_problems)
         for name, overlay in overlays.items():
             merged, origins = _apply_profile(base, name, overlay, stage_index)
-            configs[name], found = build_pipeline(merged, where_mapped(origins))
+            configs[name], found = build_pipeline(merged, _where_mapped(origins))
             problems += [p if p in known or p.startswith(f"profiles.{name}.") else f"{p} (with profile {name!r})" for p in found]
 
     if profile is not None and profile not in overlays:

@@ -284,6 +284,7 @@ def _stage_key_problem(key: Any, value: Any, path: str, *, in_defaults: bool, fi
 
 
 def where_plain(loc: tuple[Any, ...]) -> str:
+    """A key path as a problem line shows it, for a document with no profile applied."""
     return join_path("", loc)
 
 

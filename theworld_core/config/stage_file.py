@@ -15,6 +15,15 @@ from theworld_core.config.errors import ConfigError, read_config_file, render_va
 from theworld_core.config.stage_schema import StageConfig
 
 
+class _CommentError(Exception):
+    """An unterminated `/*` comment, at its line and column."""
+
+    def __init__(self, line: int, column: int):
+        super().__init__("unterminated /* comment")
+        self.line = line
+        self.column = column
+
+
 def strip_json_comments(text: str) -> str:
     """Blank out `//` line comments, `/* */` block comments and trailing commas (before `}` or `]`)
     outside strings, keeping every other character in place so JSON error positions still point
@@ -68,13 +77,6 @@ def strip_json_comments(text: str) -> str:
             last_comma = None
             i += 1
     return "".join(out)
-
-
-class _CommentError(Exception):
-    def __init__(self, line: int, column: int):
-        super().__init__("unterminated /* comment")
-        self.line = line
-        self.column = column
 
 
 def parse_json_with_comments(text: str, source: str | None = None) -> Any:
