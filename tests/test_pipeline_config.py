@@ -124,7 +124,7 @@ def test_shipped_tiny_profile():
                                      warmup_steps=pipeline.gate.diverged_warmup_steps)
     assert retried.learning_rate == pytest.approx(5e-4)
     assert pipeline.output_root == base.output_root
-    assert pipeline.config_hash() != base.config_hash()
+    assert pipeline.pipeline_hash() != base.pipeline_hash()
 
 
 _KEY_LINE = re.compile(r"^(\s*)(?:-\s+)?([A-Za-z_][A-Za-z0-9_.-]*)\s*:(?:\s|$)")
@@ -287,6 +287,8 @@ BAD_CASES = [
     (MINIMAL.replace("  - name: b\n", "  - name: b\n    wandb_project: p\n"), "stages[1].wandb_project: 'p' is not allowed: MLflow names come from the mlflow section (mlflow.experiment); stage runs are named after the stages"),
     (MINIMAL + "schedule:\n  cron: '0 3 * *'\n", "schedule.cron: '0 3 * *' is not allowed: must be a cron expression of 5 fields (minute hour day-of-month month day-of-week), e.g. '0 3 * * *' (03:00 daily); this has 4"),
     (MINIMAL + "schedule:\n  cron: '0 24 * * *'\n", "schedule.cron: '0 24 * * *' is not allowed: hour field '24': values must be in 0-23"),
+    (MINIMAL + "schedule:\n  cron: '0 0 30 2 *'\n",
+     "schedule.cron: '0 0 30 2 *' is not allowed: day of month field '30': no such day in month field '2', so the schedule never fires"),
     (MINIMAL + "schedule:\n  timezone: Europe/Berln\n", "schedule.timezone: 'Europe/Berln' is not allowed: must be an IANA time zone name such as 'UTC' or 'Europe/Berlin'; did you mean 'Europe/Berlin'?"),
     (MINIMAL + "mlflow:\n  champion_alias: latest\n", "mlflow.champion_alias: 'latest' is not allowed: must be an MLflow alias: letters, digits, '_' and '-', and neither 'latest' nor a version like 'v3'"),
     (MINIMAL + "mlflow:\n  registered_model: a/b\n", "mlflow.registered_model: 'a/b' is not allowed: must be a non-empty model name without '/' or ':' (MLflow Model Registry rule)"),
@@ -421,17 +423,17 @@ stages:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_config_hash_is_stable_and_tracks_values(tmp_path):
+def test_pipeline_hash_is_stable_and_tracks_values(tmp_path):
     base = MINIMAL + "defaults: {batch_size: 4}\n"
     path = write(tmp_path, base)
     first = load_pipeline_config(path)
-    assert first.config_hash() == load_pipeline_config(path).config_hash()
-    assert re.fullmatch(r"[0-9a-f]{64}", first.config_hash())
+    assert first.pipeline_hash() == load_pipeline_config(path).pipeline_hash()
+    assert re.fullmatch(r"[0-9a-f]{64}", first.pipeline_hash())
     # the same values written differently (reordered, explicit defaults, comments): same hash
     rewritten = "# note\nstages:\n  - learning_rate: 0.0001\n    name: a\n    weight_decay: 0.01\n  - {name: b, learning_rate: 5.0e-5, freeze_gemma_vision: false}\ndefaults: {batch_size: 4}\ngate: {metric: eval_loss}\n"
-    assert load_pipeline_config(write(tmp_path, rewritten, "other.yaml")).config_hash() == first.config_hash()
+    assert load_pipeline_config(write(tmp_path, rewritten, "other.yaml")).pipeline_hash() == first.pipeline_hash()
     # the file's location and the profile's name are not part of it
-    assert first.model_copy(update={"source": "x", "profile": "y"}).config_hash() == first.config_hash()
+    assert first.model_copy(update={"source": "x", "profile": "y"}).pipeline_hash() == first.pipeline_hash()
     for changed in [
         base.replace("5.0e-5", "6.0e-5"),
         base + "gate: {target: 1.0}\n",
@@ -439,7 +441,7 @@ def test_config_hash_is_stable_and_tracks_values(tmp_path):
         base + "plateau: {min_steps: 3}\n",
         base.replace("batch_size: 4", "batch_size: 2"),
     ]:
-        assert load_pipeline_config(write(tmp_path, changed, "changed.yaml")).config_hash() != first.config_hash(), changed
+        assert load_pipeline_config(write(tmp_path, changed, "changed.yaml")).pipeline_hash() != first.pipeline_hash(), changed
 
 
 def test_programmatic_construction_validates():
@@ -466,6 +468,11 @@ def test_plateau_section_defaults_agree_with_the_flat_stage_keys():
         ("0 0 * * 7", True), ("0-30/5 8-18 * * 1-5", True), ("@daily", False), ("60 * * * *", False),
         ("* * 0 * *", False), ("* * * 13 *", False), ("*/0 * * * *", False), ("5-1 * * * *", False),
         ("0 3 * * * *", False), ("x * * * *", False),
+        # parses, but never fires; with a weekday as well, it fires on that weekday (cron's OR rule)
+        ("0 0 31 2 *", False), ("0 0 30 feb *", False), ("0 0 31 4,6 *", False), ("0 0 30 2,4 *", True),
+        ("0 0 31 2 mon", True), ("0 0 29 2 *", True),
+        # outside what Prefect's croniter and cronsim both read the same way
+        ("0 0 L * *", False), ("0 0 LW * *", False), ("0 0 * * 1#2", False), ("0 0 ? * *", False),
     ],
 )
 def test_cron_validation(cron, ok):

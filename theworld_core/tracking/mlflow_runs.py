@@ -11,7 +11,7 @@ import contextlib
 import os
 from pathlib import Path
 
-DEFAULT_EXPERIMENT = "theworld-multistage"
+from theworld_core.config import DEFAULT_MLFLOW_EXPERIMENT
 
 
 def project_dir() -> Path:
@@ -34,7 +34,7 @@ def configure_tracking() -> str:
     return uri
 
 
-def ensure_experiment(name: str = DEFAULT_EXPERIMENT) -> str:
+def ensure_experiment(name: str = DEFAULT_MLFLOW_EXPERIMENT) -> str:
     """The experiment's id, creating it (with artifacts in the project folder for local stores)."""
     import mlflow
 
