@@ -41,7 +41,7 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
     stage_configs = cfg.resolved_stages()
     # The data as the stages see it (their seed included), so the fingerprint is the one they train on.
     data = tasks.prepare_data(stage_configs[0].data_part().model_dump())
-    check = tasks.check_new_data(cfg.mlflow.experiment, cfg.config_hash(), data["fingerprint"],
+    check = tasks.check_new_data(cfg.mlflow.experiment, cfg.pipeline_hash(), data["fingerprint"],
                                  only_on_new_data=cfg.schedule.only_on_new_data, force=force)
     log.info(check["reason"])
     if not check["new_data"]:
@@ -61,7 +61,7 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
             log.info(warm["reason"])
             if warm["uri"]:
                 stages[0] = {**stages[0], "resume_from_checkpoint": warm["uri"]}
-    tags = {"data_fingerprint": data["fingerprint"], "config_hash": cfg.config_hash(), "code_version": version,
+    tags = {"data_fingerprint": data["fingerprint"], "config_hash": cfg.pipeline_hash(), "code_version": version,
             "prefect_flow_run_id": str(flow_run.get_id() or ""), "profile": profile or ""}
     parent = lineage.start_parent_run(
         cfg.mlflow.experiment, f"multistage-{flow_run.get_name() or 'local'}",
