@@ -7,7 +7,7 @@ Modules, leaf first (each imports only those above it):
 - `cron`: `cron_problem` for the schedule's cron expression.
 - `stage_schema`: `ModelConfig`, `DataConfig`, `TrainingConfig`, `PlateauConfig`, `StageConfig`
   and the key classifications `ARCHITECTURE_KEYS`, `RESUME_COMPATIBLE_KEYS`.
-- `stage_file`: the seed's stage JSON files (with comments) -> `load_stage_config`.
+- `stage_file`: the stage JSON files (with comments) -> `load_stage_config`.
 - `pipeline_schema`: the pipeline sections, stage layering, `PipelineConfig`.
 - `pipeline_file`: `stages.yaml` (duplicate keys, profiles) -> `load_pipeline_config`.
 """

@@ -86,7 +86,7 @@ def secret_problem(path: str, key: str) -> str:
 
 
 def clean_config_data(data: Any, path: str, secrets: list[str]) -> Any:
-    """`data` without keys starting with `_` (the seed's `"_comment"`) and without secret-looking
+    """`data` without keys starting with `_` (e.g. `"_comment"`) and without secret-looking
     keys, at every level of nesting; each secret adds a problem line to `secrets`."""
     if isinstance(data, Mapping):
         out = {}
@@ -112,7 +112,8 @@ RETIRED_SEED_KEYS: dict[str, str] = {
     "save_safetensors": "checkpoints are always written as safetensors",
     "device": "the device is chosen at launch (CUDA when present, else CPU)",
 }
-"""Keys of the seed's `TrainingConfig` dataclass that this package deliberately does not have, and why."""
+"""Keys of the original trainer's `TrainingConfig` that this package deliberately does not have, and
+why (docs/configuration.md#stage-json-files)."""
 
 # Common abbreviations; difflib alone does not find these.
 _ALIASES: dict[str, str] = {
@@ -156,11 +157,12 @@ def suggest_key(key: str, allowed: list[str] | tuple[str, ...]) -> str | None:
 
 
 def unknown_key_problem(path: str, key: str, allowed: list[str] | tuple[str, ...] | None, otherwise: str) -> str:
-    """The problem line for an unknown `key`: a secret, a retired seed key, a likely typo, or `otherwise`."""
+    """The problem line for an unknown `key`: a secret, a retired key of the original trainer, a likely
+    typo, or `otherwise`."""
     if is_secret_key(key):
         return secret_problem(path, key)
     if key in RETIRED_SEED_KEYS:
-        return f"{path}: unknown key; the seed's {key!r} is not used here: {RETIRED_SEED_KEYS[key]}"
+        return f"{path}: unknown key; the original trainer's {key!r} is not used here: {RETIRED_SEED_KEYS[key]}"
     hint = suggest_key(key, allowed) if allowed else None
     return f"{path}: unknown key; did you mean {hint!r}?" if hint else f"{path}: unknown key ({otherwise})"
 

@@ -50,7 +50,7 @@ GateMetric = Literal["eval_loss", "task_accuracy"]
 """What the gate judges: `eval_loss` (lower is better) or `task_accuracy` (higher is better, in [0, 1])."""
 
 class GateConfig(StrictModel):
-    """What the gate after each stage decides on (the guide's "Evaluate: is performance good enough?").
+    """What the gate after each stage decides on (docs/stages.md#gate).
 
     After a stage: diverged -> retry with the divergence recipe (up to `max_diverged_retries`);
     out of memory -> retry with half the batch and twice the accumulation (up to `max_oom_retries`);
@@ -79,12 +79,13 @@ class GateConfig(StrictModel):
     """How often a stage that ran out of memory is retried with half the batch size and twice the
     gradient accumulation (the same effective batch) before the pipeline stops as failed."""
     diverged_lr_factor: float = Field(0.1, gt=0, lt=1, allow_inf_nan=False)
-    """Divergence recipe: the retry's learning rates are the failed attempt's times this (the guide: /10)."""
+    """Divergence recipe: the retry's learning rates are the failed attempt's times this
+    (docs/stages.md#retries)."""
     diverged_max_grad_norm: PositiveFloat = 0.5
-    """Divergence recipe: the retry clips gradients to at most this norm (the guide: 0.5)."""
+    """Divergence recipe: the retry clips gradients to at most this norm (docs/stages.md#retries)."""
     diverged_warmup_steps: int = Field(500, ge=0)
-    """Divergence recipe: the retry warms up for at least this many steps (the guide: 500), capped
-    at the stage's `max_steps`."""
+    """Divergence recipe: the retry warms up for at least this many steps, capped at
+    the stage's `max_steps` (docs/stages.md#retries)."""
 
     @model_validator(mode="after")
     def _target_range(self) -> GateConfig:
@@ -201,8 +202,9 @@ class PipelinePlateauConfig(PlateauConfig):
     key becomes the flat stage key `plateau_<key>` of every stage (a stage may override it)."""
 
     min_steps: PlateauMinSteps | None = None
-    """No plateau verdict before this optimizer step. Null: the guide's per-stage value, 10000 for a
-    projection-only stage (all three components frozen) and 5000 for the others."""
+    """No plateau verdict before this optimizer step. Null: the per-stage default
+    (docs/stages.md#plateau), 10000 for a projection-only stage (all three components frozen) and
+    5000 for the others."""
 
 
 class _PipelineSettings(StrictModel):

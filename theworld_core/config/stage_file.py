@@ -1,4 +1,5 @@
-"""The seed's stage files: JSON with `//` and `/* */` comments, trailing commas and `"_comment"` keys.
+"""Stage JSON files: JSON with `//` and `/* */` comments, trailing commas and `"_comment"` keys
+(docs/configuration.md#stage-json-files).
 
 `load_stage_config(path)` reads one into a `StageConfig`. The comments are blanked out in place
 (every other character keeps its position) and the standard `json` module parses the rest, so a
@@ -80,7 +81,7 @@ def strip_json_comments(text: str) -> str:
 
 
 def parse_json_with_comments(text: str, source: str | None = None) -> Any:
-    """Parse the seed's JSON dialect (JSON plus `//` and `/* */` comments and trailing commas).
+    """Parse the stage files' JSON dialect (JSON plus `//` and `/* */` comments and trailing commas).
     Duplicate keys and syntax errors raise `ConfigError` (syntax errors with line and column)."""
     try:
         cleaned = strip_json_comments(text)
@@ -113,7 +114,7 @@ def parse_json_with_comments(text: str, source: str | None = None) -> Any:
 
 
 def load_stage_config(path: str | os.PathLike[str]) -> StageConfig:
-    """Read one stage file as the seed writes it (`//` comments, `"_comment"` keys) into a
+    """Read one stage file (configs/seed/ style: `//` comments, `"_comment"` keys) into a
     `StageConfig`. Every problem is reported at once in a `ConfigError` naming the file."""
     source, text = read_config_file(path)
     try:

@@ -1,8 +1,9 @@
-"""The stage schema: what one stage of training is, as the seed's stage JSON files write it.
+"""The stage schema: what one stage of training is, as a stage JSON file writes it.
 
-The seed's files are flat (model, data and training keys side by side), so a stage config is the
-union of the groups below. Each group is also usable alone: the model code takes a `ModelConfig`,
-the data code a `DataConfig`, and both accept a full stage config because the fields are the same.
+Stage JSON files (configs/seed/; docs/configuration.md#stage-json-files) are flat (model, data and
+training keys side by side), so a stage config is the union of the groups below. Each group is
+also usable alone: the model code takes a `ModelConfig`, the data code a `DataConfig`, and both
+accept a full stage config because the fields are the same.
 
 - `ModelConfig`, `DataConfig`, `TrainingConfig` (with `PlateauConfig`): the groups.
 - `StageConfig`: their flat union plus `name`; cross-field checks live in `TrainingConfig`.
@@ -66,7 +67,7 @@ class ModelConfig(StrictModel):
     world_image_size: int = Field(256, ge=8)
     """Side in pixels of the image fed to the VAE encoder (a multiple of 8; the latent is size/8)."""
     world_projector: Literal["linear", "mlp"] = Field("linear", json_schema_extra=_ARCHITECTURE)
-    """Latent (16 channels) -> text hidden size: one linear layer as in the seed, or a 2-layer MLP."""
+    """Latent (16 channels) -> text hidden size: one linear layer (default), or a 2-layer MLP."""
     max_seq_length: int = Field(2048, ge=8)
     """Longest token sequence after world tokens are inserted; longer inputs are refused, not cut."""
 
@@ -146,7 +147,7 @@ class DataConfig(StrictModel):
 
 
 # ---------------------------------------------------------------------------------------------
-# Training: every training key of the seed's stage JSON files, same names and meanings.
+# Training: every training key of the stage JSON files (configs/seed/), same names and meanings.
 # ---------------------------------------------------------------------------------------------
 
 Component = Literal["world_projector", "gemma_vision", "gemma_language", "cosmos_vae"]
@@ -158,7 +159,7 @@ FREEZE_FLAG_OF: dict[str, str] = {
     "gemma_language": "freeze_gemma_language",
     "cosmos_vae": "freeze_cosmos_vae",
 }
-"""Component -> the seed's freeze flag that switches it (`world_projector` is always trained)."""
+"""Component -> the freeze flag that switches it (`world_projector` is always trained)."""
 
 LrSchedulerName = Literal[
     "linear",
@@ -188,13 +189,13 @@ PlateauPatienceSteps = Annotated[int, Field(ge=1)]
 PlateauMinSteps = Annotated[int, Field(ge=0)]
 
 PLATEAU_MIN_STEPS_PROJECTION_ONLY = 10000
-"""The guide's minimum steps for stage 1 (projection only)."""
+"""Default `min_steps` of a projection-only stage (docs/stages.md#plateau)."""
 PLATEAU_MIN_STEPS_LATER_STAGES = 5000
-"""The guide's minimum steps for the stages that unfreeze a pretrained component."""
+"""Default `min_steps` of a stage that unfreezes a pretrained component (docs/stages.md#plateau)."""
 
 
 class PlateauConfig(StrictModel):
-    """The plateau rule of the guide ("When to Move to Next Stage").
+    """The plateau rule (docs/stages.md#plateau).
 
     A stage has plateaued at its latest evaluation step `t` when `t >= min_steps` and either
 
@@ -209,7 +210,7 @@ class PlateauConfig(StrictModel):
 
     `theworld_core.training.plateau` implements it. The same four keys appear flat in a stage config
     as `plateau_min_improvement`, `plateau_window_steps`, `plateau_patience_steps` and
-    `plateau_min_steps` (the seed's JSON files are flat); `TrainingConfig.plateau` gives this model.
+    `plateau_min_steps` (stage JSON files are flat); `TrainingConfig.plateau` gives this model.
     A pipeline file may use this model as a nested `plateau:` section.
     """
 
@@ -217,19 +218,19 @@ class PlateauConfig(StrictModel):
 
     min_improvement: PlateauMinImprovement = 0.01
     """Relative improvement of the best validation loss over the window below which the stage has
-    plateaued (0.01 = the guide's 1%). An improvement of exactly this much counts as enough, so 0
-    switches the window rule off."""
+    plateaued (0.01 = 1%). An improvement of exactly this much counts as enough, so 0 switches the
+    window rule off."""
     window_steps: PlateauWindowSteps = 5000
-    """Length in optimizer steps of the window the improvement is measured over (the guide's 5K)."""
+    """Length in optimizer steps of the window the improvement is measured over (docs/stages.md#plateau)."""
     patience_steps: PlateauPatienceSteps = 2000
     """Optimizer steps without a new best validation loss after which the stage has plateaued (2K)."""
     min_steps: PlateauMinSteps = PLATEAU_MIN_STEPS_PROJECTION_ONLY
-    """No plateau verdict before this optimizer step (the guide: 10K for stage 1, 5K for the others)."""
+    """No plateau verdict before this optimizer step (docs/stages.md#plateau)."""
 
 
 PLATEAU_DEFAULTS = PlateauConfig()
-"""The guide's plateau rule: the defaults of the flat `plateau_*` stage keys and the pipeline's
-`plateau:` section (written once, in `PlateauConfig`)."""
+"""The plateau rule (docs/stages.md#plateau): the defaults of the flat `plateau_*` stage keys and
+the pipeline's `plateau:` section (written once, in `PlateauConfig`)."""
 
 
 @dataclass(frozen=True)
@@ -241,16 +242,16 @@ class MlflowNames:
 
 
 class TrainingConfig(StrictModel):
-    """How a stage trains: the seed's training keys, plus what the pipeline adds (plateau, seed,
-    per-component learning rates, optimizer carry-over).
+    """How a stage trains: the stage JSON files' training keys, plus what the pipeline adds (plateau,
+    seed, per-component learning rates, optimizer carry-over).
 
-    Keys starting with `_` (the seed's `"_comment"`) are dropped before validation. Fields marked
+    Keys starting with `_` (e.g. `"_comment"`) are dropped before validation. Fields marked
     `resume_compatible` may change between a crash and its resume (`RESUME_COMPATIBLE_KEYS`).
     """
 
     model_config = ConfigDict(hide_input_in_errors=True, use_attribute_docstrings=True)
 
-    # --- freezing (the seed's three flags) -------------------------------------------------
+    # --- freezing (three flags; docs/stages.md#components) -------------------------------
     freeze_gemma_vision: bool = True
     """Freeze Gemma's SigLIP vision tower and multi-modal projector (false from stage 2 on)."""
     freeze_gemma_language: bool = True
@@ -260,7 +261,7 @@ class TrainingConfig(StrictModel):
 
     # --- optimisation -------------------------------------------------------------------------
     learning_rate: PositiveFloat = 1e-4
-    """Peak learning rate of AdamW (the guide: 1e-4, 5e-5, 1e-5, 5e-6 for stages 1-4)."""
+    """Peak learning rate of AdamW (1e-4, 5e-5, 1e-5, 5e-6 in stages 1-4: docs/stages.md#the-four-stages)."""
     learning_rates: dict[Component, PositiveFloat] | None = None
     """Optional per-component peak learning rates, e.g. `{"world_projector": 1e-4, "gemma_vision":
     1e-5}`; a component without an entry uses `learning_rate`. Entries for frozen components are
@@ -277,16 +278,15 @@ class TrainingConfig(StrictModel):
     """Optimizer steps of linear learning-rate warmup from 0 to the peak (a fresh warmup each stage)."""
     lr_scheduler: LrSchedulerName = "linear"
     """Learning-rate schedule after warmup, by its `transformers.get_scheduler` name. The default is
-    `linear` (decay to 0 at the last step), which is what the seed's `train_hf.py` got from the HF
-    Trainer's default."""
+    `linear` (decay to 0 at the last step), the Hugging Face Trainer's default."""
     weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
     """AdamW decoupled weight decay."""
     max_grad_norm: PositiveFloat = 1.0
-    """Gradients are clipped to this global L2 norm before each optimizer step (0.5 in the guide's
-    divergence recipe)."""
+    """Gradients are clipped to this global L2 norm before each optimizer step (0.5 in the
+    divergence recipe, docs/stages.md#retries)."""
     divergence_grad_norm: PositiveFloat | None = 1000.0
     """A gradient norm (before clipping) above this ends the stage as diverged, as does a NaN/inf
-    loss (the guide: "Gradients > 1000"). Null: only non-finite values count as divergence."""
+    loss (docs/stages.md#gate). Null: only non-finite values count as divergence."""
     inject_fault: Literal["nan_loss", "oom"] | None = None
     """Rehearsal of the gate's failure paths: make this stage's loss NaN (`nan_loss`) or raise a
     CUDA out-of-memory error (`oom`) at optimizer step `inject_fault_step`. The gate's retry clears
@@ -296,11 +296,12 @@ class TrainingConfig(StrictModel):
 
     # --- memory -----------------------------------------------------------------------------
     use_gradient_checkpointing: bool = False
-    """Recompute activations in the backward pass to save memory (the guide: on from stage 3)."""
+    """Recompute activations in the backward pass to save memory (on from stage 3:
+    docs/stages.md#the-four-stages)."""
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     """Autocast precision. `bf16` means bf16 where the device supports it and plain fp32 elsewhere
-    (on CPU, or a GPU without bf16), so the seed's configs run unchanged on a laptop; `fp16` needs a
-    CUDA GPU; `no` is fp32 everywhere. See `effective_mixed_precision`."""
+    (on CPU, or a GPU without bf16), so the stage JSON files run unchanged on a laptop; `fp16` needs
+    a CUDA GPU; `no` is fp32 everywhere. See `effective_mixed_precision`."""
 
     # --- checkpoints --------------------------------------------------------------------------
     output_dir: str = Field("./checkpoints", json_schema_extra=_RESUME_COMPATIBLE)
@@ -313,8 +314,9 @@ class TrainingConfig(StrictModel):
     """What the stage starts from: a local folder (a stage output or a resume state), `runs:/<run
     id>/<artifact path>` (an MLflow run artifact), `models:/<name>/<version>` or
     `models:/<name>@<alias>` (the MLflow Model Registry), or a Hugging Face hub repo id `owner/name`
-    (as in the seed). A stage output starts the stage fresh (new optimizer, new warmup, step 0); a
-    resume state of the same stage continues it. See `checkpoint_source_kind`."""
+    (docs/checkpoints.md#where-a-stage-starts). A stage output starts the stage fresh (new
+    optimizer, new warmup, step 0); a resume state of the same stage continues it. See
+    `checkpoint_source_kind`."""
     carry_optimizer_state: bool = False
     """At a stage transition, carry the previous stage's AdamW moments for parameters that stay
     trainable (matched by parameter name); newly unfrozen parameters start with fresh moments. The
@@ -322,8 +324,9 @@ class TrainingConfig(StrictModel):
 
     # --- evaluation, plateau ------------------------------------------------------------------
     eval_steps: int = Field(1000, ge=1, json_schema_extra=_RESUME_COMPATIBLE)
-    """Evaluate every this many optimizer steps (and at the end of the stage). The seed's files use
-    5000; the default is 1000 so that the patience rule (2000 steps) sees more than one evaluation."""
+    """Evaluate every this many optimizer steps (and at the end of the stage). stages.yaml and
+    the stage JSON files use 5000 (docs/stages.md#steps-and-evaluation); the default is 1000 so that
+    the patience rule (2000 steps) sees more than one evaluation."""
     do_eval: bool = True
     """Run evaluation (the plateau rule and the gate need it)."""
     eval_max_samples: int | None = Field(None, ge=1)
@@ -336,18 +339,19 @@ class TrainingConfig(StrictModel):
     plateau_patience_steps: PlateauPatienceSteps = PLATEAU_DEFAULTS.patience_steps
     """Plateau rule: optimizer steps without a new best validation loss that count as a plateau."""
     plateau_min_steps: PlateauMinSteps | None = None
-    """Plateau rule: no plateau before this optimizer step. Null picks the guide's value from the
-    freeze flags: 10000 for a projection-only stage (all three components frozen), else 5000."""
+    """Plateau rule: no plateau before this optimizer step. Null picks the value
+    (docs/stages.md#plateau) from the freeze flags: 10000 for a projection-only stage (all three
+    components frozen), else 5000."""
 
     # --- logging ------------------------------------------------------------------------------
     logging_steps: int = Field(100, ge=1, json_schema_extra=_RESUME_COMPATIBLE)
     """Log training metrics (loss, learning rate, gradient norm) every this many optimizer steps."""
     log_to_wandb: bool = Field(False, json_schema_extra=_RESUME_COMPATIBLE)
-    """Accepted for the seed's files; Weights & Biases is not used: metrics always go to MLflow."""
+    """Accepted for the stage JSON files; Weights & Biases is not used: metrics always go to MLflow."""
     wandb_project: str | None = Field(None, json_schema_extra=_RESUME_COMPATIBLE)
-    """Accepted for the seed's files: used as the MLflow experiment name."""
+    """Accepted for the stage JSON files: used as the MLflow experiment name."""
     wandb_run_name: str | None = Field(None, json_schema_extra=_RESUME_COMPATIBLE)
-    """Accepted for the seed's files: used as the MLflow run name."""
+    """Accepted for the stage JSON files: used as the MLflow run name."""
     seed: int = 42
     """Seed of the training randomness (initialisation of new layers, shuffling, dropout)."""
 
@@ -362,7 +366,8 @@ class TrainingConfig(StrictModel):
     hub_model_id: str | None = Field(None, json_schema_extra=_RESUME_COMPATIBLE)
     """Hub repo `owner/name` to push to; required when `push_to_hub` is true."""
     hub_strategy: Literal["every_save", "end"] = Field("every_save", json_schema_extra=_RESUME_COMPATIBLE)
-    """When to push: at every resume-state save (`every_save`, the seed's choice) or once at the end."""
+    """When to push: at every resume-state save (`every_save`, as the stage JSON files set) or once at
+    the end."""
     hub_private_repo: bool = Field(False, json_schema_extra=_RESUME_COMPATIBLE)
     """Create the hub repo as private."""
 
@@ -426,7 +431,7 @@ class TrainingConfig(StrictModel):
 
     @property
     def freeze_flags(self) -> dict[str, bool]:
-        """The seed's three freeze flags by name, e.g. `{"freeze_gemma_vision": True, ...}` (the form
+        """The three freeze flags by name, e.g. `{"freeze_gemma_vision": True, ...}` (the form
         `theworld_core.model.components.trainable_components` takes)."""
         return {flag: getattr(self, flag) for flag in FREEZE_FLAG_OF.values()}
 
@@ -476,14 +481,14 @@ class TrainingConfig(StrictModel):
 
     def mlflow_names(self, *, default_run_name: str | None = None) -> MlflowNames:
         """The MLflow experiment and run names: `wandb_project` / `wandb_run_name` when given (the
-        seed's keys), else `DEFAULT_MLFLOW_EXPERIMENT` / `default_run_name`."""
+        stage JSON files' keys), else `DEFAULT_MLFLOW_EXPERIMENT` / `default_run_name`."""
         return MlflowNames(
             experiment=self.wandb_project or DEFAULT_MLFLOW_EXPERIMENT,
             run_name=self.wandb_run_name or default_run_name,
         )
 
     def wandb_notice(self, *, default_run_name: str | None = None) -> str | None:
-        """One line to log once when the config uses the seed's wandb keys (None when it does not)."""
+        """One line to log once when the config uses the wandb keys (None when it does not)."""
         # By value, not by "was the key written": the pipeline passes complete config dumps.
         used = [k for k in ("log_to_wandb", "wandb_project", "wandb_run_name") if getattr(self, k)]
         if not used:
@@ -502,7 +507,7 @@ def checkpoint_source_kind(value: str) -> Literal["mlflow_run", "mlflow_model", 
     - `runs:/<run id>/<artifact path>` -> `mlflow_run`
     - `models:/<name>/<version or stage>` or `models:/<name>@<alias>` -> `mlflow_model`
     - `owner/name` (exactly one slash, hub-legal characters, no leading `.`) -> `hub`; a loader
-      should still prefer a local folder of that exact relative name when one exists, as the seed did
+      should still prefer a local folder of that exact relative name when one exists
     - anything else without a URI scheme (`/abs/path`, `./rel`, `checkpoints/stage1/checkpoint-1000`,
       `C:\\...`) -> `local`
 
@@ -532,7 +537,7 @@ def checkpoint_source_kind(value: str) -> Literal["mlflow_run", "mlflow_model", 
 
 
 class StageConfig(ModelConfig, DataConfig, TrainingConfig):
-    """One stage as the seed's JSON files write it: model, data and training keys side by side.
+    """One stage as a stage JSON file writes it: model, data and training keys side by side.
 
     Views: `model_part()`, `data_part()` (the groups on their own), `freeze_flags`, `plateau`,
     `mlflow_names()`. Load a file with `load_stage_config`.
