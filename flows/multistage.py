@@ -22,8 +22,10 @@ from prefect.states import Completed
 from flows import tasks
 from theworld_core import pipeline
 from theworld_core.config import load_pipeline_config
+from theworld_core.records import StageRecord, SummaryRow
 from theworld_core.tracking import lineage
 from theworld_core.tracking.mlflow_runs import project_dir
+from theworld_core.training.gate import StageOutcome
 from theworld_core.version import code_version
 
 
@@ -41,14 +43,14 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
     stage_configs = cfg.resolved_stages()
     # The data as the stages see it (their seed included), so the fingerprint is the one they train on.
     data = tasks.prepare_data(stage_configs[0].data_part().model_dump())
-    check = tasks.check_new_data(cfg.mlflow.experiment, cfg.pipeline_hash(), data["fingerprint"],
+    check = tasks.check_new_data(cfg.mlflow.experiment, cfg.pipeline_hash(), data.fingerprint,
                                  only_on_new_data=cfg.schedule.only_on_new_data, force=force)
-    log.info(check["reason"])
-    if not check["new_data"]:
-        create_markdown_artifact(pipeline.no_new_data_markdown(check), key="no-new-data", description=check["reason"])
-        return Completed(message=check["reason"], data={
-            "no_new_data": True, "reason": check["reason"], "data_fingerprint": data["fingerprint"],
-            "previous_run_id": check["previous_run_id"], "parent_run_id": None, "stages": []})
+    log.info(check.reason)
+    if not check.new_data:
+        create_markdown_artifact(pipeline.no_new_data_markdown(check), key="no-new-data", description=check.reason)
+        return Completed(message=check.reason, data={
+            "no_new_data": True, "reason": check.reason, "data_fingerprint": data.fingerprint,
+            "previous_run_id": check.previous_run_id, "parent_run_id": None, "stages": []})
 
     stages = [stage.model_dump(mode="json") for stage in stage_configs]
     warm = None
@@ -58,35 +60,38 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
                      stages[0]["name"], stages[0]["resume_from_checkpoint"])
         else:
             warm = tasks.warm_start(cfg.mlflow.registered_model, cfg.mlflow.champion_alias, cfg.model.model_dump())
-            log.info(warm["reason"])
-            if warm["uri"]:
-                stages[0] = {**stages[0], "resume_from_checkpoint": warm["uri"]}
-    tags = {"data_fingerprint": data["fingerprint"], "config_hash": cfg.pipeline_hash(), "code_version": version,
+            log.info(warm.reason)
+            if warm.uri:
+                stages[0] = {**stages[0], "resume_from_checkpoint": warm.uri}
+    warm_start_from = warm.uri if warm else None
+    tags = {"data_fingerprint": data.fingerprint, "config_hash": cfg.pipeline_hash(), "code_version": version,
             "prefect_flow_run_id": str(flow_run.get_id() or ""), "profile": profile or ""}
     parent = lineage.start_parent_run(
         cfg.mlflow.experiment, f"multistage-{flow_run.get_name() or 'local'}",
-        {**tags, "run_kind": lineage.PIPELINE_RUN_KIND, "forced": str(force).lower(), "new_data_reason": check["reason"],
-         "warm_start_from": (warm or {}).get("uri") or "none"},
+        {**tags, "run_kind": lineage.PIPELINE_RUN_KIND, "forced": str(force).lower(), "new_data_reason": check.reason,
+         "warm_start_from": warm_start_from or "none"},
         {"stages_yaml": stages_yaml, "profile": profile, "stages": ",".join(cfg.stage_names), "force": force})
     try:
-        records, rows, champion, stopped = _train_stages(cfg, stages, data["fingerprint"], version, parent, tags)
+        records, rows, champion, stopped = _train_stages(cfg, stages, data.fingerprint, version, parent, tags)
     except BaseException:
         lineage.end_run(parent, "FAILED")
         raise
-    champion_run = next((r["run_id"] for r in records if champion and r["stage_output_uri"] == champion.stage_output_uri), None)
+    champion_run = next((r.run_id for r in records if champion and r.stage_output_uri == champion.stage_output_uri), None)
     summary = tasks.finish(parent, rows, records, champion, champion_run, cfg.mlflow.registered_model,
                            cfg.mlflow.champion_alias, str(project_dir() / "summaries" / parent), tags)
-    create_table_artifact(rows, key="stage-summary", description="TheWorld multistage: one row per stage attempt")
-    create_markdown_artifact(Path(summary["markdown"]).read_text(), key="stage-comparison",
+    row_dicts = [row.to_dict() for row in rows]
+    create_table_artifact(row_dicts, key="stage-summary", description="TheWorld multistage: one row per stage attempt")
+    create_markdown_artifact(Path(summary.markdown).read_text(), key="stage-comparison",
                              description=f"MLflow parent run {parent}")
     lineage.end_run(parent)
-    return {"no_new_data": False, "parent_run_id": parent, "champion": summary["champion"],
-            "model_version": summary["model_version"], "stopped_early": stopped, "stages": rows,
-            "data_fingerprint": data["fingerprint"], "warm_start_from": (warm or {}).get("uri"),
-            "summary_dir": str(Path(summary["markdown"]).parent)}
+    return {"no_new_data": False, "parent_run_id": parent, "champion": summary.champion,
+            "model_version": summary.model_version, "stopped_early": stopped, "stages": row_dicts,
+            "data_fingerprint": data.fingerprint, "warm_start_from": warm_start_from,
+            "summary_dir": str(Path(summary.markdown).parent)}
 
 
-def _train_stages(cfg, stages: list[dict], fingerprint: str, version: str, parent: str, tags: dict):
+def _train_stages(cfg, stages: list[dict], fingerprint: str, version: str, parent: str, tags: dict
+                  ) -> tuple[list[StageRecord], list[SummaryRow], StageOutcome | None, bool]:
     """The stage loop: train -> evaluate -> plateau -> gate, with the gate's retries."""
     log = get_run_logger()
     records, rows, successes = [], [], []
@@ -98,19 +103,19 @@ def _train_stages(cfg, stages: list[dict], fingerprint: str, version: str, paren
             record = tasks.train_stage(stage_config, upstream, fingerprint, version,
                                        output_root=cfg.output_root, parent_run_id=parent, attempt=attempt,
                                        global_step_offset=offset, tags=tags)
-            offset = record["global_end_step"]
+            offset = record.global_end_step
             evaluation = plateau = None
-            if record["stage_output_uri"]:
-                evaluation = tasks.evaluate_stage(record["stage_output_uri"], record["config"], record["run_id"],
+            if record.stage_output_uri:
+                evaluation = tasks.evaluate_stage(record.stage_output_uri, record.config, record.run_id,
                                                   version, task_samples=cfg.eval_task_samples,
                                                   generations=cfg.eval_generations)
                 plateau = tasks.check_plateau(record)
             outcome = pipeline.outcome_of(record, evaluation)
             decision = tasks.gate(outcome, successes, cfg.gate, retries_used=retries,
-                                  is_last_stage=index == len(stages) - 1, run_id=record["run_id"], plateau=plateau)
+                                  is_last_stage=index == len(stages) - 1, run_id=record.run_id, plateau=plateau)
             records.append(record)
             rows.append(pipeline.summary_row(record, evaluation, plateau, decision))
-            log.info("stage %s attempt %d: %s -> %s: %s", stage_config["name"], attempt, record["status"],
+            log.info("stage %s attempt %d: %s -> %s: %s", stage_config["name"], attempt, record.status,
                      decision.action, decision.reason)
             if decision.action != "retry":
                 break

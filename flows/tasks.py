@@ -2,22 +2,34 @@
 
 Training and evaluation are cached by what determines their result (stage config, upstream stage
 output, data fingerprint, code version), never by run ids, so a rerun after a crash skips the
-stages that finished and the interrupted one resumes from its own resume state.
+stages that finished and the interrupted one resumes from its own resume state. Their results
+(a `StageRecord`, an `EvalReport`) are persisted as JSON by `RECORD_SERIALIZER` and come back from
+the cache as the same types.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from typing import TYPE_CHECKING
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
+from prefect.serializers import JSONSerializer
 
 from theworld_core import pipeline
+from theworld_core.records import StageRecord
+
+if TYPE_CHECKING:
+    from theworld_core.training.evaluation import EvalReport  # imports torch
+
+RECORD_SERIALIZER = JSONSerializer(object_encoder="theworld_core.records.json_default",
+                                   object_decoder="theworld_core.records.json_object_hook")
+"""Persists the pipeline's records through their `to_dict()` / `from_dict()`, readable on disk."""
 
 
 def _train_cache_key(context, parameters) -> str:
-    return "train-" + pipeline.stage_key(
+    return "train-" + pipeline.stage_content_key(
         parameters["stage_config"], parameters["upstream_uri"], parameters["data_fingerprint"], parameters["code_version"]
     )
 
@@ -31,18 +43,21 @@ def _evaluate_cache_key(context, parameters) -> str:
 prepare_data = task(name="prepare-data", cache_policy=NO_CACHE)(pipeline.prepare_data_step)
 
 
-@task(name="train-stage", cache_key_fn=_train_cache_key, persist_result=True, task_run_name="train-{stage_config[name]}")
+@task(name="train-stage", cache_key_fn=_train_cache_key, persist_result=True, result_serializer=RECORD_SERIALIZER,
+      task_run_name="train-{stage_config[name]}")
 def train_stage(stage_config: dict, upstream_uri: str | None, data_fingerprint: str, code_version: str, *,
-                output_root: str, parent_run_id: str, attempt: int, global_step_offset: int, tags: dict) -> dict:
+                output_root: str, parent_run_id: str, attempt: int, global_step_offset: int,
+                tags: dict) -> StageRecord:
     return pipeline.train_stage_step(
         stage_config, upstream_uri, data_fingerprint, code_version, output_root=output_root,
         parent_run_id=parent_run_id, attempt=attempt, global_step_offset=global_step_offset, tags=tags,
     )
 
 
-@task(name="evaluate-stage", cache_key_fn=_evaluate_cache_key, persist_result=True)
+@task(name="evaluate-stage", cache_key_fn=_evaluate_cache_key, persist_result=True,
+      result_serializer=RECORD_SERIALIZER)
 def evaluate_stage(stage_output_uri: str, stage_config: dict, run_id: str, code_version: str, *,
-                   task_samples: int, generations: int) -> dict:
+                   task_samples: int, generations: int) -> EvalReport:
     return pipeline.evaluate_stage_step(stage_output_uri, stage_config, run_id,
                                         task_samples=task_samples, generations=generations)
 

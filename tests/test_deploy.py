@@ -240,28 +240,28 @@ def test_new_data_decision(own_mlflow_store):
     def check(fingerprint="fp-a", config="cfg-1", **kw):
         return new_data_step("exp", config, fingerprint, **{"only_on_new_data": True, "force": False, **kw})
 
-    assert check()["new_data"] and "no earlier successful" in check()["reason"]
+    assert check().new_data and "no earlier successful" in check().reason
     first = lineage.start_parent_run("exp", "one", {"run_kind": "pipeline", "config_hash": "cfg-1",
                                                     "data_fingerprint": "fp-a", "champion": "vision"}, {})
-    assert check()["new_data"], "a RUNNING run is no reference"
+    assert check().new_data, "a RUNNING run is no reference"
     lineage.end_run(first)
     stage = lineage.start_parent_run("exp", "stage", {"run_kind": "stage", "config_hash": "cfg-1",
                                                       "data_fingerprint": "fp-b"}, {})
     lineage.end_run(stage)  # a stage run never counts
     same = check()
-    assert not same["new_data"] and same["previous_run_id"] == first and same["reason"].startswith("no new data")
-    assert check("fp-b")["new_data"] and check("fp-b")["previous_run_id"] == first
-    assert check(config="cfg-2")["new_data"]
-    assert check(force=True)["new_data"] and check(only_on_new_data=False)["new_data"]
+    assert not same.new_data and same.previous_run_id == first and same.reason.startswith("no new data")
+    assert check("fp-b").new_data and check("fp-b").previous_run_id == first
+    assert check(config="cfg-2").new_data
+    assert check(force=True).new_data and check(only_on_new_data=False).new_data
     failed = lineage.start_parent_run("exp", "two", {"run_kind": "pipeline", "config_hash": "cfg-1",
                                                      "data_fingerprint": "fp-b", "champion": "vision"}, {})
     lineage.end_run(failed, "FAILED")
-    assert check("fp-b")["new_data"], "a failed run is no reference"
+    assert check("fp-b").new_data, "a failed run is no reference"
     no_champion = lineage.start_parent_run("exp", "three", {"run_kind": "pipeline", "config_hash": "cfg-1",
                                                             "data_fingerprint": "fp-b", "champion": "none"}, {})
     lineage.end_run(no_champion)
-    assert check("fp-b")["new_data"], "a run whose every stage failed is no reference"
-    assert not check("fp-a")["new_data"]
+    assert check("fp-b").new_data, "a run whose every stage failed is no reference"
+    assert not check("fp-a").new_data
 
 
 def test_warm_start_checks_the_champion_architecture(own_mlflow_store, tmp_path):
@@ -273,7 +273,7 @@ def test_warm_start_checks_the_champion_architecture(own_mlflow_store, tmp_path)
     from theworld_core.tracking import lineage
 
     model = ModelConfig(model_name="tiny", cosmos_model_name="tiny", world_tokens=4, world_image_size=32).model_dump()
-    assert warm_start_step("m", "champion", model)["uri"] is None
+    assert warm_start_step("m", "champion", model).uri is None
     folder = tmp_path / "stage_output"
     folder.mkdir()
     (folder / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
@@ -283,9 +283,9 @@ def test_warm_start_checks_the_champion_architecture(own_mlflow_store, tmp_path)
     lineage.end_run(run)
     assert lineage.register_champion(run, "m", "champion", {}) == 1
     same = warm_start_step("m", "champion", model)
-    assert same["uri"] == "models:/m/1" and same["version"] == 1, same
+    assert same.uri == "models:/m/1" and same.version == 1, same
     other = warm_start_step("m", "champion", {**model, "world_tokens": 16})
-    assert other["uri"] is None and "world_tokens: champion 4, config 16" in other["reason"], other
+    assert other.uri is None and "world_tokens: champion 4, config 16" in other.reason, other
 
 
 def test_stage_lock_makes_the_second_wait(tmp_path):
@@ -541,12 +541,13 @@ from theworld_core.tracking import lineage
 stages_yaml, name, out = sys.argv[1:4]
 cfg = load_pipeline_config(stages_yaml, profile="tiny")
 stage = cfg.resolved_stages()[0].model_dump(mode="json")
-fingerprint = pipeline.prepare_data_step(cfg.data.model_dump())["fingerprint"]
+fingerprint = pipeline.prepare_data_step(cfg.data.model_dump()).fingerprint
 parent = lineage.start_parent_run(cfg.mlflow.experiment, name, {"run_kind": "pipeline"}, {})
 record = pipeline.train_stage_step(stage, None, fingerprint, "test-code", output_root=cfg.output_root,
                                    parent_run_id=parent, attempt=1, global_step_offset=0, tags={})
 lineage.end_run(parent)
-open(out, "w").write(json.dumps({k: record[k] for k in ("run_id", "status", "steps", "stage_output_uri", "stage_key")}))
+fields = ("run_id", "status", "steps", "stage_output_uri", "content_key")
+open(out, "w").write(json.dumps({k: v for k, v in record.to_dict().items() if k in fields}))
 """
 
 
@@ -585,7 +586,7 @@ def test_two_runs_of_the_same_stage_do_not_clobber(theworld_home, tmp_path):
     logs = {n: tail(tmp_path / f"{n}.log") for n in ("a", "b")}
     assert [p.returncode for p in procs] == [0, 0], logs
     a, b = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("a", "b"))
-    assert a["stage_key"] == b["stage_key"] and a["status"] == b["status"] == "completed", (a, b)
+    assert a["content_key"] == b["content_key"] and a["status"] == b["status"] == "completed", (a, b)
     assert a["steps"] == b["steps"] == 10 and a["run_id"] != b["run_id"]
     folders = [p for p in (tmp_path / "stages").iterdir() if p.is_dir()]
     assert len(folders) == 1 and (folders[0] / "final").is_dir(), folders

@@ -1,8 +1,8 @@
 """The pipeline's steps as plain functions; `flows/` wraps each in a Prefect task.
 
-Each step takes and returns small JSON-serialisable values (configs as dicts, URIs, numbers),
-never models, so Prefect can cache and persist them and a crash loses nothing but the step
-in progress.
+Each step takes small JSON-serialisable values (configs as dicts, URIs, numbers) and returns a typed
+record (`theworld_core.records`, `EvalReport`, `PlateauVerdict`, `GateDecision`), never models, so
+Prefect can cache and persist them and a crash loses nothing but the step in progress.
 """
 
 from __future__ import annotations
@@ -12,24 +12,27 @@ import fcntl
 import hashlib
 import json
 import logging
-import math
-import time
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from theworld_core.config import GateConfig, PlateauConfig, StageConfig
+from theworld_core.config import ARCHITECTURE_KEYS, GateConfig, StageConfig
+from theworld_core.records import NewDataCheck, PipelineSummary, PreparedData, StageRecord, SummaryRow, WarmStart
 from theworld_core.tracking import lineage
 from theworld_core.training.gate import GateDecision, StageOutcome, decide
-from theworld_core.training.plateau import plateau_verdict
+from theworld_core.training.plateau import PlateauVerdict, plateau_verdict
+
+if TYPE_CHECKING:
+    from theworld_core.training.evaluation import EvalReport  # imports torch
 
 SUCCESS = ("completed", "plateaued")
 log = logging.getLogger("theworld.pipeline")
 
 
-def stage_key(stage_config: dict[str, Any], upstream_uri: str | None, data_fingerprint: str, code_version: str) -> str:
-    """What identifies a stage's work: its config (without output_dir), its input, the data, the code.
+def stage_content_key(stage_config: dict[str, Any], upstream_uri: str | None, data_fingerprint: str,
+                      code_version: str) -> str:
+    """The content key of a stage's work: its config (without output_dir), its input, the data, the code.
 
     Run ids are deliberately not part of it, so a rerun after a crash finds the same key, the same
     output folder (and resume state) and the same cached result.
@@ -39,15 +42,15 @@ def stage_key(stage_config: dict[str, Any], upstream_uri: str | None, data_finge
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def prepare_data_step(data_config: dict[str, Any]) -> dict[str, Any]:
+def prepare_data_step(data_config: dict[str, Any]) -> PreparedData:
     """Fingerprint and split the data once up front, so a bad source fails before any stage."""
     from theworld_core.config import DataConfig
     from theworld_core.data import prepare_data
 
     prepared = prepare_data(DataConfig(**data_config))
     stats = prepared.stats
-    return {"fingerprint": prepared.fingerprint, "train": stats.train, "eval": stats.eval, "bad": stats.bad,
-            "bad_reasons": dict(stats.bad_reasons)}
+    return PreparedData(fingerprint=prepared.fingerprint, train=stats.train, eval=stats.eval, bad=stats.bad,
+                        bad_reasons=dict(stats.bad_reasons))
 
 
 def train_stage_step(
@@ -61,11 +64,11 @@ def train_stage_step(
     attempt: int,
     global_step_offset: int,
     tags: dict[str, str],
-) -> dict[str, Any]:
+) -> StageRecord:
     """Train one stage attempt in its own MLflow child run; returns its record."""
     from theworld_core.training.trainer import train_stage
 
-    key = stage_key(stage_config, upstream_uri, data_fingerprint, code_version)
+    key = stage_content_key(stage_config, upstream_uri, data_fingerprint, code_version)
     name = stage_config["name"]
     cfg = StageConfig(**{**stage_config, "output_dir": str(Path(output_root) / f"{name}-{key[:12]}"),
                          "resume_from_checkpoint": upstream_uri or stage_config.get("resume_from_checkpoint")})
@@ -86,29 +89,28 @@ def train_stage_step(
             raise
     train_history = lineage.metric_history(run_id, "train/loss")
     lineage.end_run(run_id, "FINISHED" if result.status in SUCCESS else "FAILED")
-    return {
-        "stage": name,
-        "attempt": attempt,
-        "run_id": run_id,
-        "stage_key": key,
-        "status": result.status,
-        "reason": result.reason,
-        "steps": result.steps,
-        "global_end_step": global_step_offset + result.steps,
-        "eval_history": [[global_step_offset + s, v] for s, v in result.eval_history],
-        "stage_eval_history": result.eval_history,
-        "train_loss_history": train_history,
-        "stage_output_uri": lineage.stage_output_uri(run_id) if result.stage_output else None,
-        "trainable": result.trainable,
-        "evidence": result.evidence,
-        "config": cfg.model_dump(mode="json"),
-    }
+    return StageRecord(
+        stage=name,
+        attempt=attempt,
+        run_id=run_id,
+        content_key=key,
+        status=result.status,
+        reason=result.reason,
+        steps=result.steps,
+        global_end_step=global_step_offset + result.steps,
+        eval_history=[[global_step_offset + s, v] for s, v in result.eval_history],
+        stage_eval_history=[[s, v] for s, v in result.eval_history],
+        train_loss_history=[[s, v] for s, v in train_history],
+        stage_output_uri=lineage.stage_output_uri(run_id) if result.stage_output else None,
+        trainable=dict(result.trainable),
+        evidence=dict(result.evidence),
+        config=cfg.model_dump(mode="json"),
+    )
 
 
 def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run_id: str, *,
-                        task_samples: int, generations: int) -> dict[str, Any]:
+                        task_samples: int, generations: int) -> EvalReport:
     """Held-out loss, task metric and sample generations of a stage output; logged to its run."""
-    import mlflow
 
     from theworld_core.data import prepare_data
     from theworld_core.model.theworld import TheWorld
@@ -126,26 +128,26 @@ def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run
     c.log_metric(run_id, "eval/exact_match", report.exact_match)
     c.log_dict(run_id, {"samples": report.samples}, "evaluation/generations.json")
     c.log_metric(run_id, "time/evaluate_s", time.perf_counter() - started)
-    return report.to_dict()
+    return report
 
 
-def plateau_step(record: dict[str, Any]) -> dict[str, Any]:
+def plateau_step(record: StageRecord) -> PlateauVerdict:
     """The plateau verdict for a finished attempt, from its eval history, with its numbers."""
-    cfg = StageConfig(**record["config"])
-    history = [(int(s), float(v)) for s, v in record["stage_eval_history"]]
-    verdict = plateau_verdict(history, cfg.plateau, max_steps=cfg.max_steps)
-    return verdict.to_dict()
+    cfg = StageConfig(**record.config)
+    history = [(int(s), float(v)) for s, v in record.stage_eval_history]
+    return plateau_verdict(history, cfg.plateau, max_steps=cfg.max_steps)
 
 
-def outcome_of(record: dict[str, Any], evaluation: dict[str, Any] | None) -> StageOutcome:
-    cfg = record["config"]
+def outcome_of(record: StageRecord, evaluation: EvalReport | None) -> StageOutcome:
+    """The attempt as the gate sees it."""
+    cfg = record.config
     return StageOutcome(
-        name=record["stage"],
-        attempt=record["attempt"],
-        status=record["status"],
-        eval_loss=(evaluation or {}).get("eval_loss"),
-        task_accuracy=(evaluation or {}).get("task_accuracy"),
-        steps=record["steps"],
+        name=record.stage,
+        attempt=record.attempt,
+        status=record.status,
+        eval_loss=evaluation.eval_loss if evaluation else None,
+        task_accuracy=evaluation.task_accuracy if evaluation else None,
+        steps=record.steps,
         batch_size=cfg["batch_size"],
         gradient_accumulation_steps=cfg["gradient_accumulation_steps"],
         learning_rate=cfg["learning_rate"],
@@ -153,19 +155,19 @@ def outcome_of(record: dict[str, Any], evaluation: dict[str, Any] | None) -> Sta
         max_grad_norm=cfg["max_grad_norm"],
         warmup_steps=cfg["warmup_steps"],
         max_steps=cfg.get("max_steps"),
-        stage_output_uri=record.get("stage_output_uri"),
-        reason=record["reason"],
-        evidence=record.get("evidence") or {},
+        stage_output_uri=record.stage_output_uri,
+        reason=record.reason,
+        evidence=record.evidence or {},
     )
 
 
 def gate_step(outcome: StageOutcome, earlier: list[StageOutcome], gate: GateConfig, *, retries_used: int,
-              is_last_stage: bool, run_id: str, plateau: dict[str, Any] | None) -> GateDecision:
+              is_last_stage: bool, run_id: str, plateau: PlateauVerdict | None) -> GateDecision:
     """The gate's decision for one attempt, recorded as tags on its MLflow run."""
     decision = decide(outcome, earlier, gate, retries_used=retries_used, is_last_stage=is_last_stage)
     lineage.set_tags(run_id, {
-        "plateau_verdict": (plateau or {}).get("code", "n/a"),
-        "plateau_reason": (plateau or {}).get("reason", ""),
+        "plateau_verdict": plateau.code if plateau else "n/a",
+        "plateau_reason": plateau.reason if plateau else "",
         "gate_decision": decision.action,
         "gate_reason": decision.reason,
         "gate_numbers": json.dumps(decision.numbers, default=str),
@@ -173,103 +175,96 @@ def gate_step(outcome: StageOutcome, earlier: list[StageOutcome], gate: GateConf
     return decision
 
 
-def finish_step(parent_run_id: str, rows: list[dict[str, Any]], records: list[dict[str, Any]],
+def finish_step(parent_run_id: str, rows: list[SummaryRow], records: list[StageRecord],
                 champion: StageOutcome | None, champion_run_id: str | None, registered_model: str, alias: str,
-                workdir: str, tags: dict[str, str]) -> dict[str, Any]:
+                workdir: str, tags: dict[str, str]) -> PipelineSummary:
     """Register the champion (alias) and log the stage comparison plot and table to the parent run."""
     version = None
     if champion is not None and champion_run_id is not None:
         version = lineage.register_champion(champion_run_id, registered_model, alias,
                                             {**tags, "stage": champion.name})
     plot_stages = [
-        {"label": r["stage"] + (f" #{r['attempt']}" if r["attempt"] > 1 else ""), "train_loss_history": r["train_loss_history"],
-         "eval_loss_history": r["eval_history"], "global_end_step": r["global_end_step"], "decision": row["decision"]}
+        {"label": r.label, "train_loss_history": r.train_loss_history, "eval_loss_history": r.eval_history,
+         "global_end_step": r.global_end_step, "decision": row.decision}
         for r, row in zip(records, rows)
     ]
-    paths = lineage.log_summary(parent_run_id, rows, plot_stages, champion.name if champion else None, Path(workdir))
+    paths = lineage.log_summary(parent_run_id, [row.to_dict() for row in rows], plot_stages,
+                                champion.name if champion else None, Path(workdir))
     lineage.set_tags(parent_run_id, {"champion": champion.name if champion else "none",
                                      "champion_version": version or "none"})
-    return {"champion": champion.name if champion else None, "model_version": version, **paths}
+    return PipelineSummary(champion=champion.name if champion else None, model_version=version, **paths)
 
 
-def summary_row(record: dict[str, Any], evaluation: dict[str, Any] | None, plateau: dict[str, Any] | None,
-                decision: GateDecision) -> dict[str, Any]:
-    return {
-        "stage": record["stage"],
-        "attempt": record["attempt"],
-        "status": record["status"],
-        "steps": record["steps"],
-        "eval_loss": (evaluation or {}).get("eval_loss"),
-        "task_accuracy": (evaluation or {}).get("task_accuracy"),
-        "stage_reason": record["reason"],
-        "plateau": (plateau or {}).get("code"),
-        "decision": decision.action,
-        "decision_reason": decision.reason,
-        "run_id": record["run_id"],
-        "stage_output_uri": record.get("stage_output_uri"),
-    }
-
-
-def finite(value) -> bool:
-    return value is not None and math.isfinite(value)
+def summary_row(record: StageRecord, evaluation: EvalReport | None, plateau: PlateauVerdict | None,
+                decision: GateDecision) -> SummaryRow:
+    return SummaryRow(
+        stage=record.stage,
+        attempt=record.attempt,
+        status=record.status,
+        steps=record.steps,
+        eval_loss=evaluation.eval_loss if evaluation else None,
+        task_accuracy=evaluation.task_accuracy if evaluation else None,
+        stage_reason=record.reason,
+        plateau=plateau.code if plateau else None,
+        decision=decision.action,
+        decision_reason=decision.reason,
+        run_id=record.run_id,
+        stage_output_uri=record.stage_output_uri,
+    )
 
 
 # --- operating it: new data, warm start, overlapping runs ---------------------------------------
 
 
 def new_data_step(experiment: str, config_hash: str, fingerprint: str, *, only_on_new_data: bool,
-                  force: bool) -> dict[str, Any]:
-    """Whether this pipeline run trains: {new_data, reason, fingerprint, previous_run_id, ...}.
+                  force: bool) -> NewDataCheck:
+    """Whether this pipeline run trains (`new_data`), and why (`reason`).
 
     It does not (`new_data` False) when `only_on_new_data` is set, the run is not forced, and the
     data fingerprint equals the `data_fingerprint` tag of the newest successful pipeline parent run
     (FINISHED, with a champion) with the same `config_hash` in the experiment. A changed config
     therefore always trains; so does a first run, or one whose last attempt failed.
     """
-    check = {"new_data": True, "fingerprint": fingerprint, "config_hash": config_hash, "experiment": experiment,
-             "previous_run_id": None, "previous_run_name": None, "previous_fingerprint": None}
+    def check(reason: str, new_data: bool = True, **previous_run) -> NewDataCheck:
+        return NewDataCheck(new_data=new_data, reason=reason, fingerprint=fingerprint, config_hash=config_hash,
+                            experiment=experiment, **previous_run)
+
     if force:
-        return {**check, "reason": "forced run (force=True): the data check is skipped"}
+        return check("forced run (force=True): the data check is skipped")
     if not only_on_new_data:
-        return {**check, "reason": "schedule.only_on_new_data is false: every run trains"}
+        return check("schedule.only_on_new_data is false: every run trains")
     previous = lineage.last_pipeline_run(experiment, config_hash)
     if previous is None:
-        return {**check, "reason": f"no earlier successful pipeline run of config {config_hash[:12]} in experiment "
-                                   f"{experiment!r}"}
-    check.update(previous_run_id=previous["run_id"], previous_run_name=previous["run_name"],
-                 previous_fingerprint=previous["data_fingerprint"])
+        return check(f"no earlier successful pipeline run of config {config_hash[:12]} in experiment {experiment!r}")
+    previous_run = {"previous_run_id": previous["run_id"], "previous_run_name": previous["run_name"],
+                    "previous_fingerprint": previous["data_fingerprint"]}
     if previous["data_fingerprint"] == fingerprint:
-        return {**check, "new_data": False,
-                "reason": f"no new data: fingerprint {fingerprint[:16]} equals that of the last successful run "
-                          f"{previous['run_id']} ({previous['run_name']})"}
-    return {**check, "reason": f"new data: fingerprint {fingerprint[:16]} differs from "
-                               f"{str(previous['data_fingerprint'])[:16]} of the last successful run {previous['run_id']}"}
+        return check(f"no new data: fingerprint {fingerprint[:16]} equals that of the last successful run "
+                     f"{previous['run_id']} ({previous['run_name']})", new_data=False, **previous_run)
+    return check(f"new data: fingerprint {fingerprint[:16]} differs from {str(previous['data_fingerprint'])[:16]} "
+                 f"of the last successful run {previous['run_id']}", **previous_run)
 
 
-def no_new_data_markdown(check: dict[str, Any]) -> str:
+def no_new_data_markdown(check: NewDataCheck) -> str:
     """The Prefect artifact of a run that ended with "no new data"."""
     return (
         "# No new data\n\n"
         "This run did not train: the data is unchanged since the last successful pipeline run of the same config.\n\n"
         "| | |\n|---|---|\n"
-        f"| data fingerprint | `{check['fingerprint']}` |\n"
-        f"| earlier MLflow run | `{check['previous_run_id']}` ({check['previous_run_name']}) |\n"
-        f"| config hash | `{check['config_hash']}` |\n"
-        f"| experiment | {check['experiment']} |\n\n"
+        f"| data fingerprint | `{check.fingerprint}` |\n"
+        f"| earlier MLflow run | `{check.previous_run_id}` ({check.previous_run_name}) |\n"
+        f"| config hash | `{check.config_hash}` |\n"
+        f"| experiment | {check.experiment} |\n\n"
         "Add data (`theworld data add ... --notify`) or rerun regardless with `theworld run --force` "
         "(deployment parameter `force: true`).\n"
     )
 
 
-ARCHITECTURE_KEYS = ("model_name", "model_revision", "cosmos_model_name", "cosmos_revision", "enable_world",
-                     "world_tokens", "max_world_steps", "world_projector")
-"""ModelConfig keys that decide the parameters' names and shapes (a stage output fits only an equal base)."""
 
-
-def warm_start_step(registered_model: str, alias: str, model_config: dict[str, Any]) -> dict[str, Any]:
-    """Where a rerun's first stage starts when `schedule.warm_start_from_champion` is set:
-    {uri, version, reason}; `uri` None means from the pretrained bases (no champion, or one trained
-    on another architecture; `reason` says which).
+def warm_start_step(registered_model: str, alias: str, model_config: dict[str, Any]) -> WarmStart:
+    """Where a rerun's first stage starts when `schedule.warm_start_from_champion` is set; `uri` None
+    means from the pretrained bases (no champion, or one trained on another architecture; `reason`
+    says which).
 
     The alias is resolved to its version (`models:/<name>/<version>`), so the stage's content key
     and output folder change when the champion does.
@@ -279,22 +274,22 @@ def warm_start_step(registered_model: str, alias: str, model_config: dict[str, A
     alias_uri = f"models:/{registered_model}@{alias}"
     version = lineage.champion_version(registered_model, alias)
     if version is None:
-        return {"uri": None, "version": None, "reason": f"no registered champion {alias_uri}: stage 1 starts fresh"}
+        return WarmStart(uri=None, version=None, reason=f"no registered champion {alias_uri}: stage 1 starts fresh")
     uri = f"models:/{registered_model}/{version}"
     try:
         manifest = read_manifest(resolve_source(uri))
     except (StageOutputError, OSError, ValueError) as error:
-        return {"uri": None, "version": version, "reason": f"champion {alias_uri} (version {version}) cannot be read "
-                                                           f"({error}): stage 1 starts fresh"}
+        return WarmStart(uri=None, version=version, reason=f"champion {alias_uri} (version {version}) cannot be read "
+                                                           f"({error}): stage 1 starts fresh")
     saved = manifest.get("model_config") or {}
     wanted = {k: v for k, v in model_config.items() if k in ARCHITECTURE_KEYS}
     differs = [f"{k}: champion {saved.get(k)!r}, config {wanted.get(k)!r}" for k in ARCHITECTURE_KEYS
                if k in wanted and saved.get(k) != wanted[k]]
     if differs:
-        return {"uri": None, "version": version,
-                "reason": f"champion {alias_uri} (version {version}) has another architecture ({'; '.join(differs)}): "
-                          "stage 1 starts fresh"}
-    return {"uri": uri, "version": version, "reason": f"stage 1 warm-starts from champion {alias_uri} = {uri}"}
+        return WarmStart(uri=None, version=version,
+                         reason=f"champion {alias_uri} (version {version}) has another architecture "
+                                f"({'; '.join(differs)}): stage 1 starts fresh")
+    return WarmStart(uri=uri, version=version, reason=f"stage 1 warm-starts from champion {alias_uri} = {uri}")
 
 
 @contextlib.contextmanager
