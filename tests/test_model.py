@@ -270,6 +270,106 @@ def test_padding_and_loss_over_answer_tokens_only(make) -> None:
     assert abs(float(leaked_loss) - float(loss)) > 1e-3
 
 
+def _full_logits_loss(m: TheWorld, batch, reduction: str) -> torch.Tensor:
+    """The loss as computed before: cross entropy over the full (B, T, V) logits, ignoring unlabelled positions."""
+    logits, _ = m(**{k: v for k, v in batch.items() if k != "labels"})
+    assert logits.dim() == 3 and logits.shape[-1] == m.gemma.config.text_config.vocab_size
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )
+
+
+def _loss_and_grads(m: TheWorld, compute) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    m.zero_grad(set_to_none=True)
+    loss = compute()
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in m.named_parameters() if p.grad is not None}
+    m.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+@pytest.fixture(scope="module")
+def fp32_all_trainable(make) -> TheWorld:
+    m = make(seed=21, dtype=torch.float32)
+    m.set_trainable(trainable_components(SEED_STAGES["stage4_full"]))
+    return m
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("chunk_rows", [None, 3])
+def test_answer_loss_equals_the_full_logits_loss(fp32_all_trainable, reduction, chunk_rows, monkeypatch) -> None:
+    """Same value (1e-6) and same gradients as cross entropy over the full logits, chunked or not."""
+    from theworld_core.model.inputs import answer_token_count
+
+    m = fp32_all_trainable
+    if chunk_rows is not None:
+        monkeypatch.setattr(m, "loss_chunk_rows", chunk_rows)
+    batch = _batch(m, answers=("red", "a blue square at the top left of the picture"))
+    assert chunk_rows is None or answer_token_count(batch["labels"]) > 2 * chunk_rows  # really several chunks
+    ours, ours_grads = _loss_and_grads(m, lambda: m(**batch, loss_reduction=reduction)[1])
+    full, full_grads = _loss_and_grads(m, lambda: _full_logits_loss(m, batch, reduction))
+    assert ours.dtype == torch.float32
+    assert abs(float(ours) - float(full)) <= 1e-6 * max(1.0, abs(float(full)))
+    assert set(ours_grads) == set(full_grads) and {_component(n) for n in ours_grads} == set(PREFIXES)
+    for name, grad in ours_grads.items():
+        # fp32 summation order differs (gathered rows, chunks): equal up to rounding noise.
+        scale = float(full_grads[name].abs().max())
+        torch.testing.assert_close(grad, full_grads[name], rtol=1e-5, atol=1e-6 * max(scale, 1.0), msg=name)
+    if reduction == "sum":  # the sum is the mean times the answer tokens the trainer divides by
+        mean = m(**batch)[1]
+        torch.testing.assert_close(ours, mean.detach() * answer_token_count(batch["labels"]), rtol=1e-6, atol=0)
+
+
+def test_loss_never_materialises_the_full_logits(fp32_all_trainable) -> None:
+    """lm_head sees the answer positions only: N_answer rows, not batch x sequence."""
+    from theworld_core.model.inputs import answer_token_count
+
+    m = fp32_all_trainable
+    batch = _batch(m)
+    n_answer = answer_token_count(batch["labels"])
+    assert 0 < n_answer < batch["input_ids"].numel() // 4
+    seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+    hook = m.gemma.lm_head.register_forward_hook(lambda mod, args, out: seen.append((tuple(args[0].shape), tuple(out.shape))))
+    try:
+        m.train()
+        logits, loss = m(**batch)
+        loss.backward()
+        with torch.no_grad():
+            _, eval_loss = m.eval()(**batch, loss_reduction="sum")
+    finally:
+        hook.remove()
+        m.zero_grad(set_to_none=True)
+        m.eval()
+    vocab = m.gemma.config.text_config.vocab_size
+    assert logits is None and torch.isfinite(loss) and torch.isfinite(eval_loss)
+    hidden = m.gemma.config.text_config.hidden_size
+    assert seen == [((n_answer, hidden), (n_answer, vocab))] * 2, seen
+
+
+def test_final_logit_softcapping_is_respected(make) -> None:
+    m = make(seed=22, dtype=torch.float32)
+    batch = _batch(m)
+    with torch.no_grad():
+        plain_loss = m(**batch)[1]
+        text_config = m.gemma.config.text_config
+        text_config.final_logit_softcapping = 0.05  # small enough to squash every logit
+        try:
+            capped_loss = m(**batch)[1]
+            capped_full = _full_logits_loss(m, batch, "mean")
+            logits = _logits(m, batch)
+        finally:
+            text_config.final_logit_softcapping = None
+    assert logits.abs().max() <= 0.05
+    assert abs(float(capped_loss) - float(capped_full)) < 1e-6
+    assert abs(float(capped_loss) - float(plain_loss)) > 1e-2
+
+
+def test_bad_loss_reduction_names_the_value(model) -> None:
+    with pytest.raises(ValueError, match=r"loss_reduction='none'.*mean.*sum"):
+        model(**_batch(model), loss_reduction="none")
+
+
 # ------------------------------------------------------------------------------------ 3. freeze audit
 
 

@@ -65,6 +65,7 @@ class TheWorld(nn.Module):
             if processor is not None
             else None
         )
+        self.loss_chunk_rows = LOSS_CHUNK_ROWS
         # Components whose weights differ from the pretrained base: what a stage output must hold.
         self.trained_components: set[str] = {"world_projector"}
 
@@ -187,15 +188,17 @@ class TheWorld(nn.Module):
         return None, self._answer_loss(out.last_hidden_state, labels, loss_reduction)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """`lm_head`, then the final logit soft-capping where the config sets one (Gemma 3 does not)."""
+        """`lm_head`, then the final logit soft-capping where the text config sets one.
+
+        Gemma 3 sets none; `Gemma3ForConditionalGeneration` would ignore one, `Gemma3ForCausalLM` applies it.
+        """
         return self._softcap(self.gemma.lm_head(hidden))
 
     def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
         cap = getattr(self.gemma.config.get_text_config(), "final_logit_softcapping", None)
         return logits if cap is None else torch.tanh(logits / cap) * cap
 
-    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str,
-                     chunk_rows: int = LOSS_CHUNK_ROWS) -> torch.Tensor:
+    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
         """Summed or mean fp32 cross entropy of the next token at the labelled positions only.
 
         Position t predicts token t+1, so the rows are the hidden states at t where labels[t+1] is set.
@@ -203,6 +206,7 @@ class TheWorld(nn.Module):
         mask = answer_positions(labels)
         rows = hidden[:, :-1][mask]  # (N, H): gathered before lm_head
         targets = labels[:, 1:][mask]
+        chunk_rows = self.loss_chunk_rows
         if rows.shape[0] <= chunk_rows:
             total = self._chunk_loss(rows, targets)
         else:
