@@ -67,7 +67,7 @@ def test_tiny_checkpoints_are_bf16_like_the_real_ones(tiny_paths) -> None:
     weights = [tiny_paths.gemma / "model.safetensors", tiny_paths.cosmos / "vae" / "diffusion_pytorch_model.safetensors"]
     for path in weights:
         with safe_open(str(path), "pt") as f:
-            stored = {f.get_slice(key).get_dtype() for key in f}
+            stored = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 - safe_open is not iterable
         assert stored == {"BF16"}, (path, stored)
     # What the libraries then load by default: transformers follows the declared dtype, diffusers upcasts.
     gemma = Gemma3ForConditionalGeneration.from_pretrained(tiny_paths.gemma)
@@ -205,7 +205,7 @@ def test_stage_output_keeps_fp32_masters_when_precision_comes_first(base, tiny_p
                 param.add_(torch.randn_like(param) * 1e-4)  # a small update bf16 cannot hold
     out = base.save_pretrained(tmp_path / "stage2")
     with safe_open(str(out / "model.safetensors"), "pt") as f:
-        assert {f.get_slice(k).get_dtype() for k in f} == {"F32"}  # trainable components are stored fp32
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # noqa: SIM118 - trainable: fp32
     saved = {n: p.detach().clone() for n, p in base.named_parameters() if p.requires_grad}
     manifest = read_manifest(out)
 
