@@ -73,7 +73,12 @@ class TheWorld(nn.Module):
 
     @classmethod
     def from_base(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> "TheWorld":
-        """Load the pretrained Gemma 3 and Cosmos VAE (encoder only) and add a fresh world branch."""
+        """Load the pretrained Gemma 3 and Cosmos VAE (encoder only) and add a fresh world branch.
+
+        `dtype` None loads each base as its library does by default: Gemma in the dtype its config
+        declares (bf16 for gemma-3-4b-it), the VAE in fp32 (diffusers upcasts); the world branch is fp32.
+        Training puts the model into a precision policy afterwards (`model.precision.apply_precision`).
+        """
         gemma, processor = base.load_gemma(config.model_name, config.model_revision, dtype=dtype)
         vae_full = base.load_vae(config.cosmos_model_name, config.cosmos_revision, dtype=dtype)
         vae = VaeEncoder.from_autoencoder(vae_full)
