@@ -29,6 +29,16 @@ WORLD_TOKENS = (START_OF_WORLD, END_OF_WORLD, WORLD_SOFT_TOKEN)
 END_OF_TURN = "<end_of_turn>"
 
 
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """(B, T-1) mask of the positions whose next token carries a label: where the loss is computed."""
+    return labels[:, 1:] != IGNORE_INDEX
+
+
+def answer_token_count(labels: torch.Tensor) -> int:
+    """Number of labelled (answer) tokens in a batch: the divisor of a summed loss."""
+    return int(answer_positions(labels).sum())
+
+
 class SequenceTooLongError(ValueError):
     """The prompt (with image and world tokens) and answer do not fit `max_seq_length`."""
 

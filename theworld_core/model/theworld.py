@@ -3,6 +3,11 @@
     image --Gemma processor--> SigLIP --mm projector--> image embeddings --+
     image --[-1,1], 1 frame--> VAE encoder --normalise--> pool --> project --+--> Gemma 3 LM --> text
     prompt / answer tokens ------------------------------------------------+
+
+Components may sit in different dtypes (frozen ones bf16, trainable ones fp32: see precision.py),
+so every hand-over between components casts to the receiving component's dtype. With labels, the
+loss is computed at the answer positions only: their hidden states go through `lm_head`, never the
+full (batch, sequence, vocabulary) logits.
 """
 
 from __future__ import annotations
@@ -22,14 +27,20 @@ from theworld_core.model import base
 from theworld_core.model.components import COMPONENTS, apply_freeze
 from theworld_core.model.inputs import (
     END_OF_WORLD,
-    IGNORE_INDEX,
     START_OF_WORLD,
     WORLD_SOFT_TOKEN,
     WORLD_TOKENS,
     InputBuilder,
     WorldTokenIds,
+    answer_positions,
 )
 from theworld_core.model.world import VaeEncoder, WorldProjector
+
+LOSS_REDUCTIONS = ("mean", "sum")
+# Answer rows sent through lm_head at once: bounds the fp32 logits of the loss to chunk x vocabulary
+# (1024 x 262208 x 4 bytes = 1 GiB for Gemma 3). Longer answers are chunked and each chunk's logits
+# recomputed in the backward pass instead of kept.
+LOSS_CHUNK_ROWS = 1024
 
 
 class TheWorld(nn.Module):
@@ -54,6 +65,7 @@ class TheWorld(nn.Module):
             if processor is not None
             else None
         )
+        self.loss_chunk_rows = LOSS_CHUNK_ROWS
         # Components whose weights differ from the pretrained base: what a stage output must hold.
         self.trained_components: set[str] = {"world_projector"}
 
@@ -61,7 +73,12 @@ class TheWorld(nn.Module):
 
     @classmethod
     def from_base(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> "TheWorld":
-        """Load the pretrained Gemma 3 and Cosmos VAE (encoder only) and add a fresh world branch."""
+        """Load the pretrained Gemma 3 and Cosmos VAE (encoder only) and add a fresh world branch.
+
+        `dtype` None loads each base as its library does by default: Gemma in the dtype its config
+        declares (bf16 for gemma-3-4b-it), the VAE in fp32 (diffusers upcasts); the world branch is fp32.
+        Training puts the model into a precision policy afterwards (`model.precision.apply_precision`).
+        """
         gemma, processor = base.load_gemma(config.model_name, config.model_revision, dtype=dtype)
         vae_full = base.load_vae(config.cosmos_model_name, config.cosmos_revision, dtype=dtype)
         vae = VaeEncoder.from_autoencoder(vae_full)
@@ -144,29 +161,72 @@ class TheWorld(nn.Module):
         """Token embeddings with image features and world embeddings written into their placeholders."""
         embeds = self.gemma.get_input_embeddings()(input_ids)
         if pixel_values is not None:
-            with self._grad_if_trainable(self.gemma.model.vision_tower):
-                features = self.gemma.model.get_image_features(pixel_values=pixel_values.to(embeds.dtype)).pooler_output
+            vision = self.gemma.model.vision_tower
+            with self._grad_if_trainable(vision):
+                features = self.gemma.model.get_image_features(pixel_values=pixel_values.to(_dtype_of(vision))).pooler_output
             embeds = _scatter(embeds, input_ids == self.gemma.config.image_token_index, features, "image")
         if self.config.enable_world and world_pixel_values is not None:
             with self._grad_if_trainable(self.vae):
-                latent = self.vae(world_pixel_values.unsqueeze(2).to(self.vae.latents_std.dtype))
-            world = self.world(latent)
+                latent = self.vae(world_pixel_values.unsqueeze(2).to(_dtype_of(self.vae)))
+            world = self.world(latent)  # casts the latent to the projector's dtype
             embeds = _scatter(embeds, input_ids == self.token_ids.soft, world, "world")
             markers = self.world.marker_embeddings.to(embeds.dtype)
             embeds = torch.where((input_ids == self.token_ids.start)[..., None], markers[0], embeds)
             embeds = torch.where((input_ids == self.token_ids.end)[..., None], markers[1], embeds)
         return embeds
 
-    def forward(self, input_ids, attention_mask, token_type_ids, pixel_values=None, world_pixel_values=None, labels=None):
-        """Returns `(logits, loss)`; loss is the mean cross entropy over answer tokens (None without labels)."""
+    def forward(self, input_ids, attention_mask, token_type_ids, pixel_values=None, world_pixel_values=None,
+                labels=None, loss_reduction: str = "mean"):
+        """Returns `(logits, loss)`.
+
+        Without labels: the (B, T, V) logits and None. With labels: None and the cross entropy (fp32) of
+        the answer tokens, their mean (`loss_reduction="mean"`) or their sum (`"sum"`; divide by
+        `inputs.answer_token_count(labels)` summed over the micro-batches and ranks of an optimizer step
+        to weight every answer token once). The full logits are never computed for the loss.
+        """
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction={loss_reduction!r} is not allowed: use one of {list(LOSS_REDUCTIONS)}")
         embeds = self.embed_inputs(input_ids, pixel_values, world_pixel_values)
-        out = self.gemma(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids, use_cache=False)
-        loss = None
-        if labels is not None:
-            loss = F.cross_entropy(
-                out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+        out = self.gemma.model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids, use_cache=False)
+        if labels is None:
+            return self._logits(out.last_hidden_state), None
+        return None, self._answer_loss(out.last_hidden_state, labels, loss_reduction)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """`lm_head`, then the final logit soft-capping where the text config sets one.
+
+        Gemma 3 sets none; `Gemma3ForConditionalGeneration` would ignore one, `Gemma3ForCausalLM` applies it.
+        """
+        return self._softcap(self.gemma.lm_head(hidden))
+
+    def _softcap(self, logits: torch.Tensor) -> torch.Tensor:
+        cap = getattr(self.gemma.config.get_text_config(), "final_logit_softcapping", None)
+        return logits if cap is None else torch.tanh(logits / cap) * cap
+
+    def _answer_loss(self, hidden: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+        """Summed or mean fp32 cross entropy of the next token at the labelled positions only.
+
+        Position t predicts token t+1, so the rows are the hidden states at t where labels[t+1] is set.
+        """
+        mask = answer_positions(labels)
+        rows = hidden[:, :-1][mask]  # (N, H): gathered before lm_head
+        targets = labels[:, 1:][mask]
+        chunk_rows = self.loss_chunk_rows
+        if rows.shape[0] <= chunk_rows:
+            total = self._chunk_loss(rows, targets)
+        else:
+            from torch.utils.checkpoint import checkpoint
+
+            total = sum(
+                checkpoint(self._chunk_loss, r, t, use_reentrant=False) if torch.is_grad_enabled() else self._chunk_loss(r, t)
+                for r, t in zip(rows.split(chunk_rows), targets.split(chunk_rows))
             )
-        return out.logits, loss
+        # Mean of no tokens is NaN, as F.cross_entropy(reduction="mean") gives.
+        return total if reduction == "sum" else total / rows.shape[0]
+
+    def _chunk_loss(self, rows: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        logits = self._softcap(self.gemma.lm_head(rows).float())
+        return F.cross_entropy(logits, targets, reduction="sum")
 
     @torch.no_grad()
     def generate(self, image: Image.Image, prompt: str, max_new_tokens: int = 32) -> str:
@@ -182,10 +242,10 @@ class TheWorld(nn.Module):
         mask, token_types, cache, generated = batch["attention_mask"], batch["token_type_ids"], None, []
         step_embeds = embeds
         for _ in range(max_new_tokens):
-            out = self.gemma(inputs_embeds=step_embeds, attention_mask=mask, token_type_ids=token_types,
-                             cache=cache, use_cache=True)
+            out = self.gemma.model(inputs_embeds=step_embeds, attention_mask=mask, token_type_ids=token_types,
+                                   cache=cache, use_cache=True)
             cache = out.cache
-            logits = out.logits[0, -1].float()
+            logits = self._logits(out.last_hidden_state[:, -1:])[0, -1].float()  # the last position only
             logits[never] = float("-inf")  # world markers are inputs only
             next_id = int(logits.argmax())
             if next_id in stop:
@@ -220,6 +280,11 @@ class TheWorld(nn.Module):
         from theworld_core.model.stage_output import load_stage_output
 
         return load_stage_output(cls, source, dtype=dtype, overrides=overrides)
+
+
+def _dtype_of(module: nn.Module) -> torch.dtype:
+    """The dtype a component computes in: that of its (first) parameter."""
+    return next(module.parameters()).dtype
 
 
 def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:

@@ -10,6 +10,11 @@ that look like the hub repos:
     <out>/cosmos-predict2-tiny/model_index.json
     <out>/cosmos-predict2-tiny/vae/           AutoencoderKLWan (the Wan 2.1 VAE Cosmos Predict 2 uses)
 
+Both are written like the real checkpoints: bf16 safetensors, and a Gemma config that declares
+`"dtype": "bfloat16"` (transformers 5 then loads it in bf16 unless a dtype is passed; diffusers has
+no config key for it and upcasts the VAE to fp32 unless `torch_dtype` is passed), so every test
+runs the loading path real users run.
+
 The build is deterministic (fixed seeds), cached (a folder holding a finished build of the same
 spec is reused as is) and atomic (built in a temporary sibling and renamed into place, so a
 crashed or concurrent build never leaves a half-written folder that looks finished).
@@ -31,11 +36,13 @@ from pathlib import Path
 from typing import Any
 
 # Bump when the layout or content of a build changes in a way the spec dict below does not capture.
-SPEC_VERSION = 2
+SPEC_VERSION = 3  # 3: weights written in bf16 (2 and older wrote fp32)
 SPEC_FILE = "tiny_spec.json"
 GEMMA_SUBDIR = "gemma-3-tiny"
 COSMOS_SUBDIR = "cosmos-predict2-tiny"
 SEED = 1234
+# The dtype the weights are written in, as `google/gemma-3-4b-it` declares (`torch_dtype: bfloat16`).
+CHECKPOINT_DTYPE = "bfloat16"
 
 # Gemma 3's special tokens. The first five keep the real ids (pad 0, eos 1, bos 2, unk 3, mask 4);
 # the others get the next ids (the real ones sit far up a 262k vocabulary). `<start_of_world>` /
@@ -214,6 +221,7 @@ def _spec() -> dict[str, Any]:
         "vision_config": VISION_CONFIG,
         "mm_tokens_per_image": MM_TOKENS_PER_IMAGE,
         "vae_config": VAE_CONFIG,
+        "checkpoint_dtype": CHECKPOINT_DTYPE,
         "layout": [GEMMA_SUBDIR, COSMOS_SUBDIR],
     }
 
@@ -484,7 +492,7 @@ def _build_gemma(folder: Path) -> dict[str, Any]:
         tie_word_embeddings=True,
     )
     torch.manual_seed(SEED)
-    model = Gemma3ForConditionalGeneration(config).eval()  # float32: torch's default dtype
+    model = Gemma3ForConditionalGeneration(config).eval()  # initialised in float32 (torch's default dtype)
     # transformers initialises the multi-modal projection to zeros (the pretrained checkpoint
     # overwrites it): left so, every image would vanish and the vision tower get no gradient.
     with torch.no_grad():
@@ -508,6 +516,8 @@ def _build_gemma(folder: Path) -> dict[str, Any]:
         image_seq_length=MM_TOKENS_PER_IMAGE,
     )
 
+    # Written in bf16 like the hub checkpoint: save_pretrained then declares `"dtype": "bfloat16"`.
+    model.to(getattr(torch, CHECKPOINT_DTYPE))
     model.save_pretrained(folder)
     processor.save_pretrained(folder)  # also writes the tokenizer files
     n_params = sum(p.numel() for p in model.parameters())
@@ -520,7 +530,12 @@ def _build_cosmos(folder: Path) -> dict[str, Any]:
     from diffusers import AutoencoderKLWan
 
     torch.manual_seed(SEED + 1)
-    vae = AutoencoderKLWan(**VAE_CONFIG).eval()  # float32 (a `.to()` cast makes diffusers warn)
+    vae = AutoencoderKLWan(**VAE_CONFIG).eval()  # initialised in float32
+    # Written in bf16. Parameters are cast one by one: diffusers' `ModelMixin.to(dtype)` warns about
+    # modules to keep in fp32, and this VAE has none (it has no floating buffers either).
+    with torch.no_grad():
+        for param in vae.parameters():
+            param.data = param.data.to(getattr(torch, CHECKPOINT_DTYPE))
     vae.save_pretrained(folder / "vae")
     # Like the hub repo's root, but only the VAE is present (the project never loads the pipeline).
     model_index = {
@@ -533,6 +548,7 @@ def _build_cosmos(folder: Path) -> dict[str, Any]:
 
 
 __all__ = [
+    "CHECKPOINT_DTYPE",
     "TinyModelPaths",
     "build_tokenizer",
     "default_tiny_dir",
