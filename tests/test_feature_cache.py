@@ -43,7 +43,8 @@ from theworld_core.model.components import SEED_STAGES, trainable_components
 from theworld_core.model.theworld import TheWorld
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# `shared/` sits beside the repository (CI, the lead's checkout) or beside the worktrees' folder.
+SHARED = next((p / "shared" for p in (REPO.parent, REPO.parent.parent) if (p / "shared").is_dir()), REPO.parent / "shared")
 LOGGER = "theworld.feature_cache"
 
 
@@ -408,7 +409,7 @@ def _in_private_tmpfs(tmp_path: Path, mount_options: str, then: str = "") -> dic
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     shell = f'mount -t tmpfs -o {mount_options} tmpfs "$1" && {then} exec "$2" "$3" "$1"'
     done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell, "_", str(mount),
-                           sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
+                           sys.executable, str(script)], check=False, capture_output=True, text=True, env=env, timeout=300)
     if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr) and not done.stdout:
         pytest.skip(f"no private tmpfs mounts here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr

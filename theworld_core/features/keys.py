@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -50,18 +52,29 @@ def encoder_fingerprint(module: nn.Module | Mapping[str, nn.Module]) -> str:
 
     A mapping (`{"vision_tower": m1, "multi_modal_projector": m2}`) hashes several modules as one
     encoder. Deterministic across processes and machines for equal weights; any changed bit, dtype
-    or shape changes it. Runs at hashing speed over the weights (copied to the host tensor by tensor).
+    or shape changes it. Tensors are hashed in parallel threads (hashlib releases the GIL), each
+    copied to the host on its own, so the cost is about (weight bytes / cores) at sha256 speed.
     """
-    digest = hashlib.sha256(f"theworld-encoder-fingerprint v{FINGERPRINT_VERSION}\n".encode())
-    for name, tensor in sorted(_named_tensors(module), key=lambda item: item[0]):
+    tensors = sorted(_named_tensors(module), key=lambda item: item[0])
+    for name, tensor in tensors:
         if tensor.is_meta:
             raise ValueError(f"cannot fingerprint {name!r}: it has no weights (meta device)")
+    with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
+        digests = list(pool.map(_tensor_digest, [tensor for _, tensor in tensors]))
+    digest = hashlib.sha256(f"theworld-encoder-fingerprint v{FINGERPRINT_VERSION}\n".encode())
+    for (name, tensor), tensor_digest in zip(tensors, digests):
         digest.update(f"{name} {str(tensor.dtype).removeprefix('torch.')} {list(tensor.shape)}\n".encode())
-        flat = tensor.detach().reshape(-1)
-        for start in range(0, flat.numel(), _CHUNK_ELEMENTS):
-            chunk = flat[start:start + _CHUNK_ELEMENTS].to("cpu").contiguous()
-            digest.update(chunk.view(torch.uint8).numpy().data)
+        digest.update(tensor_digest)
     return digest.hexdigest()
+
+
+def _tensor_digest(tensor: torch.Tensor) -> bytes:
+    digest = hashlib.sha256()
+    flat = tensor.detach().reshape(-1)
+    for start in range(0, flat.numel(), _CHUNK_ELEMENTS):
+        chunk = flat[start:start + _CHUNK_ELEMENTS].to("cpu").contiguous()
+        digest.update(chunk.view(torch.uint8).numpy().data)
+    return digest.digest()
 
 
 def vision_settings(processor, precision: str) -> dict[str, Any]:
