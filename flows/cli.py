@@ -1,4 +1,4 @@
-"""`theworld`: the core commands (theworld_core/cli.py) plus the pipeline's: run, serve, data."""
+"""`theworld`: the core commands (theworld_core/cli.py) plus the pipeline's: run, serve, data, deployment."""
 
 from __future__ import annotations
 
@@ -73,7 +73,8 @@ serve or a work pool?
                      stops.
   work pool          for Docker/Kubernetes in production, or when the server should schedule runs
                      onto machines it does not run on: `prefect.yaml` at the repository root holds
-                     the same deployment on the process work pool `theworld`:
+                     the same deployment on the process work pool `theworld`, generated from
+                     stages.yaml (`theworld deployment prefect-yaml --help`; base config, no profile):
                        prefect work-pool create theworld --type process
                        prefect --no-prompt deploy --name full
                        prefect worker start --pool theworld
@@ -83,10 +84,30 @@ Use one route per deployment, not both.
 
 DATA_ADD_HELP = """\
 Copy images into a local image folder (Hugging Face imagefolder layout: images + metadata.jsonl with
-file_name and text columns), the layout a stages.yaml `data.dataset_name: <folder>` reads.
+file_name and text columns), the layout a stages.yaml `data.dataset_name: <folder>` reads (profile
+`local` reads ./data/images).
 Images are copied under temporary names and renamed; metadata.jsonl is rewritten to a temporary
 file and replaced, after the images, so a pipeline run reading the folder meanwhile sees the old or
-the new data, never half of it. With --notify the new-data event follows (see `data notify`).
+the new data, never half of it. With --notify the new-data event follows (see `data notify`); the
+folder must then be the one the config (with --profile) reads, else nothing would train on it.
+"""
+
+DATA_SAMPLE_HELP = """\
+Write COUNT synthetic images (a coloured shape on a plain background, PNG) and their captions to
+OUT_DIR/captions.jsonl, for trying the pipeline without images of your own:
+  theworld data sample new --count 48
+  theworld data add new/*.png --to data/images --captions new/captions.jsonl
+Sample i is the same on every machine; --start picks other samples (new data for a second add).
+"""
+
+PREFECT_YAML_HELP = """\
+Write prefect.yaml (the work-pool route: `prefect deploy`) for the deployment multistage/full from a
+stages.yaml, from the same settings `theworld serve` gives it: schedule.cron in schedule.timezone,
+a trigger on schedule.new_data_event about the config's dataset, concurrency 1 (ENQUEUE), and
+parameters stages_yaml (as given, relative to the worker's folder), profile, force=false.
+The committed prefect.yaml is the base config's (no profile: the full-size models, for GPUs):
+  theworld deployment prefect-yaml stages.yaml --out prefect.yaml
+--check compares instead of writing: exit 1 with the difference when the file has drifted.
 """
 
 DATA_NOTIFY_HELP = """\
@@ -97,10 +118,10 @@ a run on it; that run trains when the fingerprint differs from the last successf
 """
 
 
-def _notify_arguments(parser: argparse.ArgumentParser) -> None:
+def _notify_arguments(parser: argparse.ArgumentParser, profiles: str) -> None:
     parser.add_argument("--stages-yaml", default="stages.yaml", help="pipeline config naming the event and dataset "
                                                                      "(default ./stages.yaml)")
-    parser.add_argument("--profile", help="profile of the stages.yaml to apply")
+    parser.add_argument("--profile", help=core_cli.profile_option_help(profiles))
 
 
 def _cmd_serve(args) -> int:
@@ -132,10 +153,11 @@ def _notify(stages_yaml: str, profile: str | None) -> int:
 def _cmd_data_add(args) -> int:
     from theworld_core.data.add import add_images
 
-    if args.notify:  # a bad config or missing API stops before anything is copied
+    if args.notify:  # a bad config, another folder or a missing API stops before anything is copied
         from theworld_core.config import load_pipeline_config
 
-        load_pipeline_config(args.stages_yaml, profile=args.profile)
+        cfg = load_pipeline_config(args.stages_yaml, profile=args.profile)
+        _check_notified_folder(cfg.data.dataset_name, args.to, args.stages_yaml, args.profile)
         _prefect_env()
         from flows.deployment import require_api_url
 
@@ -147,14 +169,125 @@ def _cmd_data_add(args) -> int:
     return _notify(args.stages_yaml, args.profile) if args.notify else 0
 
 
+def _check_notified_folder(dataset_name: str, folder: str, stages_yaml: str, profile: str | None) -> None:
+    """`data add --notify` into a folder the config does not read would start a run that trains on
+    other data (or fails on a hub dataset): refuse it, naming the profiles to choose from."""
+    if Path(folder).expanduser().resolve() == Path(dataset_name).expanduser().resolve():
+        return
+    config = f"{stages_yaml}" + (f" with --profile {profile}" if profile else " (no --profile)")
+    names = core_cli.profile_names(stages_yaml) or []
+    raise ValueError(
+        f"--to {folder} is not the data {config} reads (data.dataset_name: {dataset_name!r}), so the new-data "
+        f"event would start a run that does not read these images. Add to {dataset_name} or pick the profile "
+        f"that reads {folder} (profile `local` reads ./data/images; profiles in {stages_yaml}: "
+        f"{', '.join(names) or 'none'})"
+    )
+
+
 def _cmd_data_notify(args) -> int:
     return _notify(args.stages_yaml, args.profile)
 
 
-def add_pipeline_commands(sub) -> None:
+def write_sample_images(out_dir: Path, count: int, *, start: int = 0, size: int = 32, seed: int = 0) -> Path:
+    """`count` synthetic shape images (PNG, `size` px) into `out_dir`, captions in `out_dir/captions.jsonl`
+    (rows of earlier samples into the same folder are kept). Each file is written to a temporary name
+    and renamed. Returns the captions file."""
+    import json
+    import tempfile
+
+    from theworld_core.data.synthetic import render_png, shape_spec
+
+    def write_atomically(target: Path, data: bytes) -> None:
+        handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+        try:
+            with os.fdopen(handle, "wb") as out:
+                out.write(data)
+            os.replace(temporary, target)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    captions = out_dir / "captions.jsonl"
+    rows: dict[str, str] = {}
+    if captions.is_file():
+        for line in captions.read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                row = json.loads(line)
+                rows[row["file_name"]] = row["text"]
+    for index in range(start, start + count):
+        spec = shape_spec(seed, index)
+        name = f"shape-{seed}-{index:05d}.png"
+        write_atomically(out_dir / name, render_png(spec, size))
+        rows[name] = spec.caption
+    text = "".join(json.dumps({"file_name": name, "text": caption}) + "\n" for name, caption in rows.items())
+    write_atomically(captions, text.encode())
+    return captions
+
+
+def _cmd_data_sample(args) -> int:
+    captions = write_sample_images(Path(args.out_dir), args.count, start=args.start, size=args.size, seed=args.seed)
+    print(f"{args.count} synthetic image(s) written to {args.out_dir}, captions in {captions}")
+    return 0
+
+
+def _cmd_prefect_yaml(args) -> int:
+    from theworld_core.config import load_pipeline_config
+
+    cfg = load_pipeline_config(args.stages_yaml, profile=args.profile)
+    from flows.deployment import prefect_yaml_command, prefect_yaml_text
+
+    out = args.out or "prefect.yaml"
+    text = prefect_yaml_text(cfg, args.stages_yaml, args.profile, out)
+    if args.check:
+        import difflib
+
+        try:
+            current = Path(out).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            current = ""
+        if current == text:
+            print(f"{out} is up to date with {args.stages_yaml}" + (f" (profile {args.profile})" if args.profile else ""))
+            return 0
+        diff = difflib.unified_diff(current.splitlines(keepends=True), text.splitlines(keepends=True),
+                                    fromfile=f"{out} (as it is)", tofile=f"{out} (generated)")
+        sys.stdout.writelines(diff)
+        print(f"\n{out} differs from what {args.stages_yaml} generates: run "
+              f"`{prefect_yaml_command(args.stages_yaml, args.profile, out)}`", file=sys.stderr)
+        return 1
+    if args.out is None:
+        sys.stdout.write(text)
+        return 0
+    import tempfile
+
+    target = Path(out)
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent.resolve())
+    with os.fdopen(handle, "w", encoding="utf-8") as file:
+        file.write(text)
+    os.replace(temporary, target)
+    print(f"wrote {out} from {args.stages_yaml}" + (f" (profile {args.profile})" if args.profile else ""))
+    return 0
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be 1 or more")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is not allowed: must be 0 or more")
+    return value
+
+
+def add_pipeline_commands(sub, profiles: str) -> None:
+    """run, serve, data, deployment; `profiles` lists the profiles in their --profile help."""
     run = sub.add_parser("run", help="run the multistage pipeline (Prefect flow, MLflow tracking)")
     run.add_argument("stages_yaml", nargs="?", default="stages.yaml", help="pipeline config (default ./stages.yaml)")
-    run.add_argument("--profile", help="profile of the stages.yaml to apply, e.g. tiny")
+    run.add_argument("--profile", help=core_cli.profile_option_help(profiles))
     run.add_argument("--force", action="store_true",
                      help='train even when the data is unchanged since the last successful run ("no new data")')
     run.set_defaults(func=_cmd_run)
@@ -162,10 +295,11 @@ def add_pipeline_commands(sub) -> None:
     serve = sub.add_parser("serve", help="serve the deployment multistage/full: schedule, new-data trigger, runs them",
                            description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     serve.add_argument("stages_yaml", nargs="?", default="stages.yaml", help="pipeline config (default ./stages.yaml)")
-    serve.add_argument("--profile", help="profile of the stages.yaml to apply, e.g. tiny")
+    serve.add_argument("--profile", help=core_cli.profile_option_help(profiles))
     serve.set_defaults(func=_cmd_serve)
 
-    data = sub.add_parser("data", help="add images to a local image folder; tell the deployment that data changed")
+    data = sub.add_parser("data", help="add images to a local image folder; tell the deployment that data changed",
+                          epilog=f"--profile (of add, notify): {profiles}")
     data_sub = data.add_subparsers(dest="data_command", required=True)
     add = data_sub.add_parser("add", help="copy images into an image folder (metadata.jsonl layout), atomically",
                               description=DATA_ADD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -176,13 +310,32 @@ def add_pipeline_commands(sub) -> None:
     captions.add_argument("--captions", metavar="FILE.jsonl",
                           help='one {"file_name": SRC or its name, "text": CAPTION} row per image')
     add.add_argument("--notify", action="store_true", help="then emit the new-data event (as `theworld data notify`)")
-    _notify_arguments(add)
+    _notify_arguments(add, profiles)
     add.set_defaults(func=_cmd_data_add)
     notify = data_sub.add_parser("notify", help="emit the config's new-data event to PREFECT_API_URL",
                                  description=DATA_NOTIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    _notify_arguments(notify)
+    _notify_arguments(notify, profiles)
     notify.set_defaults(func=_cmd_data_notify)
+    sample = data_sub.add_parser("sample", help="write synthetic images + captions.jsonl (to try `data add` with)",
+                                 description=DATA_SAMPLE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into (created when missing)")
+    sample.add_argument("--count", type=_positive, default=32, help="how many images (default 32)")
+    sample.add_argument("--start", type=_non_negative, default=0, help="index of the first sample (default 0)")
+    sample.add_argument("--size", type=_positive, default=32, help="image side in pixels (default 32)")
+    sample.add_argument("--seed", type=_non_negative, default=0, help="generator seed (default 0)")
+    sample.set_defaults(func=_cmd_data_sample)
 
+    deployment = sub.add_parser("deployment", help="the deployment's files: prefect.yaml generated from stages.yaml")
+    deployment_sub = deployment.add_subparsers(dest="deployment_command", required=True)
+    prefect_yaml = deployment_sub.add_parser("prefect-yaml", help="write prefect.yaml (work-pool route) from a stages.yaml",
+                                             description=PREFECT_YAML_HELP,
+                                             formatter_class=argparse.RawDescriptionHelpFormatter)
+    prefect_yaml.add_argument("stages_yaml", nargs="?", default="stages.yaml",
+                              help="pipeline config (default stages.yaml), written into the file as given")
+    prefect_yaml.add_argument("--profile", help=core_cli.profile_option_help(profiles))
+    prefect_yaml.add_argument("--out", metavar="FILE", help="file to write (default: print; with --check: prefect.yaml)")
+    prefect_yaml.add_argument("--check", action="store_true", help="compare with --out instead of writing; exit 1 on a difference")
+    prefect_yaml.set_defaults(func=_cmd_prefect_yaml)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -402,7 +402,7 @@ def test_prefect_yaml_deploys_to_a_process_pool(prefect_api, tmp_path):
         assert len(automations) == 1, automations
         trigger = automations[0].trigger
         assert trigger.expect == {stages["new_data_event"]}
-        assert dict(trigger.match.root) == {"prefect.resource.id": "theworld.data.*"}
+        assert dict(trigger.match.root) == {"prefect.resource.id": "theworld.data.datacomp"}  # the base config's dataset
         prefect.client.delete_deployment(d.id)  # `theworld serve` registers its own multistage/full next
     finally:
         prefect.close()

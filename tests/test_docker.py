@@ -314,9 +314,37 @@ def test_worker_and_deploy_share_the_work_pool(model):
     assert command[command.index("--type") + 1] == "process"
     assert "--with-healthcheck" in command and "8080/health" in " ".join(worker["healthcheck"]["test"])
     deploy = " ".join(services["deploy"]["command"])
-    assert "prefect --no-prompt deploy --name full" in deploy
+    assert re.search(r"prefect --no-prompt deploy (--prefect-file \S+ )?--name full", deploy), deploy
     assert f'--pool "{pool}"' in deploy
     assert services["serve"]["command"][0] == "serve"
+
+
+def test_cpu_stack_schedules_nothing_full_size(model, gpu_model):
+    """On the CPU image, `deploy` and `serve` register a profile of stages.yaml with the tiny models and
+    no cron (no nightly full-size run on a CPU); the GPU override registers the full-size base config,
+    whose prefect.yaml is the committed one (no profile, the nightly cron)."""
+    from theworld_core.config import load_pipeline_config
+
+    stages_yaml = ROOT / "stages.yaml"
+    deploy = " ".join(model["services"]["deploy"]["command"])
+    generated = re.search(r"theworld deployment prefect-yaml stages\.yaml --profile (\S+) --out (\S+)", deploy)
+    assert generated, deploy
+    profile, out = generated.groups()
+    assert re.search(rf"&& exec prefect --no-prompt deploy --prefect-file {re.escape(out)} --name full", deploy), deploy
+    serve = model["services"]["serve"]["command"]
+    assert serve[serve.index("--profile") + 1] == profile
+    cpu = load_pipeline_config(stages_yaml, profile=profile)
+    assert cpu.schedule.cron is None
+    assert (cpu.model.model_name, cpu.model.cosmos_model_name) == ("tiny", "tiny")
+
+    gpu_deploy = " ".join(gpu_model["services"]["deploy"]["command"])
+    assert "exec prefect --no-prompt deploy --name full" in gpu_deploy and "--prefect-file" not in gpu_deploy
+    assert "--profile" not in gpu_deploy and "--profile" not in gpu_model["services"]["serve"]["command"]
+    committed = yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"][0]
+    assert committed["parameters"]["profile"] is None
+    base = load_pipeline_config(stages_yaml)
+    assert [s["cron"] for s in committed["schedules"]] == [base.schedule.cron] and base.schedule.cron
+    assert base.model.model_name != "tiny"
 
 
 def test_servers_and_worker_have_healthchecks_and_ordering(model):

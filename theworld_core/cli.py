@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+
+DEFAULT_STAGES_YAML = "stages.yaml"
 
 
 def _cmd_tiny(args) -> int:
@@ -69,12 +71,79 @@ def _cmd_train(args) -> int:
     return 0 if result.status in ("completed", "plateaued") else 1
 
 
-def build_parser(extend: Callable | None = None) -> argparse.ArgumentParser:
-    """The core commands (tiny, plan, train); `extend(subparsers)` adds more (the pipeline's, in flows/cli.py)."""
+# --- version and profile names (help texts) --------------------------------------------------------
+
+
+class _VersionAction(argparse.Action):
+    """`--version`: the package release and the code version that keys cached stages (computed only
+    when asked: it hashes the library's source)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from theworld_core.version import PACKAGE, code_version
+
+        code = code_version()
+        print(f"{parser.prog} {code.split('+', 1)[0]} ({PACKAGE}, code {code})")
+        parser.exit()
+
+
+def profile_names(stages_yaml: str | Path) -> list[str] | None:
+    """The names under `profiles:` of a pipeline file, or None when it cannot be read.
+
+    For help texts only: no validation (load_pipeline_config checks the file and names the allowed
+    profiles when one is unknown)."""
+    import yaml
+
+    try:
+        document = yaml.safe_load(Path(stages_yaml).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    if not isinstance(document, dict):
+        return None
+    profiles = document.get("profiles")
+    return [str(name) for name in profiles] if isinstance(profiles, dict) else []
+
+
+def stages_yaml_named_in(argv: Sequence[str]) -> str:
+    """The pipeline file a command line names (the value of --stages-yaml, or the first existing
+    .yaml/.yml argument), else ./stages.yaml: whose profiles `--help` lists."""
+    args = list(argv)
+    for index, arg in enumerate(args):
+        if arg == "--stages-yaml" and index + 1 < len(args):
+            return args[index + 1]
+        if arg.startswith("--stages-yaml="):
+            return arg.split("=", 1)[1]
+    for arg in args:
+        if not arg.startswith("-") and arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
+            return arg
+    return DEFAULT_STAGES_YAML
+
+
+def profile_listing(stages_yaml: str | Path) -> str:
+    """`in stages.yaml: tiny, local` (for help texts), or why the names cannot be listed."""
+    names = profile_names(stages_yaml)
+    if names is None:
+        return f"profiles: {stages_yaml} not readable here"
+    return f"profiles in {stages_yaml}: {', '.join(names) if names else 'none'}"
+
+
+def profile_option_help(listing: str) -> str:
+    """Help of a `--profile` option, with the `profile_listing`."""
+    return f"profile of the stages.yaml to apply ({listing})".replace("%", "%%")
+
+
+def build_parser(extend: Callable | None = None, argv: Sequence[str] = ()) -> argparse.ArgumentParser:
+    """The core commands (tiny, plan, train); `extend(subparsers, profiles)` adds more (the pipeline's,
+    in flows/cli.py), `profiles` being the `profile_listing` of the pipeline file `argv` names (or
+    ./stages.yaml), shown in the help of every --profile."""
+    profiles = profile_listing(stages_yaml_named_in(argv))
     parser = argparse.ArgumentParser(prog="theworld", description="Train TheWorld through progressive unfreezing stages.")
+    parser.add_argument("--version", action=_VersionAction, help="print the version (release and code hash) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     if extend is not None:
-        extend(sub)
+        extend(sub, profiles)
 
     tiny = sub.add_parser("tiny", help="build (once) the embedded tiny Gemma 3 and Cosmos VAE and print their folders")
     tiny.add_argument("--out", help="folder to build into (default: $THEWORLD_HOME/tiny)")
@@ -83,7 +152,7 @@ def build_parser(extend: Callable | None = None) -> argparse.ArgumentParser:
 
     plan = sub.add_parser("plan", help="trainable parameters per component and stage (meta device: no weights, no GPU)")
     plan.add_argument("stages", nargs="?", help="a stages.yaml (default: the four stages of docs/stages.md)")
-    plan.add_argument("--profile", help="profile of the stages.yaml to apply")
+    plan.add_argument("--profile", help=profile_option_help(profiles))
     plan.add_argument("--gemma", help="Gemma 3: hub id, model folder or config.json")
     plan.add_argument("--cosmos", help="Cosmos: hub id, folder (with vae/) or the VAE's config.json")
     plan.add_argument("--json", action="store_true", help="print one JSON object")
@@ -107,7 +176,8 @@ def main(argv: list[str] | None = None, extend: Callable | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = build_parser(extend).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(extend, argv).parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as exc:
