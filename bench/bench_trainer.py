@@ -212,8 +212,10 @@ class TimedTrainer(StageTrainer):
     def _save_resume_state(self) -> None:
         return self._timed("save", super()._save_resume_state)
 
-    def _log_metrics(self, metrics) -> None:
-        return self._timed("log", super()._log_metrics, metrics)
+    def setup(self) -> None:
+        super().setup()
+        log_metrics = self.logger.log_metrics  # every metrics call of the stage goes through it
+        self.logger.log_metrics = lambda metrics, stage_step: self._timed("log", log_metrics, metrics, stage_step)
 
     def timing(self, warmup: int, steps: int) -> dict:
         """The trainer's figures over steps warmup+1 .. warmup+steps (intervals exclude the bare steps)."""

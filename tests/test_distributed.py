@@ -397,7 +397,7 @@ class Runs:
 
     def one(self, setting: str):
         if setting not in self._one:
-            from theworld_core.training.trainer import train_stage
+            from theworld_core.training.launch import train_stage
 
             cfg = self.config(setting, self.root / f"{setting}-one", batch_size=2 * B)
             with pytest.MonkeyPatch.context() as mp:
@@ -554,7 +554,7 @@ def test_sigkill_of_the_launcher_group_ends_the_ranks(runs, tmp_path):
 
 def test_rerun_after_a_kill_before_final_writes_final(runs, tmp_path):
     """The window is the final save itself: seconds to minutes for a 4B model."""
-    from theworld_core.training.trainer import train_stage
+    from theworld_core.training.launch import train_stage
 
     cfg_a, _, run_a = runs.two("projector")
     out = tmp_path / "C"

@@ -24,7 +24,14 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from theworld_core.hub import HubPusher, card_info_from_result, check_hub_ready, model_card, pusher_for, redact
+from theworld_core.tracking.hub_push import (
+    HubPusher,
+    card_info_from_result,
+    check_hub_ready,
+    model_card,
+    pusher_for,
+    redact,
+)
 
 TOKEN = "hf_FakeTokenForTests0123456789abcdefXYZ"
 REPO = "someone/theworld-stage1"
@@ -349,6 +356,69 @@ def test_redaction_and_card_never_show_secrets(monkeypatch):
         "stage": "stage2", "step": 42, "status": "plateaued", "reason": "no new best",
         "metrics": {"eval_loss": 1.0, "best_eval_loss": 0.9},
     }
+
+
+# ============================================================================== the trainer pushes through its stage logger
+
+
+def test_stage_logger_checks_the_token_on_every_rank_and_is_silent_off_rank_0(monkeypatch):
+    from huggingface_hub import constants
+
+    from theworld_core.config import TrainingConfig
+    from theworld_core.tracking.stage_logger import NullStageLogger, StageLogger, stage_logger_for
+
+    def public(cls) -> set[str]:
+        return {name for name in vars(cls) if not name.startswith("_")}
+
+    # A rank that reports nothing still answers every call the trainer makes.
+    assert public(NullStageLogger) == public(StageLogger)
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_TOKEN_PATH", raising=False)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    cfg = TrainingConfig(push_to_hub=True, hub_model_id=REPO)
+    for main in (True, False):  # every rank fails before any work, not only the one that pushes
+        with pytest.raises(ValueError, match="HF_TOKEN"):
+            stage_logger_for(cfg, is_main_process=main)
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    assert isinstance(stage_logger_for(cfg, is_main_process=False), NullStageLogger)
+    logger = stage_logger_for(cfg, is_main_process=True, stage_name="stage1")
+    assert isinstance(logger, StageLogger) and logger.hub is not None and logger.hub.stage_name == "stage1"
+    logger.close()
+
+
+def test_trainer_pushes_checkpoints_and_final_output_and_tags_the_run(hub, logs, tiny_paths, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from mlflow.tracking import MlflowClient
+
+    from theworld_core.config import load_stage_config
+    from theworld_core.training.launch import train_stage
+
+    monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # HfApi's default endpoint
+    monkeypatch.setenv("THEWORLD_PROJECT_DIR", str(tmp_path / "project"))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    seed = Path(__file__).resolve().parents[1] / "configs" / "seed" / "stage1_projection.json"
+    cfg = load_stage_config(seed).with_changes(
+        model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4,
+        world_image_size=32, dataset_name="synthetic", synthetic_samples=60, synthetic_image_size=32,
+        streaming=False, batch_size=4, gradient_accumulation_steps=1, max_steps=10, warmup_steps=2,
+        eval_steps=5, save_steps=5, logging_steps=5, output_dir=str(tmp_path / "stage"), name="stage1",
+        push_to_hub=True, hub_model_id=REPO, hub_strategy="every_save",
+    )
+    result = train_stage(cfg)
+    assert result.status == "completed", result.reason
+
+    messages = [c["message"] for c in hub.commits]
+    assert messages[0] == "stage stage1: checkpoint at step 5", messages
+    assert messages[-1] == "stage stage1: final stage output at step 10 (completed)", messages
+    final = Path(result.stage_output)
+    assert hub.commits[-1]["files"]["model.safetensors"] == (final / "model.safetensors").read_bytes()
+    assert "| status | completed: reached 10 steps |" in hub.commits[-1]["files"]["README.md"].decode()
+    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'project'}/mlflow.db").get_run(result.mlflow_run_id).data.tags
+    assert tags["hub_repo_id"] == REPO and tags["hub_pushed_final"] == "True" and tags["hub_uploads_failed"] == "0"
+    assert tags["stage_status"] == "completed"
+    assert not list(tmp_path.rglob(".hub-upload-*"))  # staging folders cleaned up
+    assert not any(t.name == "theworld-hub-push" and t.is_alive() for t in threading.enumerate())
+    _assert_no_token(tmp_path, logs, dict(tags))
 
 
 # ============================================================================== resume from a hub repo id

@@ -31,7 +31,9 @@ from theworld_core.config import load_stage_config
 from theworld_core.model.components import FreezeAuditError, parameters_by_component
 from theworld_core.model.theworld import TheWorld
 from theworld_core.training import trainer as trainer_module
-from theworld_core.training.trainer import StageTrainer, config_hash, train_stage
+from theworld_core.training.launch import train_stage
+from theworld_core.training.result import resume_key
+from theworld_core.training.trainer import StageTrainer
 
 REPO = Path(__file__).resolve().parents[1]
 SEED = REPO / "configs" / "seed"
@@ -405,7 +407,7 @@ def test_changed_config_on_resume_is_refused_and_fresh_starts_over(tiny_paths, t
     assert result.started_from == "pretrained bases"
     assert manifest(out / "final")["stage_config"]["learning_rate"] == 3e-4
     state = json.loads((out / "checkpoint-10" / "trainer_state.json").read_text())
-    assert state["config_hash"] == config_hash(changed) != config_hash(cfg)
+    assert state["config_hash"] == resume_key(changed) != resume_key(cfg)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -46,21 +46,15 @@ def _cmd_plan(args) -> int:
 
 def _cmd_train(args) -> int:
     from theworld_core.config import load_stage_config
-    from theworld_core.training.launch import in_distributed_launch, run_distributed
-    from theworld_core.training.trainer import train_stage
+    from theworld_core.training.launch import die_with_parent, in_distributed_launch, train_stage
 
     if in_distributed_launch():
-        from theworld_core.training.launch import die_with_parent
-
         die_with_parent()  # a rank never outlives its launcher
     cfg = load_stage_config(args.config)
     if args.num_processes is not None:
         cfg = cfg.with_changes(num_processes=args.num_processes)
-    options = {"fresh": args.fresh, "mlflow_run_id": args.mlflow_run_id, "global_step_offset": args.global_step_offset}
-    if (cfg.num_processes > 1 or args.accelerate_config) and not in_distributed_launch():
-        result = run_distributed(cfg, cfg.num_processes, accelerate_config=args.accelerate_config, **options)
-    else:
-        result = train_stage(cfg, **options)
+    result = train_stage(cfg, accelerate_config=args.accelerate_config, fresh=args.fresh,
+                         mlflow_run_id=args.mlflow_run_id, global_step_offset=args.global_step_offset)
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports
     if args.result_file:  # launched by run_distributed: the parent process reports

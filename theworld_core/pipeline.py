@@ -66,7 +66,7 @@ def train_stage_step(
     tags: dict[str, str],
 ) -> StageRecord:
     """Train one stage attempt in its own MLflow child run; returns its record."""
-    from theworld_core.training.trainer import train_stage
+    from theworld_core.training.launch import train_stage
 
     key = stage_content_key(stage_config, upstream_uri, data_fingerprint, code_version)
     name = stage_config["name"]

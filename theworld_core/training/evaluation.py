@@ -1,4 +1,7 @@
-"""Stage evaluation: held-out loss, a task metric and a few sample generations."""
+"""Stage evaluation: held-out loss, a task metric and a few sample generations.
+
+`evaluate_loss` is also what the trainer evaluates with during a stage.
+"""
 
 from __future__ import annotations
 
@@ -6,10 +9,42 @@ import math
 import re
 from collections import Counter
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
-from theworld_core.training.trainer import evaluate_loss
+import torch
+
+if TYPE_CHECKING:
+    from theworld_core.model.theworld import TheWorld
 
 _WORD = re.compile(r"[a-z0-9]+")
+
+
+@torch.no_grad()
+def evaluate_loss(model: TheWorld, rows, batch_size: int, device) -> float:
+    """Token-weighted mean answer loss of `model` over `rows` (dicts with image, prompt, text)."""
+    was_training = model.training
+    model.eval()
+    total, tokens = 0.0, 0
+    batch_rows: list[dict] = []
+
+    def flush():
+        nonlocal total, tokens
+        batch = model.builder.collate([model.builder.encode(r["image"], r["prompt"], r["text"]) for r in batch_rows])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        _, loss = model(**batch)
+        n = int((batch["labels"][:, 1:] != -100).sum())
+        total += float(loss) * n
+        tokens += n
+
+    for row in rows:
+        batch_rows.append(row)
+        if len(batch_rows) == batch_size:
+            flush()
+            batch_rows = []
+    if batch_rows:
+        flush()
+    model.train(was_training)
+    return total / max(tokens, 1)
 
 
 def word_f1(generated: str, reference: str) -> float:

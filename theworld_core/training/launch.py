@@ -1,7 +1,8 @@
-"""Multi-process stages: relaunch `theworld train` under torchrun or `accelerate launch`.
+"""Where a stage runs: in this process, or relaunched as `theworld train` under torchrun or `accelerate launch`.
 
-One process per GPU (or CPU processes over gloo). Every rank runs the same trainer; rank 0 alone
-evaluates, logs and writes, and writes the stage result the caller reads back.
+`train_stage` is the entry point (the CLI and the pipeline call it). One process per GPU (or CPU
+processes over gloo). Every rank runs the same trainer; rank 0 alone evaluates, logs and writes,
+and writes the stage result the caller reads back. This module imports the trainer, never the reverse.
 """
 
 from __future__ import annotations
@@ -15,6 +16,22 @@ import tempfile
 from pathlib import Path
 
 from theworld_core.config import StageConfig
+from theworld_core.training.result import StageResult
+
+
+def train_stage(cfg: StageConfig, *, accelerate_config: str | None = None, **kwargs) -> StageResult:
+    """Train one stage to its end (max steps, epochs or plateau) and return its result.
+
+    With `num_processes` > 1 (or an accelerate config file) the stage is relaunched in that many
+    processes, unless this process is already one of them. `kwargs` go to `StageTrainer`: `fresh`,
+    `mlflow_run_id`, `global_step_offset` (and `loss_hook` in a single process).
+    """
+    if (cfg.num_processes > 1 or accelerate_config) and not in_distributed_launch():
+        return run_distributed(cfg, cfg.num_processes, accelerate_config=accelerate_config, **kwargs)
+    # Imported here: a launched rank arms die_with_parent before the heavy imports.
+    from theworld_core.training.trainer import StageTrainer
+
+    return StageTrainer(cfg, **kwargs).run()
 
 
 def in_distributed_launch() -> bool:
@@ -46,10 +63,8 @@ def launch_command(config_path: Path, num_processes: int, accelerate_config: str
 
 
 def run_distributed(cfg: StageConfig, num_processes: int, *, accelerate_config: str | None = None, fresh: bool = False,
-                    mlflow_run_id: str | None = None, global_step_offset: int = 0):
+                    mlflow_run_id: str | None = None, global_step_offset: int = 0) -> StageResult:
     """Run one stage in `num_processes` processes and return rank 0's StageResult."""
-    from theworld_core.training.trainer import StageResult
-
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     for leftover in output_dir.glob(".launch-*"):  # from a launch that was killed

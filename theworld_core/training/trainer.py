@@ -1,7 +1,9 @@
 """The stage trainer: one stage, `setup -> train -> evaluate -> save`, on accelerate.
 
-Run alone (`theworld train --config FILE.json`) or called by the pipeline. Every rank runs the
-loop; rank 0 alone evaluates, logs and writes, and broadcasts what the others must know.
+Run through `training.launch.train_stage` (alone: `theworld train --config FILE.json`; or by the
+pipeline). Every rank runs the loop; rank 0 alone evaluates and writes, and broadcasts what the
+others must know. What a stage reports (console, MLflow, the hub push) goes through one logger
+object (`tracking.stage_logger`), a no-op on ranks other than 0.
 
 Where a stage starts from, in order:
 1. the newest resume state in `output_dir` (unless `fresh`): the stage continues exactly;
@@ -14,20 +16,17 @@ Where a stage starts from, in order:
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from theworld_core.config import StageConfig
-from theworld_core.data import stats_as_metrics
 from theworld_core.model.components import (
     audit_step,
     gradient_presence,
@@ -43,49 +42,24 @@ from theworld_core.model.stage_output import (
     save_stage_output,
 )
 from theworld_core.model.theworld import TheWorld
+from theworld_core.tracking.stage_logger import NullStageLogger, StageLogger, stage_logger_for
 from theworld_core.training import checkpoint as ckpt
+from theworld_core.training.evaluation import evaluate_loss
 from theworld_core.training.optim import build_optimizer, load_optimizer_state_by_name, optimizer_state_by_name
 from theworld_core.training.plateau import PlateauTracker
+from theworld_core.training.result import StageResult, changed_training_keys, resume_key
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from theworld_core.data import PreparedData
+    from theworld_core.model.inputs import InputBuilder
 
 log = logging.getLogger("theworld.train")
 
-# Keys that may change between a crash and its resume without changing what is trained.
-RESUME_COMPATIBLE_KEYS = frozenset({
-    "logging_steps", "save_steps", "save_total_limit", "eval_steps", "output_dir", "resume_from_checkpoint",
-    "log_to_wandb", "wandb_project", "wandb_run_name", "push_to_hub", "hub_model_id", "hub_strategy",
-    "hub_private_repo", "num_processes", "name",
-})
-
-
-@dataclass(frozen=True)
-class StageResult:
-    """What a stage run ended with: small, JSON-serialisable, no tensors."""
-
-    status: str
-    """completed (max_steps / epochs reached), plateaued, diverged or oom."""
-    reason: str
-    steps: int
-    output_dir: str
-    stage_output: str | None
-    """`OUTPUT_DIR/final`, the stage output (None when the stage diverged or ran out of memory)."""
-    eval_loss: float | None
-    best_eval_loss: float | None
-    train_loss: float | None
-    eval_history: list[list[float]]
-    trainable: dict[str, int]
-    data_fingerprint: str
-    mlflow_run_id: str | None
-    started_from: str
-    evidence: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def config_hash(cfg: StageConfig) -> str:
-    """Hash of every key that changes what a stage trains (resume is refused when it differs)."""
-    relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_COMPATIBLE_KEYS}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+LossHook = Callable[[int, torch.Tensor], torch.Tensor]
+"""(optimizer step about to be taken, loss) -> the loss to backpropagate (fault rehearsals, tests)."""
 
 
 class _Stop(Exception):
@@ -104,20 +78,69 @@ class StageTrainer:
         fresh: bool = False,
         mlflow_run_id: str | None = None,
         global_step_offset: int = 0,
-        loss_hook: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        loss_hook: LossHook | None = None,
     ):
-        self.cfg = cfg
-        self.fresh = fresh
-        self.mlflow_run_id = mlflow_run_id
-        self.global_step_offset = global_step_offset
-        self.loss_hook = loss_hook or (_injected_fault(cfg) if cfg.inject_fault else None)  # NaN / OOM rehearsal
-        self.output_dir = Path(cfg.output_dir)
+        # ---- what the caller asked for
+        self.cfg: StageConfig = cfg
+        self.fresh: bool = fresh  # ignore resume states in output_dir
+        self.mlflow_run_id: str | None = mlflow_run_id  # the run to log into (the pipeline's child run)
+        self.global_step_offset: int = global_step_offset  # MLflow step = offset + stage step
+        self.loss_hook: LossHook | None = loss_hook or (_injected_fault(cfg) if cfg.inject_fault else None)
+        self.output_dir: Path = Path(cfg.output_dir)
+
+        # ---- built by setup()
+        self.accelerator: Accelerator | None = None
+        self.logger: StageLogger | NullStageLogger = NullStageLogger()  # StageLogger on rank 0 once set up
+        self.data: PreparedData | None = None
+        self.state: ckpt.TrainerState = ckpt.TrainerState(config_hash=resume_key(cfg))  # what a resume state restores
+        self.model: TheWorld | None = None  # wrapped by accelerate once set up (DDP with several ranks)
+        self.builder: InputBuilder | None = None  # encodes and collates rows
+        # Components the stage trains, from the config's freeze flags (what the freeze audit expects).
+        self.trainable: tuple[str, ...] = cfg.trainable_component_names
+        self.optimizer: torch.optim.Optimizer | None = None  # accelerate's wrapper around AdamW
+        self.group_names: list[list[str]] = []  # parameter names of each optimizer group (state is saved by name)
+        self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.tracker: PlateauTracker = PlateauTracker(cfg.plateau)
+        self.steps_per_epoch: int = 0  # optimizer steps per pass over the training data
+        self.total_steps: int = 0  # max_steps, or the epochs in optimizer steps
+        self.started_from: str = ""  # "resumed DIR", "stage output SOURCE" or "pretrained bases"
+
+        # ---- set while running
+        self.run_id: str | None = None  # this stage's MLflow run (None on ranks other than 0)
+        self.timings: dict[str, float] = {}  # time/setup_s, time/train_s, time/finish_s
+        self.progress: tqdm | None = None  # the step progress bar (shown on rank 0)
+        self._bad_loss: dict[str, Any] | None = None  # first non-finite loss on this rank, as divergence evidence
+        self._last_train_loss: float | None = None  # mean train loss (all ranks) of the last logging window
+
+    def run(self) -> StageResult:
+        """Set up, train to the end (max steps, epochs or plateau), evaluate, save; report throughout."""
+        started = time.perf_counter()
+        self.setup()
+        self.timings = {"time/setup_s": time.perf_counter() - started}
+        self.logger.log_stage_start(self.started_from, self.trainable)
+        with self.logger.open_run(self.mlflow_run_id or self.state.mlflow_run_id) as run_id:  # resumed: same run
+            previous_run = self.state.mlflow_run_id
+            self.run_id = self.state.mlflow_run_id = run_id
+            # A new run (a fresh stage, or a resumed one the pipeline gave a new child run) gets the params.
+            if self.state.step == 0 or previous_run != run_id:
+                self.logger.log_params(self.accelerator.unwrap_model(self.model), total_steps=self.total_steps,
+                                       data=self.data, resume_key=self.state.config_hash, started_from=self.started_from)
+            try:
+                started = time.perf_counter()
+                status, reason, evidence = self._train()
+                self.timings["time/train_s"] = time.perf_counter() - started
+                return self._finish(status, reason, evidence)
+            finally:
+                self.logger.close()  # a crash must not leave the upload thread behind
+                self._end_distributed()
 
     # ================================================================== setup
 
     def setup(self) -> None:
+        """Devices, logger, data, model (from where the stage starts), optimizer and schedule."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
+        from transformers import get_scheduler
 
         from theworld_core.data import prepare_data
 
@@ -133,10 +156,14 @@ class StageTrainer:
             # Frozen-by-design parameters (e.g. the VAE's temporal convs on one frame) get no gradient.
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
+        # Before any work: a hub push that cannot work fails here, on every rank.
+        self.logger = stage_logger_for(cfg, is_main_process=self.accelerator.is_main_process,
+                                       global_step_offset=self.global_step_offset,
+                                       stage_name=cfg.name or self.output_dir.name)
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():  # rank 0 fills the data cache, the others read it
             self.data = prepare_data(cfg.data_part())
-        self.state = ckpt.TrainerState(config_hash=config_hash(cfg))
+        self.state = ckpt.TrainerState(config_hash=resume_key(cfg))
         self.model = TheWorld.from_base(cfg.model_part())
         resume_dir, transition_dir = self._choose_start()
         if transition_dir is not None:
@@ -156,8 +183,6 @@ class StageTrainer:
         )
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
-        from transformers import get_scheduler
-
         self.scheduler = get_scheduler(
             cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total_steps
         )
@@ -192,12 +217,12 @@ class StageTrainer:
         return None, None
 
     def _check_resumable(self, directory: Path) -> None:
+        """Refuse a resume state saved under another resume key (its `TrainerState.config_hash`)."""
         saved = ckpt.load_trainer_state(directory)
         if saved.config_hash == self.state.config_hash:
             return
         before = read_manifest(directory).get("stage_config") or {}
-        now = self.cfg.model_dump(mode="json")
-        changed = [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(now) if k not in RESUME_COMPATIBLE_KEYS and before.get(k) != now.get(k)]
+        changed = changed_training_keys(before, self.cfg.model_dump(mode="json"))
         raise ValueError(
             f"output_dir {self.output_dir} holds a resume state ({directory.name}) of a different stage config "
             f"({'; '.join(changed) or 'config changed'}). To continue it, restore the config; to start this config "
@@ -213,7 +238,21 @@ class StageTrainer:
             self.tracker.load_state_dict(self.state.plateau)
         ckpt.restore_rng(ckpt.load_torch(directory, "rng.pt"))
 
-    # ================================================================== data
+    def _steps_per_epoch(self) -> int:
+        try:
+            samples = len(self.data.train)
+        except TypeError:
+            samples = None
+        if samples is None:
+            if self.cfg.max_steps is None:
+                raise ValueError(
+                    "streaming source of unknown length: set max_steps (or num_samples) so the schedule has an end"
+                )
+            return self.cfg.max_steps
+        batches = math.ceil(samples / (self.cfg.batch_size * self.accelerator.num_processes))
+        return max(1, math.ceil(batches / self.cfg.gradient_accumulation_steps))
+
+    # ================================================================== train
 
     def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         builder = self.builder
@@ -233,72 +272,6 @@ class StageTrainer:
             order = torch.randperm(len(dataset), generator=generator).tolist()
             loader = DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=order, collate_fn=self._collate)
         return self.accelerator.prepare(loader)
-
-    def _steps_per_epoch(self) -> int:
-        try:
-            samples = len(self.data.train)
-        except TypeError:
-            samples = None
-        if samples is None:
-            if self.cfg.max_steps is None:
-                raise ValueError(
-                    "streaming source of unknown length: set max_steps (or num_samples) so the schedule has an end"
-                )
-            return self.cfg.max_steps
-        batches = math.ceil(samples / (self.cfg.batch_size * self.accelerator.num_processes))
-        return max(1, math.ceil(batches / self.cfg.gradient_accumulation_steps))
-
-    # ================================================================== train
-
-    hub = None  # a HubPusher on rank 0 when push_to_hub
-
-    def run(self) -> StageResult:
-        from theworld_core.hub import check_hub_ready, pusher_for
-        from theworld_core.tracking.mlflow_runs import stage_run
-
-        check_hub_ready(self.cfg)  # a missing token fails before any work, not at the first save
-        started = time.perf_counter()
-        self.setup()
-        self.timings = {"time/setup_s": time.perf_counter() - started}
-        cfg = self.cfg
-        if self.accelerator.is_main_process:
-            self.hub = pusher_for(cfg, stage_name=cfg.name or self.output_dir.name)
-        names = cfg.mlflow_names(default_run_name=cfg.name)
-        if self.accelerator.is_main_process:
-            notice = cfg.wandb_notice(default_run_name=cfg.name)
-            if notice:
-                log.info(notice)
-            log.info("stage %s starts from %s; trains %s", cfg.name or self.output_dir.name, self.started_from, ", ".join(self.trainable))
-        run_id = self.mlflow_run_id or self.state.mlflow_run_id  # a resumed stage keeps its run
-        run_ctx = stage_run(run_id, names.experiment, names.run_name) if self.accelerator.is_main_process else _null_run()
-        with run_ctx as run:
-            previous_run = self.state.mlflow_run_id
-            self.run_id = self.state.mlflow_run_id = run.info.run_id if run is not None else None
-            # A new run (a fresh stage, or a resumed one the pipeline gave a new child run) gets the params.
-            if run is not None and (self.state.step == 0 or previous_run != self.run_id):
-                self._log_params()
-            try:
-                started = time.perf_counter()
-                status, reason, evidence = self._train()
-                self.timings["time/train_s"] = time.perf_counter() - started
-                return self._finish(status, reason, evidence)
-            finally:
-                if self.hub is not None:
-                    self.hub.close(timeout=5)  # a crash must not leave the upload thread behind
-                self._end_distributed()
-
-    def _end_distributed(self) -> None:
-        """Ranks leave together and tear down their process group (else one may crash at exit)."""
-        if self.accelerator.num_processes <= 1:
-            return
-        self.accelerator.wait_for_everyone()
-        self.model = self.optimizer = None
-        self.accelerator.free_memory()
-        import gc
-
-        gc.collect()
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
 
     def _train(self) -> tuple[str, str, dict]:
         cfg, acc, state = self.cfg, self.accelerator, self.state
@@ -371,8 +344,6 @@ class StageTrainer:
                         {"step": self.state.step + 1, "batch_size": self.cfg.batch_size, "error": str(exc)[:300]}) from None
         return float(loss.detach())
 
-    _bad_loss: dict | None = None
-
     def _stop_if_any_rank_diverged(self) -> None:
         """A NaN/inf loss on any rank ends the stage on all ranks (before the optimizer step)."""
         flag = torch.tensor([0.0 if self._bad_loss is None else 1.0], device=self.accelerator.device)
@@ -381,9 +352,7 @@ class StageTrainer:
         evidence = self._bad_loss or {"step": self.state.step + 1, "loss": "non-finite on another rank"}
         raise _Stop("diverged", f"loss {evidence['loss']} at step {evidence['step']}", evidence)
 
-    _last_train_loss: float | None = None
-
-    def _after_step(self, window: "_Window", grad_norm: float) -> None:
+    def _after_step(self, window: _Window, grad_norm: float) -> None:
         cfg, state = self.cfg, self.state
         self.progress.update(1)
         if state.step % cfg.logging_steps == 0:
@@ -396,12 +365,25 @@ class StageTrainer:
                 metrics[f"lr/{group['name']}"] = group["lr"]
             self._last_train_loss = metrics.get("train/loss", self._last_train_loss)
             self.progress.set_postfix(loss=f"{self._last_train_loss:.4f}", refresh=False)
-            self._log_metrics(metrics)
+            self.logger.log_metrics(metrics, state.step)
             window.reset()
         if cfg.do_eval and state.step % cfg.eval_steps == 0:
             self._evaluate_and_check_plateau()
         if state.step % cfg.save_steps == 0:
             self._save_resume_state()
+
+    def _end_distributed(self) -> None:
+        """Ranks leave together and tear down their process group (else one may crash at exit)."""
+        if self.accelerator.num_processes <= 1:
+            return
+        self.accelerator.wait_for_everyone()
+        self.model = self.optimizer = None
+        self.accelerator.free_memory()
+        import gc
+
+        gc.collect()
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
     # ================================================================== evaluate
 
@@ -429,7 +411,7 @@ class StageTrainer:
         state.eval_history.append([state.step, loss])
         verdict = self.tracker.update(state.step, loss)
         state.plateau = self.tracker.state_dict()
-        self._log_metrics({"eval/loss": loss})
+        self.logger.log_metrics({"eval/loss": loss}, state.step)
         if verdict.plateaued:
             raise _Stop("plateaued", verdict.reason, {"plateau": _plain(verdict)})
 
@@ -439,19 +421,18 @@ class StageTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         self.state.plateau = self.tracker.state_dict()
-        if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
+        path = None
+        if acc.is_main_process:  # rank 0 writes
             path = ckpt.save_resume_state(
                 self.output_dir,
-                model,
-                optimizer_state_by_name(self.optimizer.optimizer if hasattr(self.optimizer, "optimizer") else self.optimizer, self.group_names),
+                acc.unwrap_model(self.model),
+                optimizer_state_by_name(getattr(self.optimizer, "optimizer", self.optimizer), self.group_names),
                 self.scheduler.state_dict(),
                 self.state,
                 self.cfg.model_dump(mode="json"),
                 self.cfg.save_total_limit,
             )
-            if self.hub is not None:
-                self.hub.on_save(path, self.state.step, {"metrics": self._latest_metrics()})
+        self.logger.on_resume_state_saved(path, self.state.step, self._latest_metrics())
         acc.wait_for_everyone()
 
     def _latest_metrics(self) -> dict[str, float]:
@@ -461,6 +442,7 @@ class StageTrainer:
         return metrics
 
     def _finish(self, status: str, reason: str, evidence: dict) -> StageResult:
+        """The last evaluation and save of a stage that ended well, its stage output, and its result."""
         finish_started = time.perf_counter()
         cfg, state, acc = self.cfg, self.state, self.accelerator
         final = None
@@ -476,10 +458,10 @@ class StageTrainer:
                 self._save_resume_state()
             final = self.output_dir / ckpt.FINAL_DIR
             # Also when a kill came between the finished resume state and final/: write it now.
-            final_missing = not (final / WEIGHTS_FILE).is_file()
-            if acc.is_main_process and (not already_final or final_missing):
-                save_stage_output(acc.unwrap_model(self.model), final, stage_config=cfg.model_dump(mode="json"))
-                self._log_stage_output(final)
+            if not already_final or not (final / WEIGHTS_FILE).is_file():
+                if acc.is_main_process:  # rank 0 writes
+                    save_stage_output(acc.unwrap_model(self.model), final, stage_config=cfg.model_dump(mode="json"))
+                self.logger.log_stage_output(final)
         losses = [loss for _, loss in state.eval_history if math.isfinite(loss)]
         result = StageResult(
             status=status,
@@ -497,50 +479,11 @@ class StageTrainer:
             started_from=self.started_from,
             evidence=evidence,
         )
-        if acc.is_main_process:
-            import mlflow
-
-            mlflow.set_tags({"stage_status": status, "stage_reason": reason[:500]})
-            # Where a stage's time went: building/loading (setup), the loop, the final save + upload.
-            self.timings["time/finish_s"] = time.perf_counter() - finish_started
-            mlflow.log_metrics(self.timings)
-            # Streamed sources know their bad-sample counts only once read: log them again at the end.
-            mlflow.log_metrics(stats_as_metrics(self.data.stats), step=self.global_step_offset + state.step)
-            if self.hub is not None:
-                from theworld_core.hub import card_info_from_result
-
-                if final is not None and not already_final:
-                    self.hub.on_end(final, card_info_from_result(result, cfg.name or self.output_dir.name))
-                report = self.hub.close(timeout=600)
-                mlflow.set_tags({f"hub_{k}": str(v)[:500] for k, v in report.items()})
-            log.info("stage %s %s after %d steps: %s", cfg.name or self.output_dir.name, status, state.step, reason)
+        # Where a stage's time went: building/loading (setup), the loop, the final save + upload.
+        self.timings["time/finish_s"] = time.perf_counter() - finish_started
+        self.logger.log_stage_end(result, timings=self.timings, data_stats=self.data.stats,
+                                  push_final=final if final is not None and not already_final else None)
         return result
-
-    # ================================================================== tracking
-
-    def _log_params(self) -> None:
-        import mlflow
-
-        params = {k: str(v)[:500] for k, v in self.cfg.model_dump(mode="json").items()}
-        params.update({f"trainable/{c}": n.trainable for c, n in parameter_report(self.accelerator.unwrap_model(self.model)).items()})
-        params["total_steps"] = self.total_steps
-        mlflow.log_params(params)
-        mlflow.log_metrics(stats_as_metrics(self.data.stats), step=self.global_step_offset)
-        mlflow.set_tags({"data_fingerprint": self.data.fingerprint, "config_hash": self.state.config_hash,
-                         "started_from": self.started_from[:500]})
-
-    def _log_metrics(self, metrics: dict[str, float]) -> None:
-        if not self.accelerator.is_main_process:
-            return
-        import mlflow
-
-        step = self.global_step_offset + self.state.step
-        mlflow.log_metrics({**metrics, "stage_step": self.state.step}, step=step, synchronous=False)
-
-    def _log_stage_output(self, final: Path) -> None:
-        import mlflow
-
-        mlflow.log_artifacts(str(final), artifact_path="stage_output")
 
 
 class _Window:
@@ -568,35 +511,7 @@ class _Window:
         return out
 
 
-@torch.no_grad()
-def evaluate_loss(model: TheWorld, rows, batch_size: int, device) -> float:
-    """Token-weighted mean answer loss of `model` over `rows` (dicts with image, prompt, text)."""
-    was_training = model.training
-    model.eval()
-    total, tokens = 0.0, 0
-    batch_rows: list[dict] = []
-
-    def flush():
-        nonlocal total, tokens
-        batch = model.builder.collate([model.builder.encode(r["image"], r["prompt"], r["text"]) for r in batch_rows])
-        batch = {k: v.to(device) for k, v in batch.items()}
-        _, loss = model(**batch)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(loss) * n
-        tokens += n
-
-    for row in rows:
-        batch_rows.append(row)
-        if len(batch_rows) == batch_size:
-            flush()
-            batch_rows = []
-    if batch_rows:
-        flush()
-    model.train(was_training)
-    return total / max(tokens, 1)
-
-
-def _injected_fault(cfg: StageConfig) -> Callable[[int, torch.Tensor], torch.Tensor]:
+def _injected_fault(cfg: StageConfig) -> LossHook:
     """The loss hook behind `inject_fault`: a NaN loss or an out-of-memory error at one step."""
 
     def hook(step: int, loss: torch.Tensor) -> torch.Tensor:
@@ -609,28 +524,8 @@ def _injected_fault(cfg: StageConfig) -> Callable[[int, torch.Tensor], torch.Ten
     return hook
 
 
-class _null_run:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _plain(obj) -> Any:
     try:
         return asdict(obj)
     except TypeError:
         return dict(obj.__dict__)
-
-
-def train_stage(cfg: StageConfig, **kwargs) -> StageResult:
-    """Train one stage to its end (max steps, epochs or plateau) and return its result.
-
-    With `num_processes` > 1 the stage is relaunched in that many processes (see launch.py).
-    """
-    from theworld_core.training.launch import in_distributed_launch, run_distributed
-
-    if cfg.num_processes > 1 and not in_distributed_launch():
-        return run_distributed(cfg, cfg.num_processes, **kwargs)
-    return StageTrainer(cfg, **kwargs).run()

@@ -27,6 +27,9 @@ model card, pass through `redact`, which removes the token, any `hf_...` token-s
 characters after `hf_`) and
 the value of every secret-looking environment variable (`*TOKEN*`, `*SECRET*`, `*PASSWORD*`,
 `*API_KEY*`, ...).
+
+The trainer reaches this module only through `tracking.stage_logger.StageLogger` (the hub as a
+data source is another module: `theworld_core/data/hub.py`).
 """
 
 from __future__ import annotations
@@ -166,14 +169,14 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], card_info: Mapping[str
 
     lines = ["---", data.to_yaml().strip(), "---", "", f"# {repo_id}", ""]
     lines += [
-        "A [TheWorld](https://github.com/kasohrab/theworld) stage output: Gemma 3 (vision-language) and the "
-        "Cosmos world model's VAE encoder, joined by trained world projection layers, trained by progressive "
-        "unfreezing.",
+        ("A [TheWorld](https://github.com/kasohrab/theworld) stage output: Gemma 3 (vision-language) and the "
+         "Cosmos world model's VAE encoder, joined by trained world projection layers, trained by progressive "
+         "unfreezing."),
         "",
-        "This repository holds only what training changed: `model.safetensors` has the parameters of the "
-        "components trained so far, `manifest.json` the base models, architecture fingerprint and configs. "
-        "The frozen pretrained weights are loaded from the base models, and loading onto a different base "
-        "is refused.",
+        ("This repository holds only what training changed: `model.safetensors` has the parameters of the "
+         "components trained so far, `manifest.json` the base models, architecture fingerprint and configs. "
+         "The frozen pretrained weights are loaded from the base models, and loading onto a different base "
+         "is refused."),
         "",
         "## Stage",
         "",
@@ -490,7 +493,7 @@ class HubPusher:
                 commit_message=job.commit_message,
                 allow_patterns=[*UPLOADED_FILES, CARD_FILE],
             )
-        except BaseException as exc:  # noqa: BLE001 - a failed push never reaches training
+        except BaseException as exc:  # a failed push never reaches training
             detail = f"{type(exc).__name__}: {exc}"
             self._record_failure(f"{job.commit_message}: {detail}", token)
             if not isinstance(exc, Exception):

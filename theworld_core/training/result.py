@@ -1,0 +1,59 @@
+"""What a stage run hands back (`StageResult`), and the key a resume state must match (`resume_key`).
+
+Plain data, no torch: the launcher, the pipeline and the trainer all read these.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from theworld_core.config import StageConfig
+
+# Keys that may change between a crash and its resume without changing what is trained.
+RESUME_COMPATIBLE_KEYS = frozenset({
+    "logging_steps", "save_steps", "save_total_limit", "eval_steps", "output_dir", "resume_from_checkpoint",
+    "log_to_wandb", "wandb_project", "wandb_run_name", "push_to_hub", "hub_model_id", "hub_strategy",
+    "hub_private_repo", "num_processes", "name",
+})
+
+
+def resume_key(cfg: StageConfig) -> str:
+    """Hash of every key that changes what a stage trains: a resume state saved under another key is
+    refused. Stored in the resume state's `TrainerState.config_hash` (the field keeps its name, so
+    existing resume states stay resumable) and logged as the MLflow tag `config_hash`."""
+    relevant = {k: v for k, v in cfg.model_dump(mode="json").items() if k not in RESUME_COMPATIBLE_KEYS}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()
+
+
+def changed_training_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """`key: old -> new` for every key that differs and changes what is trained (for the refusal message)."""
+    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
+            if k not in RESUME_COMPATIBLE_KEYS and before.get(k) != now.get(k)]
+
+
+@dataclass(frozen=True)
+class StageResult:
+    """What a stage run ended with: small, JSON-serialisable, no tensors."""
+
+    status: str
+    """completed (max_steps / epochs reached), plateaued, diverged or oom."""
+    reason: str
+    steps: int
+    output_dir: str
+    stage_output: str | None
+    """`OUTPUT_DIR/final`, the stage output (None when the stage diverged or ran out of memory)."""
+    eval_loss: float | None
+    best_eval_loss: float | None
+    train_loss: float | None
+    eval_history: list[list[float]]
+    trainable: dict[str, int]
+    data_fingerprint: str
+    mlflow_run_id: str | None
+    started_from: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
