@@ -387,12 +387,14 @@ def test_parts():
 
 
 def test_mixed_precision_resolution():
-    c = StageConfig(mixed_precision="bf16")
-    assert c.effective_mixed_precision(device_type="cpu", bf16_supported=True) == "no"
-    assert c.effective_mixed_precision(device_type="cuda", bf16_supported=True) == "bf16"
-    assert c.effective_mixed_precision(device_type="cuda", bf16_supported=False) == "no"
-    assert StageConfig(mixed_precision="fp16").effective_mixed_precision(device_type="cpu", bf16_supported=False) == "no"
-    assert StageConfig(mixed_precision="no").effective_mixed_precision(device_type="cuda", bf16_supported=True) == "no"
+    # The stage key's meaning per device lives in the precision policy (theworld_core/model/precision.py).
+    from theworld_core.model.precision import resolve_precision
+
+    assert resolve_precision(StageConfig(mixed_precision="bf16").mixed_precision, "cpu").effective == "no"
+    assert resolve_precision("bf16", "cuda", bf16_supported=True).effective == "bf16"
+    assert resolve_precision("bf16", "cuda", bf16_supported=False).effective == "no"
+    assert resolve_precision("fp16", "cpu").effective == "no"
+    assert resolve_precision("no", "cuda", bf16_supported=True).effective == "no"
 
 
 def test_wandb_keys_map_to_mlflow():

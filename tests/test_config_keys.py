@@ -45,7 +45,7 @@ def test_resume_compatible_keys_are_marked_stage_fields():
     assert RESUME_COMPATIBLE_KEYS == frozenset({
         "logging_steps", "save_steps", "save_total_limit", "eval_steps", "output_dir", "resume_from_checkpoint",
         "log_to_wandb", "wandb_project", "wandb_run_name", "push_to_hub", "hub_model_id", "hub_strategy",
-        "hub_private_repo", "num_processes", "name",
+        "hub_private_repo", "num_processes", "name", "feature_cache", "feature_cache_dir", "feature_cache_max_gb",
     })
     assert RESUME_COMPATIBLE_KEYS <= set(StageConfig.model_fields)
     # a model or data key changes what is trained, and so does anything the optimizer or the plateau rule reads

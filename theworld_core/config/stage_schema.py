@@ -281,6 +281,10 @@ class TrainingConfig(StrictModel):
     `linear` (decay to 0 at the last step), the Hugging Face Trainer's default."""
     weight_decay: float = Field(0.01, ge=0, allow_inf_nan=False)
     """AdamW decoupled weight decay."""
+    optimizer: Literal["adamw", "adamw_8bit"] = "adamw"
+    """`adamw`: PyTorch AdamW with fp32 moments over fp32 master weights (fused kernels on CUDA).
+    `adamw_8bit`: AdamW with 8-bit moments (torchao; CUDA only, the `gpu` extra), about a quarter of
+    the optimizer memory (docs/stages.md#memory); refused before any work on a machine without it."""
     max_grad_norm: PositiveFloat = 1.0
     """Gradients are clipped to this global L2 norm before each optimizer step (0.5 in the
     divergence recipe, docs/stages.md#retries)."""
@@ -301,7 +305,23 @@ class TrainingConfig(StrictModel):
     mixed_precision: Literal["no", "fp16", "bf16"] = "bf16"
     """Autocast precision. `bf16` means bf16 where the device supports it and plain fp32 elsewhere
     (on CPU, or a GPU without bf16), so the stage JSON files run unchanged on a laptop; `fp16` needs
-    a CUDA GPU; `no` is fp32 everywhere. See `effective_mixed_precision`."""
+    a CUDA GPU; `no` is fp32 everywhere. `theworld_core.model.precision` applies it."""
+
+    # --- data path ---------------------------------------------------------------------------
+    num_workers: int | None = Field(None, ge=0)
+    """DataLoader worker processes that decode and preprocess images beside the training loop
+    (pinned memory and non-blocking copies on CUDA). Null: picked from the CPUs available per
+    process; 0: everything in the training process."""
+    feature_cache: Literal["auto", "off"] = Field("auto", json_schema_extra=_RESUME_COMPATIBLE)
+    """Keep the outputs of frozen encoders (vision tower + projector, VAE encoder latent) on disk and
+    reuse them across epochs, stages and runs (docs/stages.md#feature-cache); an encoder that trains
+    is never served from it. `off`: every image is encoded at every step."""
+    feature_cache_dir: str | None = Field(None, json_schema_extra=_RESUME_COMPATIBLE)
+    """Feature cache folder (null: `feature_cache` under the project's state folder). Concurrent
+    runs may share it."""
+    feature_cache_max_gb: float = Field(50.0, gt=0, allow_inf_nan=False, json_schema_extra=_RESUME_COMPATIBLE)
+    """Size cap of the feature cache in GB (10^9 bytes); the least recently used entries are evicted
+    beyond it. About 1.34 MB per sample on Gemma 3 4B (bf16, world_image_size 256)."""
 
     # --- checkpoints --------------------------------------------------------------------------
     output_dir: str = Field("./checkpoints", json_schema_extra=_RESUME_COMPATIBLE)
@@ -469,15 +489,6 @@ class TrainingConfig(StrictModel):
             patience_steps=self.plateau_patience_steps,
             min_steps=min_steps,
         )
-
-    def effective_mixed_precision(self, *, device_type: str, bf16_supported: bool) -> Literal["no", "fp16", "bf16"]:
-        """What `mixed_precision` means on a device: `bf16` falls back to `no` (fp32) where bf16 is not
-        supported (CPU, older GPUs); `fp16` is only honoured on CUDA (fp32 elsewhere)."""
-        if self.mixed_precision == "bf16":
-            return "bf16" if bf16_supported and device_type != "cpu" else "no"
-        if self.mixed_precision == "fp16":
-            return "fp16" if device_type == "cuda" else "no"
-        return "no"
 
     def mlflow_names(self, *, default_run_name: str | None = None) -> MlflowNames:
         """The MLflow experiment and run names: `wandb_project` / `wandb_run_name` when given (the

@@ -10,15 +10,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from theworld_core.config import StageConfig
-
-# Keys that may change between a crash and its resume without changing what is trained.
-RESUME_COMPATIBLE_KEYS = frozenset({
-    "logging_steps", "save_steps", "save_total_limit", "eval_steps", "output_dir", "resume_from_checkpoint",
-    "log_to_wandb", "wandb_project", "wandb_run_name", "push_to_hub", "hub_model_id", "hub_strategy",
-    "hub_private_repo", "num_processes", "name",
-})
-
+from theworld_core.config import RESUME_COMPATIBLE_KEYS, StageConfig
 
 def resume_key(cfg: StageConfig) -> str:
     """Hash of every key that changes what a stage trains: a resume state saved under another key is

@@ -34,6 +34,7 @@ from theworld_core.model.components import (
     snapshot,
     trainable_components,
 )
+from theworld_core.model.precision import resolve_precision
 from theworld_core.model.stage_output import (
     WEIGHTS_FILE,
     apply_stage_output,
@@ -42,10 +43,18 @@ from theworld_core.model.stage_output import (
     save_stage_output,
 )
 from theworld_core.model.theworld import TheWorld
-from theworld_core.tracking.stage_logger import NullStageLogger, StageLogger, stage_logger_for
+from theworld_core.tracking.stage_logger import (
+    NullStageLogger,
+    StageLogger,
+    stage_logger_for,
+)
 from theworld_core.training import checkpoint as ckpt
 from theworld_core.training.evaluation import evaluate_loss
-from theworld_core.training.optim import build_optimizer, load_optimizer_state_by_name, optimizer_state_by_name
+from theworld_core.training.optim import (
+    build_optimizer,
+    load_optimizer_state_by_name,
+    optimizer_state_by_name,
+)
 from theworld_core.training.plateau import PlateauTracker
 from theworld_core.training.result import StageResult, changed_training_keys, resume_key
 
@@ -146,11 +155,11 @@ class StageTrainer:
 
         cfg = self.cfg
         on_gpu = torch.cuda.is_available()
-        precision = cfg.effective_mixed_precision(
-            device_type="cuda" if on_gpu else "cpu", bf16_supported=on_gpu and torch.cuda.is_bf16_supported()
+        self.precision = resolve_precision(
+            cfg.mixed_precision, "cuda" if on_gpu else "cpu", bf16_supported=on_gpu and torch.cuda.is_bf16_supported()
         )
         self.accelerator = Accelerator(
-            mixed_precision=precision,
+            mixed_precision=self.precision.effective,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
             cpu=not on_gpu,
             # Frozen-by-design parameters (e.g. the VAE's temporal convs on one frame) get no gradient.
