@@ -11,6 +11,13 @@ writes only the eval samples to a cached table the same way; the train split is 
 sit in memory in either mode: rows go to memory-mapped Arrow files; what stays in memory is a few
 bytes per sample of bookkeeping (masks, split indices).
 
+Split groups: a record grouped by content (local files, hub images) has its image read before its
+side is known (`_split_group`), so the eval pass of streaming reads every such image once more.
+
+Length: with a `sequence_limit` (the model's `max_seq_length` in its own tokens) every record is
+measured before its image is read; one that does not fit is a bad sample `too_long`, counted under
+`max_bad_fraction` like a broken image, instead of failing the stage at the batch that holds it.
+
 At-least-one eval sample: when no usable sample scores below `eval_fraction`, the usable
 sample(s) with the lowest split score are held out instead (all samples of that split group).
 That is the sample that would enter eval first if the fraction grew, so the rule is deterministic
@@ -24,7 +31,8 @@ from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,7 @@ from theworld_core.config import DataConfig
 from theworld_core.data.fingerprint import ContentHash, cache_key, data_fingerprint, image_digest, problem_marker
 from theworld_core.data.images import normalise_image, read_image_bytes
 from theworld_core.data.sources import resolve_source
-from theworld_core.data.split import is_eval, split_score
+from theworld_core.data.split import content_group, is_eval, split_score
 from theworld_core.data.types import (
     DEFAULT_PROMPT,
     ROW_FEATURES,
@@ -46,6 +54,7 @@ from theworld_core.data.types import (
     DataStats,
     PreparedData,
     SampleProblem,
+    SequenceLimit,
     Source,
     SourceRecord,
     TooManyBadSamples,
@@ -65,11 +74,15 @@ def prepare_data(
     *,
     cache_dir: str | Path | None = None,
     default_prompt: str = DEFAULT_PROMPT,
+    sequence_limit: SequenceLimit | None = None,
 ) -> PreparedData:
     """Open `cfg.dataset_name`, fingerprint it and split it into train and eval.
 
     `cache_dir`: where the materialised table goes (default: the `datasets` cache,
     `HF_DATASETS_CACHE`). `default_prompt`: prompt of samples whose source gives none.
+    `sequence_limit`: the length the model takes (`model.inputs.ModelSequenceLimit.of(model_cfg)`);
+    longer samples count as `too_long`, and its identity is part of the fingerprint. None: no check
+    (a too-long sample then fails the batch that holds it).
     Raises `TooManyBadSamples` when the unusable share is above `cfg.max_bad_fraction` (streaming:
     when that is already certain at preparation, else during iteration) and `ValueError` for an
     unknown source or one without usable samples.
@@ -78,9 +91,13 @@ def prepare_data(
     source = resolve_source(cfg)
     if next(_limited(source, cfg), None) is None:  # cheap: only the first record is listed
         raise _no_usable_samples(source, 0)
+    limit_identity = None
+    if sequence_limit is not None:
+        source = replace(source, records=partial(_measured_records, source.records, sequence_limit, default_prompt))
+        limit_identity = dict(sequence_limit.identity())
     if cfg.streaming:
-        return _prepare_streaming(cfg, source, default_prompt, cache_dir)
-    return _prepare_materialised(cfg, source, default_prompt, cache_dir)
+        return _prepare_streaming(cfg, source, default_prompt, cache_dir, limit_identity)
+    return _prepare_materialised(cfg, source, default_prompt, cache_dir, limit_identity)
 
 
 def _as_data_config(cfg: Any) -> DataConfig:
@@ -97,6 +114,31 @@ def _as_data_config(cfg: Any) -> DataConfig:
 def _limited(source: Source, cfg: DataConfig) -> Iterator[SourceRecord]:
     """The records in source order, the first `num_samples` of them."""
     return islice(source.records(), cfg.num_samples)
+
+
+def _measured_records(
+    records: Callable[[], Iterator[SourceRecord]], limit: SequenceLimit, default_prompt: str
+) -> Iterator[SourceRecord]:
+    """The records, those that do not fit the model marked `too_long` (before any image is read)."""
+    for record in records():
+        if record.problem is None:
+            problem = limit.problem(record.prompt or default_prompt, record.text or "")
+            if problem is not None:
+                detail = f"{record.where}: {problem}" if record.where else problem
+                record = replace(record, problem="too_long", detail=detail, load=None)
+        yield record
+
+
+def _split_group(record: SourceRecord, read: Read) -> str:
+    """The record's split group: its image's sha256 when grouped by content and readable, else `group`."""
+    if record.group_by_content and isinstance(read, bytes):
+        return content_group(read)
+    return record.group
+
+
+def _needs_read_for_side(record: SourceRecord) -> bool:
+    """Whether the record's side can only be known from its image (grouped by content, no problem)."""
+    return record.group_by_content and record.problem is None
 
 
 def _read_or_problem(record: SourceRecord) -> bytes | SampleProblem:
@@ -163,7 +205,7 @@ def _make_row(record: SourceRecord, default_prompt: str, read: Read = None) -> d
         "id": record.id,
         "prompt": record.prompt or default_prompt,
         "text": record.text or "",
-        "split_score": split_score(record.group),
+        "split_score": split_score(_split_group(record, read)),
         "image": None,
         "bad_reason": None,
         "bad_detail": None,
@@ -229,11 +271,12 @@ def _hash_content(cfg: DataConfig, source: Source, default_prompt: str) -> str |
     return content.hexdigest()
 
 
-def _fingerprint(cfg: DataConfig, source: Source, default_prompt: str, content: str | None) -> str:
+def _fingerprint(
+    cfg: DataConfig, source: Source, default_prompt: str, content: str | None, limit_identity: dict[str, Any] | None
+) -> str:
     """The data fingerprint from the generator parameters or else the content hash."""
-    if source.static_fingerprint is not None:
-        return data_fingerprint(cfg, source.kind, default_prompt, dict(source.static_fingerprint))
-    return data_fingerprint(cfg, source.kind, default_prompt, content or "")
+    part = dict(source.static_fingerprint) if source.static_fingerprint is not None else content or ""
+    return data_fingerprint(cfg, source.kind, default_prompt, part, sequence_limit=limit_identity)
 
 
 def _bytes_are_hashed(record: SourceRecord) -> bool:
@@ -266,10 +309,13 @@ def _generate_rows(
     rows under the old key.
     """
     content = ContentHash()
-    records = _limited(source, cfg)
-    if only_eval:
-        records = (record for record in records if is_eval(split_score(record.group), cfg.eval_fraction))
-    for record, read in _with_reads(source, records):
+
+    def maybe_eval(record: SourceRecord) -> bool:
+        return _needs_read_for_side(record) or is_eval(split_score(record.group), cfg.eval_fraction)
+
+    for record, read in _with_reads(source, _limited(source, cfg), maybe_eval if only_eval else None):
+        if only_eval and (read is None or not is_eval(split_score(_split_group(record, read)), cfg.eval_fraction)):
+            continue
         if expected_content is not None:
             _add_to_hash(content, record, default_prompt, read)
         yield _make_row(record, default_prompt, read)
@@ -336,9 +382,11 @@ def _samples(table: Dataset, mask: np.ndarray) -> Dataset:
 # --- materialised -------------------------------------------------------------------------------
 
 
-def _prepare_materialised(cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None) -> PreparedData:
+def _prepare_materialised(
+    cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None, limit_identity: dict[str, Any] | None
+) -> PreparedData:
     content = _hash_content(cfg, source, default_prompt)
-    fingerprint = _fingerprint(cfg, source, default_prompt, content)
+    fingerprint = _fingerprint(cfg, source, default_prompt, content, limit_identity)
     table = _row_table(source, cfg, default_prompt, fingerprint, cache_dir, only_eval=False, expected_content=content)
     books = _bookkeeping(table)
     total = len(table)
@@ -453,12 +501,15 @@ def _stream_train(
     """The train samples in source order, images read and checked as they come."""
     run = _StreamRun(progress)
 
-    def is_train(record: SourceRecord) -> bool:
-        score = split_score(record.group)
+    def is_train(score: float) -> bool:
         return not (is_eval(score, cfg.eval_fraction) or score == forced_score)
 
-    train_records = (record for record in _limited(source, cfg) if is_train(record))
-    for record, read in _with_reads(source, train_records):
+    def maybe_train(record: SourceRecord) -> bool:
+        return _needs_read_for_side(record) or is_train(split_score(record.group))
+
+    for record, read in _with_reads(source, _limited(source, cfg), maybe_train):
+        if read is None or not is_train(split_score(_split_group(record, read))):
+            continue
         row = _make_row(record, default_prompt, read)
         run.record(row)
         if row["bad_reason"] is None:
@@ -494,11 +545,14 @@ def _scan_stream(cfg: DataConfig, source: Source, default_prompt: str) -> _Strea
     scan = _StreamScan()
     # Records with a content_key are not read here (URL lists: no download before training);
     # a record that is bad by itself still counts as certainly bad.
-    for record, read in _with_reads(source, _limited(source, cfg), lambda record: hashing and _bytes_are_hashed(record)):
+    def wanted(record: SourceRecord) -> bool:
+        return (hashing and _bytes_are_hashed(record)) or _needs_read_for_side(record)
+
+    for record, read in _with_reads(source, _limited(source, cfg), wanted):
         scan.total += 1
-        score = split_score(record.group)
         if read is None and record.problem is not None:
             read = _read_or_problem(record)
+        score = split_score(_split_group(record, read))
         if hashing:
             _add_to_hash(scan.content, record, default_prompt, read)
         if is_eval(score, cfg.eval_fraction):
@@ -518,15 +572,25 @@ def _hold_out_lowest(
 ) -> tuple[float, list[dict[str, Any]]] | None:
     """The at-least-one rule for streaming: the lowest-score group with a usable sample, and its rows."""
     for score in sorted(-negated for negated in candidates):
-        rows = [_make_row(record, default_prompt) for record in _limited(source, cfg) if split_score(record.group) == score]
+
+        def maybe_this_group(record: SourceRecord, score: float = score) -> bool:
+            return _needs_read_for_side(record) or split_score(record.group) == score
+
+        rows = [
+            _make_row(record, default_prompt, read)
+            for record, read in _with_reads(source, _limited(source, cfg), maybe_this_group)
+            if read is not None and split_score(_split_group(record, read)) == score
+        ]
         if any(row["bad_reason"] is None for row in rows):
             return score, rows
     return None
 
 
-def _prepare_streaming(cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None) -> PreparedData:
+def _prepare_streaming(
+    cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None, limit_identity: dict[str, Any] | None
+) -> PreparedData:
     scan = _scan_stream(cfg, source, default_prompt)
-    fingerprint = _fingerprint(cfg, source, default_prompt, scan.content.hexdigest())
+    fingerprint = _fingerprint(cfg, source, default_prompt, scan.content.hexdigest(), limit_identity)
     table = (
         _row_table(source, cfg, default_prompt, fingerprint, cache_dir, only_eval=True)
         if scan.eval_records
