@@ -12,7 +12,7 @@ sit in memory in either mode: rows go to memory-mapped Arrow files; what stays i
 bytes per sample of bookkeeping (masks, split indices).
 
 Split groups: a record grouped by content (local files, hub images) has its image read before its
-side is known (`_split_group`), so the eval pass of streaming reads every such image once more.
+side is known (`split_group`), so the eval pass of streaming reads every such image once more.
 
 Length: with a `sequence_limit` (the model's `max_seq_length` in its own tokens) every record is
 measured before its image is read; one that does not fit is a bad sample `too_long`, counted under
@@ -27,10 +27,8 @@ and only matters for tiny datasets; once any sample scores below the fraction it
 from __future__ import annotations
 
 import heapq
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
+from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from functools import partial
 from itertools import islice
@@ -43,9 +41,19 @@ from datasets import Dataset, IterableDataset
 
 from theworld_core.config import DataConfig
 from theworld_core.data.fingerprint import ContentHash, cache_key, data_fingerprint, image_digest, problem_marker
-from theworld_core.data.images import normalise_image, read_image_bytes
+from theworld_core.data.reading import (
+    Read,
+    example_of,
+    make_row,
+    measured_records,
+    needs_read_for_side,
+    read_or_problem,
+    sample_of,
+    split_group,
+    with_reads,
+)
 from theworld_core.data.sources import resolve_source
-from theworld_core.data.split import content_group, is_eval, split_score
+from theworld_core.data.split import is_eval, split_score
 from theworld_core.data.types import (
     DEFAULT_PROMPT,
     ROW_FEATURES,
@@ -93,7 +101,7 @@ def prepare_data(
         raise _no_usable_samples(source, 0)
     limit_identity = None
     if sequence_limit is not None:
-        source = replace(source, records=partial(_measured_records, source.records, sequence_limit, default_prompt))
+        source = replace(source, records=partial(measured_records, source.records, sequence_limit, default_prompt))
         limit_identity = dict(sequence_limit.identity())
     if cfg.streaming:
         return _prepare_streaming(cfg, source, default_prompt, cache_dir, limit_identity)
@@ -114,118 +122,6 @@ def _as_data_config(cfg: Any) -> DataConfig:
 def _limited(source: Source, cfg: DataConfig) -> Iterator[SourceRecord]:
     """The records in source order, the first `num_samples` of them."""
     return islice(source.records(), cfg.num_samples)
-
-
-def _measured_records(
-    records: Callable[[], Iterator[SourceRecord]], limit: SequenceLimit, default_prompt: str
-) -> Iterator[SourceRecord]:
-    """The records, those that do not fit the model marked `too_long` (before any image is read)."""
-    for record in records():
-        if record.problem is None:
-            problem = limit.problem(record.prompt or default_prompt, record.text or "")
-            if problem is not None:
-                detail = f"{record.where}: {problem}" if record.where else problem
-                record = replace(record, problem="too_long", detail=detail, load=None)
-        yield record
-
-
-def _split_group(record: SourceRecord, read: Read) -> str:
-    """The record's split group: its image's sha256 when grouped by content and readable, else `group`."""
-    if record.group_by_content and isinstance(read, bytes):
-        return content_group(read)
-    return record.group
-
-
-def _needs_read_for_side(record: SourceRecord) -> bool:
-    """Whether the record's side can only be known from its image (grouped by content, no problem)."""
-    return record.group_by_content and record.problem is None
-
-
-def _read_or_problem(record: SourceRecord) -> bytes | SampleProblem:
-    """The record's image bytes, or why there are none (malformed record, missing file, ...)."""
-    try:
-        if record.problem is not None or record.load is None:
-            raise SampleProblem(record.problem or "bad_record", record.detail)
-        return read_image_bytes(record.load)
-    except SampleProblem as problem:
-        return problem
-
-
-Read = bytes | SampleProblem | None
-"""A record's image bytes, why there are none, or None for a record the pass does not read."""
-
-
-def _with_reads(
-    source: Source, records: Iterable[SourceRecord], wanted: Callable[[SourceRecord], bool] | None = None
-) -> Iterator[tuple[SourceRecord, Read]]:
-    """(record, read) in source order; only `wanted` records (default: all) are read.
-
-    Sources with `read_concurrency > 1` (URL lists) are read ahead on a thread pool, at most
-    `2 x read_concurrency` records ahead of the consumer: concurrent fetches in constant memory
-    however long the source. Leaving the loop early cancels what was not started yet.
-    """
-    if source.read_concurrency <= 1:
-        for record in records:
-            yield record, _read_or_problem(record) if wanted is None or wanted(record) else None
-        return
-    window: deque[tuple[SourceRecord, Future[bytes | SampleProblem] | None]] = deque()
-    pool = ThreadPoolExecutor(source.read_concurrency, thread_name_prefix=f"read-{source.kind}")
-    try:
-        for record in records:
-            needed = (wanted is None or wanted(record)) and record.problem is None
-            window.append((record, pool.submit(_read_or_problem, record) if needed else None))
-            if len(window) > 2 * source.read_concurrency:
-                yield _settle(window.popleft(), source.read_timeout_s, wanted)
-        while window:
-            yield _settle(window.popleft(), source.read_timeout_s, wanted)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _settle(
-    record_and_future: tuple[SourceRecord, Future[bytes | SampleProblem] | None],
-    timeout_s: float | None,
-    wanted: Callable[[SourceRecord], bool] | None,
-) -> tuple[SourceRecord, Read]:
-    record, future = record_and_future
-    if future is None:  # not read, or a record that is bad by itself
-        return record, _read_or_problem(record) if record.problem is not None and (wanted is None or wanted(record)) else None
-    try:
-        return record, future.result(timeout=timeout_s)
-    except FutureTimeout:
-        future.cancel()
-        return record, SampleProblem("timeout", f"no image within {timeout_s:g}s")
-
-
-def _make_row(record: SourceRecord, default_prompt: str, read: Read = None) -> dict[str, Any]:
-    """The full row (sample columns + bookkeeping) of one record; `read` avoids a second read."""
-    if read is None:
-        read = _read_or_problem(record)
-    row: dict[str, Any] = {
-        "id": record.id,
-        "prompt": record.prompt or default_prompt,
-        "text": record.text or "",
-        "split_score": split_score(_split_group(record, read)),
-        "image": None,
-        "bad_reason": None,
-        "bad_detail": None,
-    }
-    try:
-        if isinstance(read, SampleProblem):
-            raise read
-        row["image"] = {"bytes": normalise_image(read), "path": None}
-    except SampleProblem as problem:
-        row["bad_reason"], row["bad_detail"] = problem.reason, problem.detail
-    return row
-
-
-def _sample(row: dict[str, Any]) -> dict[str, Any]:
-    return {column: row[column] for column in SAMPLE_COLUMNS}
-
-
-def _example(row: dict[str, Any]) -> tuple[str, str]:
-    detail = f": {row['bad_detail']}" if row.get("bad_detail") else ""
-    return row["id"], f"{row['bad_reason']}{detail}"
 
 
 def _check_bad_share(
@@ -266,7 +162,7 @@ def _hash_content(cfg: DataConfig, source: Source, default_prompt: str) -> str |
     if source.static_fingerprint is not None:
         return None
     content = ContentHash()
-    for record, read in _with_reads(source, _limited(source, cfg), _bytes_are_hashed):
+    for record, read in with_reads(source, _limited(source, cfg), _bytes_are_hashed):
         _add_to_hash(content, record, default_prompt, read)
     return content.hexdigest()
 
@@ -311,14 +207,14 @@ def _generate_rows(
     content = ContentHash()
 
     def maybe_eval(record: SourceRecord) -> bool:
-        return _needs_read_for_side(record) or is_eval(split_score(record.group), cfg.eval_fraction)
+        return needs_read_for_side(record) or is_eval(split_score(record.group), cfg.eval_fraction)
 
-    for record, read in _with_reads(source, _limited(source, cfg), maybe_eval if only_eval else None):
-        if only_eval and (read is None or not is_eval(split_score(_split_group(record, read)), cfg.eval_fraction)):
+    for record, read in with_reads(source, _limited(source, cfg), maybe_eval if only_eval else None):
+        if only_eval and (read is None or not is_eval(split_score(split_group(record, read)), cfg.eval_fraction)):
             continue
         if expected_content is not None:
             _add_to_hash(content, record, default_prompt, read)
-        yield _make_row(record, default_prompt, read)
+        yield make_row(record, default_prompt, read)
     if expected_content is not None and content.hexdigest() != expected_content:
         raise RuntimeError(f"{source.description} changed while it was being prepared; run the preparation again")
 
@@ -370,7 +266,7 @@ def _bookkeeping(table: Dataset) -> _Bookkeeping:
     good = pc.is_null(reason_column).to_numpy(zero_copy_only=False)
     reasons = {str(item["values"]): int(item["counts"]) for item in reason_column.drop_null().value_counts().to_pylist()}
     columns = table.select_columns(["id", "bad_reason", "bad_detail"])
-    examples = [_example(columns[int(index)]) for index in np.flatnonzero(~good)[:EXAMPLE_COUNT]]
+    examples = [example_of(columns[int(index)]) for index in np.flatnonzero(~good)[:EXAMPLE_COUNT]]
     return _Bookkeeping(good=good, scores=table.data.column("split_score").to_numpy(), reasons=reasons, examples=examples)
 
 
@@ -456,7 +352,7 @@ class _StreamRun:
         else:
             self.bad[row["bad_reason"]] += 1
             if len(self.examples) < EXAMPLE_COUNT:
-                self.examples.append(_example(row))
+                self.examples.append(example_of(row))
         self._publish(final=False)
         bad = self.progress.eval_bad.total() + self.bad.total()
         certain = bad > self.progress.limit * self.progress.stats.total  # over the limit whatever follows
@@ -505,15 +401,15 @@ def _stream_train(
         return not (is_eval(score, cfg.eval_fraction) or score == forced_score)
 
     def maybe_train(record: SourceRecord) -> bool:
-        return _needs_read_for_side(record) or is_train(split_score(record.group))
+        return needs_read_for_side(record) or is_train(split_score(record.group))
 
-    for record, read in _with_reads(source, _limited(source, cfg), maybe_train):
-        if read is None or not is_train(split_score(_split_group(record, read))):
+    for record, read in with_reads(source, _limited(source, cfg), maybe_train):
+        if read is None or not is_train(split_score(split_group(record, read))):
             continue
-        row = _make_row(record, default_prompt, read)
+        row = make_row(record, default_prompt, read)
         run.record(row)
         if row["bad_reason"] is None:
-            yield _sample(row)
+            yield sample_of(row)
     run.finish()
 
 
@@ -546,13 +442,13 @@ def _scan_stream(cfg: DataConfig, source: Source, default_prompt: str) -> _Strea
     # Records with a content_key are not read here (URL lists: no download before training);
     # a record that is bad by itself still counts as certainly bad.
     def wanted(record: SourceRecord) -> bool:
-        return (hashing and _bytes_are_hashed(record)) or _needs_read_for_side(record)
+        return (hashing and _bytes_are_hashed(record)) or needs_read_for_side(record)
 
-    for record, read in _with_reads(source, _limited(source, cfg), wanted):
+    for record, read in with_reads(source, _limited(source, cfg), wanted):
         scan.total += 1
         if read is None and record.problem is not None:
-            read = _read_or_problem(record)
-        score = split_score(_split_group(record, read))
+            read = read_or_problem(record)
+        score = split_score(split_group(record, read))
         if hashing:
             _add_to_hash(scan.content, record, default_prompt, read)
         if is_eval(score, cfg.eval_fraction):
@@ -561,7 +457,7 @@ def _scan_stream(cfg: DataConfig, source: Source, default_prompt: str) -> _Strea
         if isinstance(read, SampleProblem):
             scan.train_unreadable[read.reason] += 1
             if len(scan.train_examples) < EXAMPLE_COUNT:
-                scan.train_examples.append(_example({"id": record.id, "bad_reason": read.reason, "bad_detail": read.detail}))
+                scan.train_examples.append(example_of({"id": record.id, "bad_reason": read.reason, "bad_detail": read.detail}))
         else:
             scan.add_candidate(score)
     return scan
@@ -574,12 +470,12 @@ def _hold_out_lowest(
     for score in sorted(-negated for negated in candidates):
 
         def maybe_this_group(record: SourceRecord, score: float = score) -> bool:
-            return _needs_read_for_side(record) or split_score(record.group) == score
+            return needs_read_for_side(record) or split_score(record.group) == score
 
         rows = [
-            _make_row(record, default_prompt, read)
-            for record, read in _with_reads(source, _limited(source, cfg), maybe_this_group)
-            if read is not None and split_score(_split_group(record, read)) == score
+            make_row(record, default_prompt, read)
+            for record, read in with_reads(source, _limited(source, cfg), maybe_this_group)
+            if read is not None and split_score(split_group(record, read)) == score
         ]
         if any(row["bad_reason"] is None for row in rows):
             return score, rows
@@ -618,12 +514,12 @@ def _prepare_streaming(
             )
         forced_score, rows = held_out
         # Tiny by construction (one split group), so an in-memory table is fine here.
-        eval_split = Dataset.from_list([_sample(row) for row in rows if row["bad_reason"] is None], features=SAMPLE_FEATURES)
+        eval_split = Dataset.from_list([sample_of(row) for row in rows if row["bad_reason"] is None], features=SAMPLE_FEATURES)
         eval_records += len(rows)
         for row in rows:
             if row["bad_reason"] is not None:
                 eval_reasons[row["bad_reason"]] += 1
-                eval_examples.append(_example(row))
+                eval_examples.append(example_of(row))
 
     stats = DataStats(
         total=scan.total,
