@@ -32,10 +32,6 @@ END_OF_WORLD = "<end_of_world>"
 WORLD_SOFT_TOKEN = "<world_soft_token>"
 WORLD_TOKENS = (START_OF_WORLD, END_OF_WORLD, WORLD_SOFT_TOKEN)
 END_OF_TURN = "<end_of_turn>"
-INPUTS_VERSION = 1
-"""Bump when the sequence layout (and so any sample's length) changes: part of the data fingerprint."""
-PROMPT_LENGTH_CACHE = 4096
-"""Distinct prompts whose token count an `InputBuilder` remembers (most data has one prompt)."""
 
 
 class SequenceTooLongError(ValueError):
@@ -143,6 +139,12 @@ class InputBuilder:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
         batch["world_pixel_values"] = torch.stack([s["world_pixel_values"] for s in samples])
         return batch
+
+
+INPUTS_VERSION = 1
+"""Bump when the sequence layout (and so any sample's length) changes: part of the data fingerprint."""
+PROMPT_LENGTH_CACHE = 4096
+"""Distinct prompts whose token count an `InputBuilder` remembers (most data has one prompt)."""
 
 
 @dataclass(frozen=True)
