@@ -7,6 +7,12 @@ against readers and other writers:
 - the metadata file is rewritten whole to a temporary file and `os.replace`d, after the images, so a
   reader sees either the old table or the new one, never a row whose image is missing;
 - an `fcntl` lock on `metadata.jsonl.lock` serialises concurrent `add`s (no lost rows).
+
+A caption that cannot fit the model is caught here rather than at training: with a
+`sequence_limit` (the model's `max_seq_length`, see `model.inputs.ModelSequenceLimit`) it is refused,
+naming the file and the token count; without one, a caption over `LONG_CAPTION_CHARS` characters is
+added with a warning naming the file and its length (preparation will count it `too_long` if it
+does not fit).
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -22,9 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from theworld_core.data.images import normalise_image
+from theworld_core.data.types import DEFAULT_PROMPT, SequenceLimit
+
+log = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 METADATA = "metadata.jsonl"
+LONG_CAPTION_CHARS = 2000
+"""Captions longer than this get a warning when no `sequence_limit` can say whether they fit:
+image captions are rarely over a few hundred characters, and 2,000 is a few hundred tokens."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +47,8 @@ class Added:
     text: str
     skipped: bool = False
     """The same bytes were already in the folder under this name with this caption (nothing written)."""
+    warning: str | None = None
+    """Something to tell the user about this image (a caption that may be too long)."""
 
 
 def expand_sources(sources: list[str]) -> list[Path]:
@@ -56,8 +71,12 @@ def expand_sources(sources: list[str]) -> list[Path]:
 def read_captions(path: str | Path) -> dict[str, str]:
     """A JSONL file of `{"file_name": <source path or its name>, "text" | "caption": ...}` rows."""
     captions: dict[str, str] = {}
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as error:
+                raise ValueError(f"{path}:{number}: invalid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
             if not line.strip():
                 continue
             try:
@@ -119,15 +138,31 @@ def _atomic_copy(source: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _caption_length_problem(source: Path, text: str, limit: SequenceLimit | None, prompt: str) -> tuple[str | None, str | None]:
+    """(refusal, warning) for one caption: refused when it does not fit `limit`; without a limit,
+    a warning when it is longer than `LONG_CAPTION_CHARS`."""
+    if limit is not None:
+        problem = limit.problem(prompt, text)
+        return (f"{source}: {problem}" if problem else None), None
+    if len(text) > LONG_CAPTION_CHARS:
+        return None, (
+            f"{source}: caption of {len(text):,} characters (over {LONG_CAPTION_CHARS:,}); a sample that does not "
+            f"fit max_seq_length is counted too_long at preparation and not trained on"
+        )
+    return None, None
+
+
 def add_images(sources: list[str], folder: str | Path, *, caption: str | None = None,
-               captions_file: str | Path | None = None) -> list[Added]:
+               captions_file: str | Path | None = None, sequence_limit: SequenceLimit | None = None,
+               prompt: str = DEFAULT_PROMPT) -> list[Added]:
     """Copy `sources` (image files, or folders of them) into the image folder `folder` (created when
     missing) and append their rows to its `metadata.jsonl`.
 
     Every image needs a caption: `caption` for all of them, or a row of `captions_file` matching the
-    source as given, its path or its file name. Unreadable images and missing captions are refused
-    before anything is written. A name already taken by other bytes gets a `-N` suffix; the same
-    bytes with the same caption already listed are skipped.
+    source as given, its path or its file name. Unreadable images, missing captions and (with a
+    `sequence_limit`; `prompt` is the prompt training will use) captions that do not fit the model are
+    refused before anything is written. A name already taken by other bytes gets a `-N` suffix; the
+    same bytes with the same caption already listed are skipped.
     """
     if caption is not None and captions_file is not None:
         raise ValueError("give --caption or --captions, not both")
@@ -137,13 +172,21 @@ def add_images(sources: list[str], folder: str | Path, *, caption: str | None = 
     given = [str(s) for s in sources]
     files = expand_sources(given)
     planned: list[tuple[Path, str]] = []
-    missing, unreadable = [], []
+    missing, unreadable, too_long = [], [], []
+    warnings: dict[Path, str] = {}
     for source in files:
         origin = next((g for g in given if Path(g).expanduser() == source), str(source))
         text = _caption_for(source, origin, caption, captions)
         if text is None:
             missing.append(str(source))
             continue
+        refusal, warning = _caption_length_problem(source, text, sequence_limit, prompt)
+        if refusal is not None:
+            too_long.append(refusal)
+            continue
+        if warning is not None:
+            warnings[source] = warning
+            log.warning("%s", warning)
         try:
             normalise_image(source.read_bytes())
         except Exception as error:  # noqa: BLE001 - any decoding failure means "not an image"
@@ -154,6 +197,8 @@ def add_images(sources: list[str], folder: str | Path, *, caption: str | None = 
         raise ValueError(f"no caption for {', '.join(missing)}: pass --caption TEXT or --captions FILE.jsonl")
     if unreadable:
         raise ValueError(f"not readable as images: {'; '.join(unreadable)}")
+    if too_long:
+        raise ValueError(f"captions too long for the model: {'; '.join(too_long)}")
 
     folder = Path(folder).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
@@ -164,7 +209,9 @@ def add_images(sources: list[str], folder: str | Path, *, caption: str | None = 
         table = folder / METADATA
         old = table.read_bytes() if table.exists() else b""
         listed = set()
-        for line in old.decode("utf-8-sig").splitlines():
+        # A line that is not UTF-8 or JSON is one bad row (preparation counts it), not a reason to
+        # refuse adding to the folder.
+        for line in old.decode("utf-8-sig", errors="replace").splitlines():
             with contextlib.suppress(json.JSONDecodeError, AttributeError):
                 row = json.loads(line)
                 listed.add((row.get("file_name"), row.get("text") or row.get("caption")))
@@ -182,7 +229,7 @@ def add_images(sources: list[str], folder: str | Path, *, caption: str | None = 
                 _atomic_copy(source, target)
             rows.append({"file_name": target.name, "text": text})
             listed.add((target.name, text))
-            added.append(Added(str(source), target.name, text))
+            added.append(Added(str(source), target.name, text, warning=warnings.get(source)))
         if rows:
             prefix = old if not old or old.endswith(b"\n") else old + b"\n"
             new = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode()

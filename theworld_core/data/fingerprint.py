@@ -1,8 +1,9 @@
 """Data fingerprints: how the pipeline notices that new data arrived.
 
 The fingerprint is a sha256 over
-- a header: fingerprint version, source kind, `num_samples`, `eval_fraction`, split version and the
-  default prompt (everything besides the content that changes which samples train or eval sees);
+- a header: fingerprint version, source kind, `num_samples`, `eval_fraction`, split version, the
+  default prompt and the length check when there is one (everything besides the content that
+  changes which samples train or eval sees);
 - the content: either the generator parameters (synthetic) or, for files, an order-independent
   hash of every sample's (id, text, prompt, sha256 of the image bytes).
 
@@ -61,8 +62,18 @@ def problem_marker(reason: str) -> str:
     return f"<{reason}>"
 
 
-def data_fingerprint(cfg: DataConfig, kind: str, default_prompt: str, content: Mapping[str, Any] | str) -> str:
-    """Combine the header with the content part (generator parameters or `ContentHash.hexdigest()`)."""
+def data_fingerprint(
+    cfg: DataConfig,
+    kind: str,
+    default_prompt: str,
+    content: Mapping[str, Any] | str,
+    *,
+    sequence_limit: Mapping[str, Any] | None = None,
+) -> str:
+    """Combine the header with the content part (generator parameters or `ContentHash.hexdigest()`).
+
+    `sequence_limit`: the identity of the length check (`SequenceLimit.identity()`), since it
+    decides which samples are usable; None when preparation checks no length."""
     header = {
         "version": FINGERPRINT_VERSION,
         "source": kind,
@@ -71,6 +82,8 @@ def data_fingerprint(cfg: DataConfig, kind: str, default_prompt: str, content: M
         "split_version": SPLIT_VERSION,
         "default_prompt": default_prompt,
     }
+    if sequence_limit is not None:  # absent rather than null: fingerprints without a check stay as they were
+        header["sequence_limit"] = dict(sequence_limit)
     return _sha256_json({"header": header, "content": content})
 
 

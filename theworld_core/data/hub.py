@@ -7,7 +7,7 @@ Two layouts are understood, from the dataset's columns:
 
 - **images**: an `image` column (an `Image` feature; its encoded bytes are used as stored, never
   decoded and re-encoded) and a caption in `text` or `caption`; optional `id`/`uid`/`key`, `prompt`.
-  Fingerprinted by content, like local files.
+  Fingerprinted and split by content, like local files.
 - **URL list** (DataComp's layout): `url`, `text` or `caption`, optional `uid`; see urls.py. Images
   are fetched while the samples are read; the list is fingerprinted, not the images.
 
@@ -102,12 +102,14 @@ def _image_records(dataset: Any, dataset_id: str) -> Iterator[SourceRecord]:
             problem, detail = "missing_text", f"no caption column ({'/'.join(TEXT_COLUMNS)})"
         yield SourceRecord(
             id=sample_id,
-            group=sample_id,
+            group=sample_id,  # only when the image cannot be read: a readable one is grouped by its bytes
             text=text,
             prompt=_first(row, (PROMPT_COLUMN,)),
             load=load,
             problem=problem,
             detail=detail,
+            group_by_content=True,
+            where=where,
         )
 
 

@@ -10,8 +10,9 @@ from theworld_core.data.fetch import FETCH_REASONS
 from theworld_core.data.types import DataStats
 
 BAD_REASONS: dict[str, str] = {
-    "bad_record": "the row cannot be parsed or names no image / URL",
+    "bad_record": "the row cannot be parsed (invalid JSON or UTF-8; named <file>:<line>) or names no image / URL",
     "missing_text": "the row has no caption (text / caption)",
+    "too_long": "prompt and caption (with the image and world tokens) do not fit the model's max_seq_length",
     "missing_file": "a local image file does not exist",
     "unreadable_file": "a local image file cannot be read",
     "empty_file": "the image file or fetched body is empty",

@@ -11,6 +11,13 @@ writes only the eval samples to a cached table the same way; the train split is 
 sit in memory in either mode: rows go to memory-mapped Arrow files; what stays in memory is a few
 bytes per sample of bookkeeping (masks, split indices).
 
+Split groups: a record grouped by content (local files, hub images) has its image read before its
+side is known (`split_group`), so the eval pass of streaming reads every such image once more.
+
+Length: with a `sequence_limit` (the model's `max_seq_length` in its own tokens) every record is
+measured before its image is read; one that does not fit is a bad sample `too_long`, counted under
+`max_bad_fraction` like a broken image, instead of failing the stage at the batch that holds it.
+
 At-least-one eval sample: when no usable sample scores below `eval_fraction`, the usable
 sample(s) with the lowest split score are held out instead (all samples of that split group).
 That is the sample that would enter eval first if the fraction grew, so the rule is deterministic
@@ -20,11 +27,10 @@ and only matters for tiny datasets; once any sample scores below the fraction it
 from __future__ import annotations
 
 import heapq
-from collections import Counter, deque
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
-from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field, replace
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -35,7 +41,17 @@ from datasets import Dataset, IterableDataset
 
 from theworld_core.config import DataConfig
 from theworld_core.data.fingerprint import ContentHash, cache_key, data_fingerprint, image_digest, problem_marker
-from theworld_core.data.images import normalise_image, read_image_bytes
+from theworld_core.data.reading import (
+    Read,
+    example_of,
+    make_row,
+    measured_records,
+    needs_read_for_side,
+    read_or_problem,
+    sample_of,
+    split_group,
+    with_reads,
+)
 from theworld_core.data.sources import resolve_source
 from theworld_core.data.split import is_eval, split_score
 from theworld_core.data.types import (
@@ -46,6 +62,7 @@ from theworld_core.data.types import (
     DataStats,
     PreparedData,
     SampleProblem,
+    SequenceLimit,
     Source,
     SourceRecord,
     TooManyBadSamples,
@@ -65,11 +82,15 @@ def prepare_data(
     *,
     cache_dir: str | Path | None = None,
     default_prompt: str = DEFAULT_PROMPT,
+    sequence_limit: SequenceLimit | None = None,
 ) -> PreparedData:
     """Open `cfg.dataset_name`, fingerprint it and split it into train and eval.
 
     `cache_dir`: where the materialised table goes (default: the `datasets` cache,
     `HF_DATASETS_CACHE`). `default_prompt`: prompt of samples whose source gives none.
+    `sequence_limit`: the length the model takes (`model.inputs.ModelSequenceLimit.of(model_cfg)`);
+    longer samples count as `too_long`, and its identity is part of the fingerprint. None: no check
+    (a too-long sample then fails the batch that holds it).
     Raises `TooManyBadSamples` when the unusable share is above `cfg.max_bad_fraction` (streaming:
     when that is already certain at preparation, else during iteration) and `ValueError` for an
     unknown source or one without usable samples.
@@ -78,9 +99,13 @@ def prepare_data(
     source = resolve_source(cfg)
     if next(_limited(source, cfg), None) is None:  # cheap: only the first record is listed
         raise _no_usable_samples(source, 0)
+    limit_identity = None
+    if sequence_limit is not None:
+        source = replace(source, records=partial(measured_records, source.records, sequence_limit, default_prompt))
+        limit_identity = dict(sequence_limit.identity())
     if cfg.streaming:
-        return _prepare_streaming(cfg, source, default_prompt, cache_dir)
-    return _prepare_materialised(cfg, source, default_prompt, cache_dir)
+        return _prepare_streaming(cfg, source, default_prompt, cache_dir, limit_identity)
+    return _prepare_materialised(cfg, source, default_prompt, cache_dir, limit_identity)
 
 
 def _as_data_config(cfg: Any) -> DataConfig:
@@ -97,93 +122,6 @@ def _as_data_config(cfg: Any) -> DataConfig:
 def _limited(source: Source, cfg: DataConfig) -> Iterator[SourceRecord]:
     """The records in source order, the first `num_samples` of them."""
     return islice(source.records(), cfg.num_samples)
-
-
-def _read_or_problem(record: SourceRecord) -> bytes | SampleProblem:
-    """The record's image bytes, or why there are none (malformed record, missing file, ...)."""
-    try:
-        if record.problem is not None or record.load is None:
-            raise SampleProblem(record.problem or "bad_record", record.detail)
-        return read_image_bytes(record.load)
-    except SampleProblem as problem:
-        return problem
-
-
-Read = bytes | SampleProblem | None
-"""A record's image bytes, why there are none, or None for a record the pass does not read."""
-
-
-def _with_reads(
-    source: Source, records: Iterable[SourceRecord], wanted: Callable[[SourceRecord], bool] | None = None
-) -> Iterator[tuple[SourceRecord, Read]]:
-    """(record, read) in source order; only `wanted` records (default: all) are read.
-
-    Sources with `read_concurrency > 1` (URL lists) are read ahead on a thread pool, at most
-    `2 x read_concurrency` records ahead of the consumer: concurrent fetches in constant memory
-    however long the source. Leaving the loop early cancels what was not started yet.
-    """
-    if source.read_concurrency <= 1:
-        for record in records:
-            yield record, _read_or_problem(record) if wanted is None or wanted(record) else None
-        return
-    window: deque[tuple[SourceRecord, Future[bytes | SampleProblem] | None]] = deque()
-    pool = ThreadPoolExecutor(source.read_concurrency, thread_name_prefix=f"read-{source.kind}")
-    try:
-        for record in records:
-            needed = (wanted is None or wanted(record)) and record.problem is None
-            window.append((record, pool.submit(_read_or_problem, record) if needed else None))
-            if len(window) > 2 * source.read_concurrency:
-                yield _settle(window.popleft(), source.read_timeout_s, wanted)
-        while window:
-            yield _settle(window.popleft(), source.read_timeout_s, wanted)
-    finally:
-        pool.shutdown(wait=False, cancel_futures=True)
-
-
-def _settle(
-    record_and_future: tuple[SourceRecord, Future[bytes | SampleProblem] | None],
-    timeout_s: float | None,
-    wanted: Callable[[SourceRecord], bool] | None,
-) -> tuple[SourceRecord, Read]:
-    record, future = record_and_future
-    if future is None:  # not read, or a record that is bad by itself
-        return record, _read_or_problem(record) if record.problem is not None and (wanted is None or wanted(record)) else None
-    try:
-        return record, future.result(timeout=timeout_s)
-    except FutureTimeout:
-        future.cancel()
-        return record, SampleProblem("timeout", f"no image within {timeout_s:g}s")
-
-
-def _make_row(record: SourceRecord, default_prompt: str, read: Read = None) -> dict[str, Any]:
-    """The full row (sample columns + bookkeeping) of one record; `read` avoids a second read."""
-    if read is None:
-        read = _read_or_problem(record)
-    row: dict[str, Any] = {
-        "id": record.id,
-        "prompt": record.prompt or default_prompt,
-        "text": record.text or "",
-        "split_score": split_score(record.group),
-        "image": None,
-        "bad_reason": None,
-        "bad_detail": None,
-    }
-    try:
-        if isinstance(read, SampleProblem):
-            raise read
-        row["image"] = {"bytes": normalise_image(read), "path": None}
-    except SampleProblem as problem:
-        row["bad_reason"], row["bad_detail"] = problem.reason, problem.detail
-    return row
-
-
-def _sample(row: dict[str, Any]) -> dict[str, Any]:
-    return {column: row[column] for column in SAMPLE_COLUMNS}
-
-
-def _example(row: dict[str, Any]) -> tuple[str, str]:
-    detail = f": {row['bad_detail']}" if row.get("bad_detail") else ""
-    return row["id"], f"{row['bad_reason']}{detail}"
 
 
 def _check_bad_share(
@@ -224,16 +162,17 @@ def _hash_content(cfg: DataConfig, source: Source, default_prompt: str) -> str |
     if source.static_fingerprint is not None:
         return None
     content = ContentHash()
-    for record, read in _with_reads(source, _limited(source, cfg), _bytes_are_hashed):
+    for record, read in with_reads(source, _limited(source, cfg), _bytes_are_hashed):
         _add_to_hash(content, record, default_prompt, read)
     return content.hexdigest()
 
 
-def _fingerprint(cfg: DataConfig, source: Source, default_prompt: str, content: str | None) -> str:
+def _fingerprint(
+    cfg: DataConfig, source: Source, default_prompt: str, content: str | None, limit_identity: dict[str, Any] | None
+) -> str:
     """The data fingerprint from the generator parameters or else the content hash."""
-    if source.static_fingerprint is not None:
-        return data_fingerprint(cfg, source.kind, default_prompt, dict(source.static_fingerprint))
-    return data_fingerprint(cfg, source.kind, default_prompt, content or "")
+    part = dict(source.static_fingerprint) if source.static_fingerprint is not None else content or ""
+    return data_fingerprint(cfg, source.kind, default_prompt, part, sequence_limit=limit_identity)
 
 
 def _bytes_are_hashed(record: SourceRecord) -> bool:
@@ -266,13 +205,16 @@ def _generate_rows(
     rows under the old key.
     """
     content = ContentHash()
-    records = _limited(source, cfg)
-    if only_eval:
-        records = (record for record in records if is_eval(split_score(record.group), cfg.eval_fraction))
-    for record, read in _with_reads(source, records):
+
+    def maybe_eval(record: SourceRecord) -> bool:
+        return needs_read_for_side(record) or is_eval(split_score(record.group), cfg.eval_fraction)
+
+    for record, read in with_reads(source, _limited(source, cfg), maybe_eval if only_eval else None):
+        if only_eval and (read is None or not is_eval(split_score(split_group(record, read)), cfg.eval_fraction)):
+            continue
         if expected_content is not None:
             _add_to_hash(content, record, default_prompt, read)
-        yield _make_row(record, default_prompt, read)
+        yield make_row(record, default_prompt, read)
     if expected_content is not None and content.hexdigest() != expected_content:
         raise RuntimeError(f"{source.description} changed while it was being prepared; run the preparation again")
 
@@ -324,7 +266,7 @@ def _bookkeeping(table: Dataset) -> _Bookkeeping:
     good = pc.is_null(reason_column).to_numpy(zero_copy_only=False)
     reasons = {str(item["values"]): int(item["counts"]) for item in reason_column.drop_null().value_counts().to_pylist()}
     columns = table.select_columns(["id", "bad_reason", "bad_detail"])
-    examples = [_example(columns[int(index)]) for index in np.flatnonzero(~good)[:EXAMPLE_COUNT]]
+    examples = [example_of(columns[int(index)]) for index in np.flatnonzero(~good)[:EXAMPLE_COUNT]]
     return _Bookkeeping(good=good, scores=table.data.column("split_score").to_numpy(), reasons=reasons, examples=examples)
 
 
@@ -336,9 +278,11 @@ def _samples(table: Dataset, mask: np.ndarray) -> Dataset:
 # --- materialised -------------------------------------------------------------------------------
 
 
-def _prepare_materialised(cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None) -> PreparedData:
+def _prepare_materialised(
+    cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None, limit_identity: dict[str, Any] | None
+) -> PreparedData:
     content = _hash_content(cfg, source, default_prompt)
-    fingerprint = _fingerprint(cfg, source, default_prompt, content)
+    fingerprint = _fingerprint(cfg, source, default_prompt, content, limit_identity)
     table = _row_table(source, cfg, default_prompt, fingerprint, cache_dir, only_eval=False, expected_content=content)
     books = _bookkeeping(table)
     total = len(table)
@@ -408,7 +352,7 @@ class _StreamRun:
         else:
             self.bad[row["bad_reason"]] += 1
             if len(self.examples) < EXAMPLE_COUNT:
-                self.examples.append(_example(row))
+                self.examples.append(example_of(row))
         self._publish(final=False)
         bad = self.progress.eval_bad.total() + self.bad.total()
         certain = bad > self.progress.limit * self.progress.stats.total  # over the limit whatever follows
@@ -453,16 +397,19 @@ def _stream_train(
     """The train samples in source order, images read and checked as they come."""
     run = _StreamRun(progress)
 
-    def is_train(record: SourceRecord) -> bool:
-        score = split_score(record.group)
+    def is_train(score: float) -> bool:
         return not (is_eval(score, cfg.eval_fraction) or score == forced_score)
 
-    train_records = (record for record in _limited(source, cfg) if is_train(record))
-    for record, read in _with_reads(source, train_records):
-        row = _make_row(record, default_prompt, read)
+    def maybe_train(record: SourceRecord) -> bool:
+        return needs_read_for_side(record) or is_train(split_score(record.group))
+
+    for record, read in with_reads(source, _limited(source, cfg), maybe_train):
+        if read is None or not is_train(split_score(split_group(record, read))):
+            continue
+        row = make_row(record, default_prompt, read)
         run.record(row)
         if row["bad_reason"] is None:
-            yield _sample(row)
+            yield sample_of(row)
     run.finish()
 
 
@@ -494,11 +441,14 @@ def _scan_stream(cfg: DataConfig, source: Source, default_prompt: str) -> _Strea
     scan = _StreamScan()
     # Records with a content_key are not read here (URL lists: no download before training);
     # a record that is bad by itself still counts as certainly bad.
-    for record, read in _with_reads(source, _limited(source, cfg), lambda record: hashing and _bytes_are_hashed(record)):
+    def wanted(record: SourceRecord) -> bool:
+        return (hashing and _bytes_are_hashed(record)) or needs_read_for_side(record)
+
+    for record, read in with_reads(source, _limited(source, cfg), wanted):
         scan.total += 1
-        score = split_score(record.group)
         if read is None and record.problem is not None:
-            read = _read_or_problem(record)
+            read = read_or_problem(record)
+        score = split_score(split_group(record, read))
         if hashing:
             _add_to_hash(scan.content, record, default_prompt, read)
         if is_eval(score, cfg.eval_fraction):
@@ -507,7 +457,7 @@ def _scan_stream(cfg: DataConfig, source: Source, default_prompt: str) -> _Strea
         if isinstance(read, SampleProblem):
             scan.train_unreadable[read.reason] += 1
             if len(scan.train_examples) < EXAMPLE_COUNT:
-                scan.train_examples.append(_example({"id": record.id, "bad_reason": read.reason, "bad_detail": read.detail}))
+                scan.train_examples.append(example_of({"id": record.id, "bad_reason": read.reason, "bad_detail": read.detail}))
         else:
             scan.add_candidate(score)
     return scan
@@ -518,15 +468,25 @@ def _hold_out_lowest(
 ) -> tuple[float, list[dict[str, Any]]] | None:
     """The at-least-one rule for streaming: the lowest-score group with a usable sample, and its rows."""
     for score in sorted(-negated for negated in candidates):
-        rows = [_make_row(record, default_prompt) for record in _limited(source, cfg) if split_score(record.group) == score]
+
+        def maybe_this_group(record: SourceRecord, score: float = score) -> bool:
+            return needs_read_for_side(record) or split_score(record.group) == score
+
+        rows = [
+            make_row(record, default_prompt, read)
+            for record, read in with_reads(source, _limited(source, cfg), maybe_this_group)
+            if read is not None and split_score(split_group(record, read)) == score
+        ]
         if any(row["bad_reason"] is None for row in rows):
             return score, rows
     return None
 
 
-def _prepare_streaming(cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None) -> PreparedData:
+def _prepare_streaming(
+    cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None, limit_identity: dict[str, Any] | None
+) -> PreparedData:
     scan = _scan_stream(cfg, source, default_prompt)
-    fingerprint = _fingerprint(cfg, source, default_prompt, scan.content.hexdigest())
+    fingerprint = _fingerprint(cfg, source, default_prompt, scan.content.hexdigest(), limit_identity)
     table = (
         _row_table(source, cfg, default_prompt, fingerprint, cache_dir, only_eval=True)
         if scan.eval_records
@@ -554,12 +514,12 @@ def _prepare_streaming(cfg: DataConfig, source: Source, default_prompt: str, cac
             )
         forced_score, rows = held_out
         # Tiny by construction (one split group), so an in-memory table is fine here.
-        eval_split = Dataset.from_list([_sample(row) for row in rows if row["bad_reason"] is None], features=SAMPLE_FEATURES)
+        eval_split = Dataset.from_list([sample_of(row) for row in rows if row["bad_reason"] is None], features=SAMPLE_FEATURES)
         eval_records += len(rows)
         for row in rows:
             if row["bad_reason"] is not None:
                 eval_reasons[row["bad_reason"]] += 1
-                eval_examples.append(_example(row))
+                eval_examples.append(example_of(row))
 
     stats = DataStats(
         total=scan.total,

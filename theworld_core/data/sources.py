@@ -19,8 +19,8 @@ from theworld_core.config import DataConfig
 from theworld_core.data.hub import HUB_ALIASES, HUB_PREFIX, hub_source, looks_like_hub_id
 from theworld_core.data.local import METADATA_FILES, TABLE_SUFFIXES, imagefolder_source, table_source
 from theworld_core.data.synthetic import synthetic_source
-from theworld_core.data.urls import is_url_table, local_url_list_source
 from theworld_core.data.types import Source
+from theworld_core.data.urls import is_url_table, local_url_list_source
 
 SourceFactory = Callable[[DataConfig], Source]
 

@@ -4,6 +4,8 @@ Every sample is a pure function of (seed, index): its choices come from sha256, 
 made one at a time, in any order, identically on every machine, and `synthetic_samples=4000`
 starts with the same 2000 samples as `synthetic_samples=2000`. The caption states everything that
 is drawn (shape, colour, 3x3 position, background), so a model can drive its loss close to zero.
+There are only 2,592 distinct samples, so larger sets repeat them: the split groups samples by what
+is drawn, and a repeat always lands on the side of its first copy.
 """
 
 from __future__ import annotations
@@ -58,6 +60,12 @@ class ShapeSpec:
     @property
     def position(self) -> str:
         return POSITIONS[self.row][self.column]
+
+    @property
+    def content_key(self) -> str:
+        """Split group: equal exactly when two samples have the same pixels and caption (the
+        generator has 4 x 9 x 8 x 9 = 2,592 of them, so a few thousand samples repeat many)."""
+        return f"synthetic:{self.shape}:{self.colour}:{self.background}:{self.row}:{self.column}"
 
     @property
     def caption(self) -> str:
@@ -129,7 +137,7 @@ def _records(seed: int, count: int, size: int) -> Iterator[SourceRecord]:
         sample_id = synthetic_id(seed, index)
         yield SourceRecord(
             id=sample_id,
-            group=sample_id,
+            group=spec.content_key,  # by content: a repeated shape never straddles train and eval
             text=spec.caption,
             prompt=None,
             load=partial(render_png, spec, size),  # rendered only when the image is needed

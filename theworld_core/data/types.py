@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from datasets import Dataset, Features, Image, IterableDataset, Value
 
@@ -81,7 +81,8 @@ class SourceRecord:
     id: str
     """Stable identity of the sample (a relative path, an `id` column, `synthetic-{seed}-{index}`)."""
     group: str
-    """Split key: samples with the same group land on the same side (captions of one image)."""
+    """Split key: samples with the same group land on the same side (see split.py). With
+    `group_by_content` only the fallback for a record whose image cannot be read."""
     text: str | None
     prompt: str | None
     """None: the default prompt."""
@@ -93,6 +94,29 @@ class SourceRecord:
     content_key: str | None = None
     """When set (URL lists: the URL), the fingerprint hashes this instead of the image bytes, so
     fingerprinting needs no download and only the samples a pass uses get their image fetched."""
+    group_by_content: bool = False
+    """The split group is the sha256 of the image bytes (`split.content_group`): duplicates under
+    other names or paths share a side. The image is read before the record's side is known."""
+    where: str = ""
+    """Where the record is written (`metadata.jsonl:12`, `owner/name:3`), for messages."""
+
+
+class SequenceLimit(Protocol):
+    """How long a sample may be for the model that trains on it (its `max_seq_length` in its own
+    tokens). Given to `prepare_data`, every sample is measured at preparation and one that does not
+    fit becomes a bad sample `too_long` instead of failing the stage at its first batch.
+
+    Must be picklable (streaming ships it to DataLoader workers); the model package provides one
+    (`theworld_core.model.inputs.ModelSequenceLimit`), so the data package stays model-free.
+    """
+
+    def problem(self, prompt: str, text: str) -> str | None:
+        """None when (image, prompt, text) fits; else why not, with the numbers (the `too_long` detail)."""
+        ...
+
+    def identity(self) -> Mapping[str, Any]:
+        """What decides which samples fit (tokenizer, limit, fixed tokens): part of the fingerprint."""
+        ...
 
 
 @dataclass(frozen=True)

@@ -134,12 +134,13 @@ def _url_records(rows: Callable[[], Iterable[tuple[str, dict[str, Any] | str]]],
 def url_record(where: str, row: dict[str, Any] | str, settings: FetchSettings) -> SourceRecord:
     """One URL-list row as a record whose `load` fetches the image (cache first)."""
     if isinstance(row, str):
-        return SourceRecord(id=where, group=where, text=None, prompt=None, load=None, problem="bad_record", detail=row)
+        return SourceRecord(id=where, group=where, text=None, prompt=None, load=None, problem="bad_record", detail=row, where=where)
     url = _first(row, (URL_COLUMN,))
     sample_id = _first(row, URL_ID_COLUMNS) or url or where
     if url is None:
         return SourceRecord(
-            id=sample_id, group=sample_id, text=None, prompt=None, load=None, problem="bad_record", detail=f"no {URL_COLUMN!r} value"
+            id=sample_id, group=sample_id, text=None, prompt=None, load=None, problem="bad_record",
+            detail=f"{where}: no {URL_COLUMN!r} value", where=where,
         )
     url = url.strip()
     text = _first(row, TEXT_COLUMNS)
@@ -152,4 +153,5 @@ def url_record(where: str, row: dict[str, Any] | str, settings: FetchSettings) -
         problem=None if text is not None else "missing_text",
         detail="" if text is not None else f"no caption column ({'/'.join(TEXT_COLUMNS)})",
         content_key=url,
+        where=where,
     )

@@ -9,11 +9,16 @@ The sequence is Gemma 3's chat format with a world block after the image block:
 
 `<world_soft_token>` is a placeholder, like Gemma's own image soft token: the model writes the
 projected world embeddings into those positions. Only answer tokens carry labels.
+
+`ModelSequenceLimit` measures samples the way `InputBuilder.encode` does, from the processor alone
+(no weights), so data preparation can count a sample that does not fit `max_seq_length` as
+`too_long` instead of the stage failing at the batch that holds it.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -63,6 +68,7 @@ class InputBuilder:
         self.enable_world = enable_world
         self.max_seq_length = max_seq_length
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
+        self._prompt_lengths: dict[str, int] = {}
 
     def _prompt_text(self, prompt: str) -> str:
         world = START_OF_WORLD + WORLD_SOFT_TOKEN * self.world_tokens + END_OF_WORLD if self.enable_world else ""
@@ -86,14 +92,9 @@ class InputBuilder:
             if answer is not None
             else torch.zeros(0, dtype=torch.long)
         )
-        length = len(prompt_ids) + len(answer_ids)
-        if length > self.max_seq_length:
-            raise SequenceTooLongError(
-                f"sequence of {length} tokens ({len(prompt_ids)} prompt incl. image and "
-                f"{self.world_tokens if self.enable_world else 0} world tokens, {len(answer_ids)} answer) is "
-                f"{length - self.max_seq_length} over max_seq_length={self.max_seq_length}; "
-                "shorten the prompt, lower world_tokens or raise max_seq_length"
-            )
+        problem = self.length_problem(len(prompt_ids), len(answer_ids))
+        if problem is not None:
+            raise SequenceTooLongError(problem)
         input_ids = torch.cat([prompt_ids, answer_ids])
         labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids])
         return {
@@ -106,6 +107,37 @@ class InputBuilder:
             "world_pixel_values": self.world_pixels(image),
         }
 
+    def prompt_length(self, prompt: str) -> int:
+        """Tokens `encode` puts before the answer (template, image and world tokens, prompt), counted
+        with a placeholder image: Gemma 3 gives every image the same number of tokens (without pan
+        and scan, the processor's default)."""
+        length = self._prompt_lengths.get(prompt)
+        if length is None:
+            placeholder = Image.new("RGB", (32, 32))
+            enc = self.processor(text=self._prompt_text(prompt), images=[placeholder], add_special_tokens=False)
+            length = len(enc["input_ids"][0])
+            if len(self._prompt_lengths) < PROMPT_LENGTH_CACHE:
+                self._prompt_lengths[prompt] = length
+        return length
+
+    def answer_length(self, answer: str | None) -> int:
+        """Tokens of the answer as `encode` appends it (with `<end_of_turn>`); 0 for None."""
+        if answer is None:
+            return 0
+        return len(self.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"])
+
+    def length_problem(self, prompt_tokens: int, answer_tokens: int) -> str | None:
+        """Why a sequence of these parts does not fit `max_seq_length`, or None when it does."""
+        length = prompt_tokens + answer_tokens
+        if length <= self.max_seq_length:
+            return None
+        return (
+            f"sequence of {length} tokens ({prompt_tokens} prompt incl. image and "
+            f"{self.world_tokens if self.enable_world else 0} world tokens, {answer_tokens} answer) is "
+            f"{length - self.max_seq_length} over max_seq_length={self.max_seq_length}; "
+            "shorten the prompt, lower world_tokens or raise max_seq_length"
+        )
+
     def collate(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad a list of `encode` outputs into a batch (padding: pad id, mask 0, label -100)."""
         width = max(len(s["input_ids"]) for s in samples)
@@ -117,3 +149,72 @@ class InputBuilder:
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
         batch["world_pixel_values"] = torch.stack([s["world_pixel_values"] for s in samples])
         return batch
+
+
+INPUTS_VERSION = 1
+"""Bump when the sequence layout (and so any sample's length) changes: part of the data fingerprint."""
+PROMPT_LENGTH_CACHE = 4096
+"""Distinct prompts whose token count an `InputBuilder` remembers (most data has one prompt)."""
+
+
+@dataclass(frozen=True)
+class ModelSequenceLimit:
+    """A model config's `max_seq_length`, measured as `InputBuilder.encode` measures: the
+    `SequenceLimit` that `theworld_core.data.prepare_data(..., sequence_limit=)` takes.
+
+        prepare_data(cfg.data_part(), sequence_limit=ModelSequenceLimit.of(cfg))
+
+    Needs only the model's processor (no weights), loaded on first use once per process; the
+    object itself is a few strings and numbers, so it pickles cheaply to DataLoader workers.
+    """
+
+    model_name: str
+    model_revision: str | None
+    world_tokens: int
+    enable_world: bool
+    max_seq_length: int
+
+    @classmethod
+    def of(cls, cfg: Any) -> ModelSequenceLimit:
+        """From a `ModelConfig` or a stage config (anything with the model keys)."""
+        return cls(cfg.model_name, cfg.model_revision, cfg.world_tokens, cfg.enable_world, cfg.max_seq_length)
+
+    def identity(self) -> dict[str, Any]:
+        return {"inputs_version": INPUTS_VERSION, **asdict(self)}
+
+    def problem(self, prompt: str, text: str) -> str | None:
+        """None when (image, prompt, text) fits; else the `encode` error, with the caption's length."""
+        builder = self.builder()
+        problem = builder.length_problem(builder.prompt_length(prompt), builder.answer_length(text))
+        return None if problem is None else f"{problem} (caption of {len(text):,} characters)"
+
+    def builder(self) -> InputBuilder:
+        """An `InputBuilder` on the model's processor with the world tokens added (cached per process)."""
+        builder = _MEASURING_BUILDERS.get(self)
+        if builder is None:
+            builder = _MEASURING_BUILDERS[self] = self._load_builder()
+        return builder
+
+    def _load_builder(self) -> InputBuilder:
+        from transformers import AutoProcessor
+
+        from theworld_core.model.base import BaseModelError, hf_token, resolve_model_source
+
+        source = resolve_model_source(self.model_name, "gemma")
+        try:
+            processor = AutoProcessor.from_pretrained(source, revision=self.model_revision, token=hf_token())
+        except Exception as error:  # any loading failure: re-raised naming the key and value
+            raise BaseModelError(
+                f"model_name: cannot load the processor of {source!r} to measure samples against "
+                f"max_seq_length: {type(error).__name__}: {error}"
+            ) from error
+        tokenizer = processor.tokenizer
+        missing = [token for token in WORLD_TOKENS if token not in tokenizer.get_vocab()]
+        if missing:  # as TheWorld adds them, so a world block counts as the model counts it
+            tokenizer.add_tokens(missing, special_tokens=True)
+        ids = WorldTokenIds(*(tokenizer.convert_tokens_to_ids(t) for t in (START_OF_WORLD, END_OF_WORLD, WORLD_SOFT_TOKEN)))
+        return InputBuilder(processor, ids, self.world_tokens, 8, self.enable_world, self.max_seq_length)
+
+
+_MEASURING_BUILDERS: dict[ModelSequenceLimit, InputBuilder] = {}
+"""One measuring builder per limit and process (loading a processor takes a second or two)."""
