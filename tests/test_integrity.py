@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from stage_helpers import small_cfg, weights
 
 from theworld_core.config import ModelConfig
-from theworld_core.model.stage_output import StageOutputError, apply_stage_output, read_manifest
+from theworld_core.model.stage_output import StageOutputError, apply_stage_output, is_intact_stage_output, read_manifest
 from theworld_core.model.theworld import TheWorld
 from theworld_core.training import checkpoint as ckpt
 from theworld_core.training.trainer import train_stage
@@ -91,6 +91,7 @@ def test_manifest_records_every_file_and_an_intact_output_loads(saved, copy):
     data = (copy / WEIGHTS).read_bytes()
     assert manifest["format_version"] == 2
     assert manifest["files"] == {WEIGHTS: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}}
+    assert is_intact_stage_output(copy)
     loaded = TheWorld.from_pretrained(copy)
     own = dict(model.named_parameters())
     assert all(torch.equal(p, own[n]) for n, p in loaded.named_parameters())
@@ -98,6 +99,7 @@ def test_manifest_records_every_file_and_an_intact_output_loads(saved, copy):
 
 def test_flipped_bytes_in_a_stage_output_are_refused_naming_the_file(saved, copy, tiny_config):
     flip_bytes(copy / WEIGHTS)
+    assert not is_intact_stage_output(copy)
     with pytest.raises(StageOutputError, match="sha256") as info:
         TheWorld.from_pretrained(copy)
     assert str(copy / WEIGHTS) in str(info.value)
