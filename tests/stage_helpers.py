@@ -1,0 +1,41 @@
+"""Stage configs for tests that train on the tiny models (the same swap and short schedule as
+tests/test_trainer.py), shared so a test file need not import another test module."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from theworld_core.config import StageConfig, load_stage_config
+
+SEED = Path(__file__).resolve().parents[1] / "configs" / "seed"
+
+
+def tiny_swap(tiny, output_dir) -> dict:
+    """The keys a test changes in a seed file: tiny bases, small world branch, synthetic data, its
+    own output folder, no hub push."""
+    return {
+        "model_name": str(tiny.gemma),
+        "cosmos_model_name": str(tiny.cosmos),
+        "world_tokens": 4,
+        "world_image_size": 32,
+        "dataset_name": "synthetic",
+        "synthetic_samples": 100,
+        "synthetic_image_size": 32,
+        "output_dir": str(output_dir),
+        "push_to_hub": False,
+    }
+
+
+def small_cfg(tiny, output_dir, seed_file: str = "stage1_projection.json", **changes) -> StageConfig:
+    """A seed stage file with the tiny swap and a short schedule (materialised data, batch 4, no
+    accumulation, 20 steps, evaluate/save every 10); `changes` override any of it."""
+    schedule = {"streaming": False, "batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 20, "warmup_steps": 2,
+                    "eval_steps": 10, "save_steps": 10, "logging_steps": 5}
+    return load_stage_config(SEED / seed_file).with_changes(**{**tiny_swap(tiny, output_dir), **schedule, **changes})
+
+
+def weights(directory) -> dict[str, torch.Tensor]:
+    return load_file(str(Path(directory) / "model.safetensors"))
