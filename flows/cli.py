@@ -141,10 +141,10 @@ def _notify(stages_yaml: str, profile: str | None) -> int:
     cfg = load_pipeline_config(stages_yaml, profile=profile)
     _prefect_env()
     from flows.deployment import notify_new_data, require_api_url
-    from theworld_core.data import prepare_data
+    from theworld_core.model.inputs import prepare_stage_data
 
     require_api_url()  # before the (possibly long) fingerprint
-    fingerprint = prepare_data(cfg.resolved_stages()[0].data_part()).fingerprint  # as the flow computes it
+    fingerprint = prepare_stage_data(cfg.resolved_stages()[0]).fingerprint  # as the flow computes it
     sent = notify_new_data(cfg, fingerprint)
     print(f"emitted {sent['event']} about {sent['resource']} (fingerprint {fingerprint[:16]}, event {sent['id']})")
     return 0

@@ -42,7 +42,7 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
     version = code_version()
     stage_configs = cfg.resolved_stages()
     # The data as the stages see it (their seed included), so the fingerprint is the one they train on.
-    data = tasks.prepare_data(stage_configs[0].data_part().model_dump())
+    data = tasks.prepare_data(stage_configs[0].model_dump(mode="json"))
     check = tasks.check_new_data(cfg.mlflow.experiment, cfg.pipeline_hash(), data.fingerprint,
                                  only_on_new_data=cfg.schedule.only_on_new_data, force=force)
     log.info(check.reason)

@@ -541,7 +541,7 @@ from theworld_core.tracking import lineage
 stages_yaml, name, out = sys.argv[1:4]
 cfg = load_pipeline_config(stages_yaml, profile="tiny")
 stage = cfg.resolved_stages()[0].model_dump(mode="json")
-fingerprint = pipeline.prepare_data_step(cfg.data.model_dump()).fingerprint
+fingerprint = pipeline.prepare_data_step(stage).fingerprint
 parent = lineage.start_parent_run(cfg.mlflow.experiment, name, {"run_kind": "pipeline"}, {})
 record = pipeline.train_stage_step(stage, None, fingerprint, "test-code", output_root=cfg.output_root,
                                    parent_run_id=parent, attempt=1, global_step_offset=0, tags={})

@@ -42,12 +42,12 @@ def stage_content_key(stage_config: dict[str, Any], upstream_uri: str | None, da
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def prepare_data_step(data_config: dict[str, Any]) -> PreparedData:
-    """Fingerprint and split the data once up front, so a bad source fails before any stage."""
-    from theworld_core.config import DataConfig
-    from theworld_core.data import prepare_data
+def prepare_data_step(stage_config: dict[str, Any]) -> PreparedData:
+    """Fingerprint and split the data once up front (as the stage `stage_config` sees it), so a bad
+    source fails before any stage."""
+    from theworld_core.model.inputs import prepare_stage_data
 
-    prepared = prepare_data(DataConfig(**data_config))
+    prepared = prepare_stage_data(StageConfig(**stage_config))
     stats = prepared.stats
     return PreparedData(fingerprint=prepared.fingerprint, train=stats.train, eval=stats.eval, bad=stats.bad,
                         bad_reasons=dict(stats.bad_reasons))
@@ -112,14 +112,14 @@ def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run
                         task_samples: int, generations: int) -> EvalReport:
     """Held-out loss, task metric and sample generations of a stage output; logged to its run."""
 
-    from theworld_core.data import prepare_data
+    from theworld_core.model.inputs import prepare_stage_data
     from theworld_core.model.theworld import TheWorld
     from theworld_core.training.evaluation import evaluate_model
 
     started = time.perf_counter()
     cfg = StageConfig(**stage_config)
     model = TheWorld.from_pretrained(stage_output_uri, **cfg.model_part().model_dump())
-    data = prepare_data(cfg.data_part())
+    data = prepare_stage_data(cfg)
     report = evaluate_model(model, data.eval, batch_size=cfg.batch_size, loss_samples=cfg.eval_max_samples,
                             task_samples=task_samples, generations=generations)
     c = lineage.client()

@@ -218,3 +218,12 @@ class ModelSequenceLimit:
 
 _MEASURING_BUILDERS: dict[ModelSequenceLimit, InputBuilder] = {}
 """One measuring builder per limit and process (loading a processor takes a second or two)."""
+
+
+def prepare_stage_data(cfg: Any):
+    """A stage's data (`theworld_core.data.prepare_data`) with the samples that cannot fit the
+    model's `max_seq_length` counted as `too_long` bad samples, as the trainer, the evaluation and
+    the pipeline's fingerprint all see it. `cfg`: a `StageConfig`."""
+    from theworld_core.data import prepare_data
+
+    return prepare_data(cfg.data_part(), sequence_limit=ModelSequenceLimit.of(cfg))

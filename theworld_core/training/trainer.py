@@ -34,10 +34,11 @@ from theworld_core.model.components import (
     snapshot,
     trainable_components,
 )
+from theworld_core.model.inputs import prepare_stage_data
 from theworld_core.model.precision import resolve_precision
 from theworld_core.model.stage_output import (
-    WEIGHTS_FILE,
     apply_stage_output,
+    is_intact_stage_output,
     read_manifest,
     resolve_source,
     save_stage_output,
@@ -151,7 +152,6 @@ class StageTrainer:
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
         from transformers import get_scheduler
 
-        from theworld_core.data import prepare_data
 
         cfg = self.cfg
         on_gpu = torch.cuda.is_available()
@@ -171,7 +171,7 @@ class StageTrainer:
                                        stage_name=cfg.name or self.output_dir.name)
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():  # rank 0 fills the data cache, the others read it
-            self.data = prepare_data(cfg.data_part())
+            self.data = prepare_stage_data(cfg)
         self.state = ckpt.TrainerState(config_hash=resume_key(cfg))
         self.model = TheWorld.from_base(cfg.model_part())
         resume_dir, transition_dir = self._choose_start()
@@ -466,8 +466,8 @@ class StageTrainer:
             if not already_final:
                 self._save_resume_state()
             final = self.output_dir / ckpt.FINAL_DIR
-            # Also when a kill came between the finished resume state and final/: write it now.
-            if not already_final or not (final / WEIGHTS_FILE).is_file():
+            # Also when a kill came between the finished resume state and final/, or final/ is damaged: write it now.
+            if not already_final or not is_intact_stage_output(final):
                 if acc.is_main_process:  # rank 0 writes
                     save_stage_output(acc.unwrap_model(self.model), final, stage_config=cfg.model_dump(mode="json"))
                 self.logger.log_stage_output(final)
