@@ -8,7 +8,8 @@ What lands in MLflow (unchanged from when the trainer logged directly):
 - params: every stage config key (values cut to 500 characters), `trainable/<component>` (trainable
   parameter counts), `total_steps`; tags `data_fingerprint`, `config_hash` (the resume key),
   `started_from`; data statistics (`data/...`) at the stage's first step;
-- metrics at step `global_step_offset + stage step`, each with `stage_step`;
+- metrics at step `global_step_offset + stage step`, each with `stage_step`; with the feature cache
+  in use, its counters `feature_cache/...` (hits, misses, bytes, encode seconds saved; summed over ranks);
 - the stage output folder as the `stage_output` artifact;
 - at the end: tags `stage_status`, `stage_reason`, `hub_<key>` (the hub pusher's report, when
   pushing), metrics `time/setup_s`, `time/train_s`, `time/finish_s` and the data statistics again.
@@ -101,6 +102,18 @@ class StageLogger:
         mlflow.log_metrics({**metrics, "stage_step": stage_step}, step=self.global_step_offset + stage_step,
                            synchronous=False)
 
+    def log_feature_cache(self, stats: Mapping[str, float], disabled_reason: str | None) -> None:
+        """Once per stage, a console line on the feature cache (its `feature_cache/...` counters, summed
+        over ranks, go to MLflow with the train metrics)."""
+        if getattr(self, "_feature_cache_noted", False):
+            return
+        self._feature_cache_noted = True
+        if disabled_reason is not None:
+            log.info("feature cache off (%s): frozen encoders run on every step", disabled_reason)
+        else:
+            log.info("feature cache: %d hits, %d misses so far (%.0f%% hit rate)", stats.get("feature_cache/hits", 0),
+                     stats.get("feature_cache/misses", 0), 100 * stats.get("feature_cache/hit_rate", 0.0))
+
     def on_resume_state_saved(self, path: Path | None, step: int, metrics: Mapping[str, float]) -> None:
         """Queue the hub push of a resume state (`every_save`); the upload runs in the background."""
         if self.hub is not None and path is not None:
@@ -152,6 +165,9 @@ class NullStageLogger:
         pass
 
     def log_metrics(self, metrics: Mapping[str, float], stage_step: int) -> None:
+        pass
+
+    def log_feature_cache(self, stats: Mapping[str, float], disabled_reason: str | None) -> None:
         pass
 
     def on_resume_state_saved(self, path: Path | None, step: int, metrics: Mapping[str, float]) -> None:
