@@ -55,7 +55,7 @@ process count (FSDP FULL_SHARD, configs/accelerate/fsdp.yaml), activations uncha
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from theworld_core.config import ModelConfig
@@ -224,15 +224,23 @@ def stage_memory(arch: Architecture, totals: Mapping[str, int], trainable: Mappi
     return result
 
 
-def how_line(recipe: Recipe) -> str:
-    """One line: the recipe behind a stage's memory figure."""
-    said = [f"batch {recipe.batch_size} x accumulation {recipe.gradient_accumulation_steps}"]
-    said.append("gradient checkpointing" if recipe.use_gradient_checkpointing else "no checkpointing")
-    said.append("8-bit AdamW moments" if recipe.optimizer == "adamw_8bit" else "fp32 AdamW moments")
+def how_line(recipe: Recipe, total_gib: float, other: Mapping[str, float]) -> str:
+    """One line: the recipe behind a stage's memory figure, and what each memory switch is worth.
+
+    `other`: the total (GiB) with `use_gradient_checkpointing` / `optimizer` switched the other way."""
+    ckpt = recipe.use_gradient_checkpointing
+    delta = other["checkpointing"] - total_gib
+    said = [f"batch {recipe.batch_size} x accumulation {recipe.gradient_accumulation_steps}",
+            f"gradient checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: {delta:+.1f} GiB)"]
+    delta = other["optimizer"] - total_gib
+    if recipe.optimizer == "adamw_8bit":
+        said.append(f"8-bit AdamW moments (fp32 moments: {delta:+.1f} GiB)")
+    else:
+        said.append(f"fp32 AdamW moments (adamw_8bit: {delta:+.1f} GiB)")
     if recipe.mixed_precision != "no":
         said.append(f"frozen {recipe.mixed_precision}, trainable fp32")
     if recipe.num_processes > 1:
-        said.append(f"{recipe.num_processes} processes (DDP: the whole model and DDP's gradient buckets on each)")
+        said.append(f"{recipe.num_processes} processes (DDP: whole model and gradient buckets on each device)")
     return ", ".join(said)
 
 
@@ -281,7 +289,12 @@ def plan(config: ModelConfig, stages: Mapping[str, Any] | None = None, *, seq_le
             "recipe": recipe.__dict__.copy(),
             **stage_memory(arch, totals, trainable, recipe, config, tokens),
         }
-        row["how"] = how_line(recipe)
+        switched = {
+            "checkpointing": replace(recipe, use_gradient_checkpointing=not recipe.use_gradient_checkpointing),
+            "optimizer": replace(recipe, optimizer="adamw" if recipe.optimizer == "adamw_8bit" else "adamw_8bit"),
+        }
+        other = {k: stage_memory(arch, totals, trainable, r, config, tokens)["memory_gib"]["total"] for k, r in switched.items()}
+        row["how"] = how_line(recipe, row["memory_gib"]["total"], other)
         if gpu_memory_gib is not None:
             need = row["memory_gib"]["total"]
             row["fits"] = need <= gpu_memory_gib
