@@ -1,4 +1,5 @@
-"""The seed's four training stages on the real architectures with random weights: s/step, tokens/s, memory, MFU.
+"""The four training stages on the real architectures with random weights, through the trainer's step:
+s/optimizer step, samples/s, tokens/s, peak memory beside the plan's estimate, MFU.
 
     # on a GPU (H100 / H200), the real Gemma 3 4B + Wan 2.1 VAE encoder from ../shared/reference/:
     .venv/bin/python bench/bench_gpu_stages.py --out bench/gpu_stages.json
@@ -9,48 +10,45 @@
     # no training: per-stage parameter and FLOP counts of the real architecture (meta device, seconds)
     .venv/bin/python bench/bench_gpu_stages.py --meta
 
-What runs, per stage (the seed's freeze flags, `SEED_STAGES`):
+What runs, per stage (the four stages' freeze flags, `SEED_STAGES`; the recipe of the matching stage
+of `--stages-yaml`, default the repository's stages.yaml, `--profile` applied: batch size,
+accumulation, gradient checkpointing, optimizer, mixed precision; `--batch`, `--accum`,
+`--checkpointing`, `--optimizer` override):
 
 - The model: `TheWorld.on_meta(ModelConfig)` from the config files (`--gemma`, `--cosmos`; default
-  `../shared/reference/*.config.json` beside the repository), world token ids set by hand (the three
-  ids after Gemma's image token, 262145-262147 for the real vocabulary, as the real tokenizer would
-  give them), the stage's freeze applied with `set_trainable`, parameters cast on meta, then
-  `to_empty(device)` and initialised on the device: Gemma with its own HF `init_weights()` (which also
-  recomputes the rotary and embed-scale buffers and re-ties lm_head), its zero-initialised
-  multi-modal projector and the world branch N(0, 0.02), the VAE encoder N(0, 1/fan_in) weights,
-  zero biases, unit RMS-norm gammas; the VAE's latent mean/std buffers from its config. Weights are
-  checked finite and not all zero per component. No download, no CPU copy of the weights; each stage
-  is built afresh so its peak memory is its own.
-- dtypes (`--frozen-dtype`, `--trainable-dtype`): frozen components bf16, trainable ones fp32 (so
-  AdamW keeps fp32 weights and moments: 16 bytes per trainable parameter), forward under
-  `torch.autocast(bfloat16)`; buffers (rotary frequencies, latent mean/std) stay fp32. Note: the
-  stage trainer today loads every component in fp32 (`TheWorld.from_base(dtype=None)`) with
-  accelerate's bf16 autocast: `--frozen-dtype fp32` measures that. `--trainable-dtype bf16` is pure
-  bf16 (weights, gradients and AdamW moments in bf16: 8 bytes per trainable parameter, no fp32
-  master copy), a memory bound only.
-- The seed's batch sizes: batch 4 x accumulation 4 for stages 1-2, batch 2 x 8 with gradient
-  checkpointing (`gradient_checkpointing_enable(use_reentrant=False)`, as the trainer) for stages
-  3-4 (`--batch`, `--accum`, `--checkpointing` override). AdamW from `build_optimizer` (trainable
-  parameters only, the trainer's groups; `--adamw fused|foreach|loop` to compare implementations),
-  gradient clipping at 1.0, `zero_grad(set_to_none=True)`.
-- Synthetic inputs, one fixed batch on the device, laid out as `InputBuilder` builds them:
-  `<bos><start_of_turn>user\\n` `\\n\\n<boi>` + `mm_tokens_per_image` (256) image tokens + `<eoi>\\n\\n`
-  + `<start_of_world>` + `world_tokens` (64) + `<end_of_world>` + `--prompt-tokens` (32) +
-  `<end_of_turn>\\n<start_of_turn>model\\n` + `--answer-tokens` (32) + `<end_of_turn>`: 400 tokens,
-  labels on the answer and its end of turn only; `pixel_values` at SigLIP's size (896 x 896),
-  `world_pixel_values` 256 x 256, both uniform in [-1, 1].
+  `shared/reference/*.config.json` beside the repository), world token ids set by hand (the three
+  ids after Gemma's image token, 262145-262147 for the real vocabulary), the stage's freeze applied
+  with `set_trainable`, then the trainer's precision policy: `resolve_precision` as StageTrainer
+  resolves it and `apply_precision` (trainable fp32, frozen in the compute dtype), on meta; then
+  `to_empty(device)`, initialised on the device (Gemma's HF `init_weights()`, the zero-initialised
+  multi-modal projector and the world branch N(0, 0.02), the VAE encoder N(0, 1/fan_in), zero biases,
+  unit RMS-norm gammas, the latent mean/std from the config) and checked: finite, non-zero weights
+  per component, `check_precision`. No download; each stage is built afresh.
+- The data: the model's own `InputBuilder` (`encode` + `collate`, as the trainer's loader) over
+  random 64 x 64 images, a prompt and an answer of `--prompt-tokens` / `--answer-tokens` tokens
+  (400 tokens in all on the real architecture, the plan's typical sequence). The processor is
+  `--processor` or the tiny model's: in front of the real architecture its image processor is set to
+  896 px and 256 tokens per image and its special ids are translated to the real ones after
+  collation (`BenchInputs`). `accum` different batches per optimizer step, made before timing.
+- The step: the trainer's. An Accelerator built as `StageTrainer.setup` builds it (the policy's
+  mixed precision, the stage's accumulation), model and optimizer through `accelerator.prepare`,
+  `build_optimizer` (its groups and AdamW; `adamw_8bit` once it takes an `optimizer` argument),
+  `gradient_checkpointing_enable(use_reentrant=False)` as the trainer calls it; per micro-batch
+  `with accelerator.accumulate(model)`: `TheWorld.forward(**batch)` (the answer-token loss) and
+  `accelerator.backward`; then `accelerator.clip_grad_norm_` at 1.0, `optimizer.step()`,
+  `zero_grad(set_to_none=True)`. Not timed: the trainer's logging, evaluation and saving.
 - Timing: `--warmup` optimizer steps (untimed; the first also records which components received
-  gradients), then `--steps` timed optimizer steps, each = `accum` forward/backward micro-steps +
-  clip + AdamW step, synchronised; s/step is their mean.
-- Memory (CUDA): `max_memory_allocated` / `max_memory_reserved` from after the weights are built to
-  the end of the timed steps (weights included), in GiB (2^30 bytes). An out-of-memory error in a
-  stage (CUDA OOM or a failed CPU allocation) gives an `OOM` row with the peak at the failure, and
-  the next stage runs.
+  gradients), then `--steps` timed optimizer steps, synchronised; s/optimizer step is their mean.
+- Memory (CUDA): `torch.cuda.reset_peak_memory_stats` after the warmup steps, then
+  `max_memory_allocated` / `max_memory_reserved` over the timed steps (weights, gradients and
+  optimizer state are resident by then), in GiB (2^30 bytes), beside `theworld plan`'s estimate for
+  the same recipe and sequence (`plan_memory_gib`). An out-of-memory error in a stage (CUDA OOM or
+  a failed CPU allocation) gives an `OOM` row with the peak at the failure, and the next stage runs.
 
 Throughput and MFU:
 
-- tokens/s = batch x accum x sequence length (every language-model position: text, image, world
-  tokens) / s per optimizer step.
+- tokens/s = the attention-mask tokens of an optimizer step's batches (every language-model
+  position: text, image, world tokens) / s per optimizer step; samples/s = batch x accum / s.
 - FLOPs: the forward FLOPs of one sample are counted per component with `torch.utils.flop_counter`
   on the meta device (exact matmul/conv/attention FLOPs for these shapes, no weights needed):
   F_vision (SigLIP on the 4096 patches + multi-modal projector), F_vae (VAE encoder + quant_conv),
@@ -70,7 +68,7 @@ Throughput and MFU:
   989, H100 PCIe 756, H100 NVL 835, A100 312 TFLOP/s), none on the CPU (MFU not reported unless
   `--peak-tflops` is given).
 
-Prints a Markdown table beside the seed's estimates and writes everything to `--out` (JSON).
+Prints a Markdown table beside the guide's estimates and writes everything to `--out` (JSON).
 """
 
 from __future__ import annotations
@@ -99,14 +97,14 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
-import torch  # noqa: E402
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from theworld_core.config import ModelConfig  # noqa: E402
-from theworld_core.model.components import (  # noqa: E402
+from theworld_core.config import ModelConfig
+from theworld_core.model.components import (
     COMPONENTS,
     SEED_STAGES,
     gradient_presence,
@@ -114,7 +112,7 @@ from theworld_core.model.components import (  # noqa: E402
     parameters_by_component,
     trainable_components,
 )
-from theworld_core.model.inputs import IGNORE_INDEX, WorldTokenIds  # noqa: E402
+from theworld_core.model.inputs import IGNORE_INDEX, WorldTokenIds
 
 # shared/ sits beside the repository (in a git worktree: beside the worktrees).
 REFERENCE = next((p / "shared" / "reference" for p in (ROOT.parent, ROOT.parent.parent)
@@ -628,11 +626,11 @@ def machine() -> dict:
     info = {"cpu": platform.processor() or None, "cores": os.cpu_count(), "ram_gib": None, "gpu": None,
             "gpu_memory_gib": None, "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
             if line.startswith("Model name:"):
                 info["cpu"] = line.split(":", 1)[1].strip()
-        for line in open("/proc/meminfo"):
+        for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 info["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
     except (OSError, subprocess.SubprocessError):
@@ -662,18 +660,19 @@ def _range(pair) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| stage | trainable | batch x accum | seed memory (GB) | plan estimate (GiB) | measured peak alloc / "
-             "reserved (GiB) | seed s/step | measured s/optimizer step | samples/s | tokens/s | MFU |",
+    lines = [("| stage | trainable | batch x accum | seed memory (GB) | plan estimate (GiB) | measured peak alloc / "
+              "reserved (GiB) | seed s/step | measured s/optimizer step | samples/s | tokens/s | MFU |"),
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["stages"]:
         seed = SEED[row["stage"]]
         recipe = (f"{row.get('batch_size', '?')} x {row.get('accum', '?')}" + (" + GC" if row.get("gradient_checkpointing") else "")
                   + (" + 8-bit AdamW" if row.get("optimizer") == "adamw_8bit" else ""))
         trainable = f"{row['trainable_params']:,}" if row.get("trainable_params") is not None else "?"
-        if row["status"] == "oom":
+        if row["status"] in ("oom", "error"):
             peak = row.get("peak_allocated_gib")
-            memory = f"OOM in {row['oom_phase']}" + (f" (peak {peak:.1f} / {row['peak_reserved_gib']:.1f})" if peak else "")
-            cells = [memory, "OOM", "-", "-", "-"]
+            what = row["status"].upper()
+            memory = f"{what} in {row['oom_phase']}" + (f" (peak {peak:.1f} / {row['peak_reserved_gib']:.1f})" if peak else "")
+            cells = [memory, what if what == "OOM" else row["error"][:80], "-", "-", "-"]
         elif row["status"] == "meta":
             cells = ["not run", "not run", "-", "-", f"{row['train_flops_per_sample'] / 1e12:.2f} TFLOP/sample"]
         else:
@@ -786,7 +785,7 @@ def main(argv: list[str] | None = None) -> int:
         fwd = forward_flops(sources, layout)
         result = {
             "bench": "gpu_stages",
-            "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": machine(),
             "device": str(device),
             "mode": "meta" if args.meta else ("tiny" if args.tiny else "real"),
@@ -814,10 +813,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# {stage} ...", file=sys.stderr, flush=True)
                 try:
                     row = {"stage": stage, **run_stage(stage, sources, inputs, layout, fwd, args, device, progress)}
-                except Exception as exc:  # noqa: BLE001 - only OOM is reported and survived
-                    if not is_oom(exc):
+                except Exception as exc:
+                    if not (is_oom(exc) or isinstance(exc, ValueError)):  # ValueError: a recipe this code cannot run
                         raise
-                    row = {"stage": stage, "status": "oom", "oom_phase": progress.get("phase"),
+                    row = {"stage": stage, "status": "oom" if is_oom(exc) else "error", "oom_phase": progress.get("phase"),
                            "error": str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__,
                            **{k: v for k, v in progress.items() if k != "phase"}, **_memory(device),
                            "s_per_step": None, "tokens_per_s": None, "mfu": None}
@@ -825,7 +824,7 @@ def main(argv: list[str] | None = None) -> int:
                 result["stages"].append(row)
                 _write(args.out, result)  # after every stage: a later crash or time limit keeps these
                 shown = (f"{row['s_per_step']:.4f} s/step, {row['tokens_per_s']:,.0f} tokens/s" if row["status"] == "ok"
-                         else f"OOM in {row['oom_phase']}")
+                         else f"{row['status'].upper()} in {row['oom_phase']}: {row['error']}")
                 print(f"# {stage}: {shown}", file=sys.stderr, flush=True)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     print(f"\n{result['mode']} on {device} ({result['machine']['gpu'] or result['machine']['cpu']}), "
