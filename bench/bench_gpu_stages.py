@@ -97,14 +97,14 @@ for _key, _value in {
 }.items():
     os.environ.setdefault(_key, _value)
 
-import torch
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from theworld_core.config import ModelConfig
-from theworld_core.model.components import (
+from theworld_core.config import ModelConfig  # noqa: E402
+from theworld_core.model.components import (  # noqa: E402
     COMPONENTS,
     SEED_STAGES,
     gradient_presence,
@@ -112,7 +112,7 @@ from theworld_core.model.components import (
     parameters_by_component,
     trainable_components,
 )
-from theworld_core.model.inputs import IGNORE_INDEX, WorldTokenIds
+from theworld_core.model.inputs import IGNORE_INDEX, WorldTokenIds  # noqa: E402
 
 # shared/ sits beside the repository (in a git worktree: beside the worktrees).
 REFERENCE = next((p / "shared" / "reference" for p in (ROOT.parent, ROOT.parent.parent)

@@ -59,7 +59,13 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from theworld_core.config import ModelConfig
-from theworld_core.model.components import COMPONENTS, SEED_STAGES, parameter_report, parameters_by_component, trainable_components
+from theworld_core.model.components import (
+    COMPONENTS,
+    SEED_STAGES,
+    parameter_report,
+    parameters_by_component,
+    trainable_components,
+)
 
 GIB = 2**30
 
@@ -253,8 +259,8 @@ def plan(config: ModelConfig, stages: Mapping[str, Any] | None = None, *, seq_le
     recipe (`SEED_RECIPES`). `seq_len`: tokens per sample (None: typical; "max": max_seq_length).
     `gpu_memory_gib`: mark which stages fit. `num_samples`: size the feature cache for that many.
     """
-    from diffusers import AutoencoderKLWan
     import torch
+    from diffusers import AutoencoderKLWan
 
     from theworld_core.model.base import load_vae_config
     from theworld_core.model.theworld import TheWorld
@@ -351,8 +357,9 @@ def format_plan(result: dict[str, Any]) -> str:
         )
     parts = ("weights", "gradients", "optimizer", "activations", "total")
     fits = result.get("gpu_memory_gib") is not None
-    lines += ["", f"Estimated memory of one device, GiB ({result['sequence_length']} tokens per sample, "
-              f"{result['sequence_basis']}; not counted: CUDA context, fragmentation; docs/stages.md#memory)"]
+    title = (f"Estimated memory of one device, GiB ({result['sequence_length']} tokens per sample, "
+             f"{result['sequence_basis']}; not counted: CUDA context, fragmentation; docs/stages.md#memory)")
+    lines += ["", title]
     mem_header = f"{'memory (GiB)':<20}" + "".join(f"{p:>13}" for p in parts) + (f"{'fits ' + format(result['gpu_memory_gib'], 'g'):>12}" if fits else "")
     lines += [mem_header, "-" * len(mem_header)]
     for row in result["stages"]:
@@ -377,4 +384,4 @@ def format_plan(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Recipe", "SEED_RECIPES", "format_plan", "plan", "stage_memory", "stages_that_do_not_fit"]
+__all__ = ["SEED_RECIPES", "Recipe", "format_plan", "plan", "stage_memory", "stages_that_do_not_fit"]
