@@ -153,6 +153,20 @@ def test_epoch_batches_split_processes_and_resume_without_reading():
     assert len(list(padded)) == len(padded) == 2  # 5 samples: each process gets 3 (one wrapped around)
 
 
+def test_the_trainers_loader_follows_the_epoch():
+    """accelerate's DataLoaderShard sets the epoch on the batch sampler at every pass."""
+    from accelerate.data_loader import DataLoaderShard
+
+    sampler = EpochBatches(12, 3, seed=7)
+    loader = DataLoaderShard(list(range(12)), batch_sampler=sampler, collate_fn=list)
+    orders = {}
+    for epoch in (0, 1, 0):
+        loader.set_epoch(epoch)
+        orders.setdefault(epoch, []).append([i for batch in loader for i in batch])
+    assert orders[0][0] == orders[0][1] == EpochBatches(12, 3, seed=7).positions()
+    assert orders[1][0] != orders[0][0] and sorted(orders[1][0]) == list(range(12))
+
+
 def test_default_workers_leave_a_core_for_the_step():
     assert default_num_workers(1, cores=2) == 1
     assert default_num_workers(8, cores=96) == 8  # 12 cores per process: 11, capped

@@ -56,6 +56,10 @@ class EpochBatches(Sampler[list[int]]):
         self.epoch = 0
         self.skip = 0
 
+    def set_epoch(self, epoch: int) -> None:
+        """Called by accelerate's DataLoaderShard at each pass (`loader.set_epoch(epoch)` first)."""
+        self.epoch = epoch
+
     def positions(self) -> list[int]:
         """This process's sample positions of the epoch, in order."""
         generator = torch.Generator().manual_seed(self.seed + self.epoch)

@@ -430,7 +430,7 @@ class StageTrainer:
 
     def _feature_cache_metrics(self) -> dict[str, float]:
         """The cache's counters summed over ranks (`feature_cache/...`); empty when the stage caches nothing."""
-        if self.encoders is None or not self.encoders.namespaces:
+        if self.encoders is None or self.cfg.feature_cache == "off":  # the same on every rank: a collective follows
             return {}
         stats = self.encoders.cache.stats()
         names = [name for name in stats if name not in ("feature_cache/hit_rate", "feature_cache/enabled")]
