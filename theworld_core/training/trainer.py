@@ -20,7 +20,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +44,7 @@ from theworld_core.model.stage_output import (
     save_stage_output,
 )
 from theworld_core.model.theworld import TheWorld
+from theworld_core.tracking.hub_push import HUB_EVIDENCE_KEY, push_failure
 from theworld_core.tracking.stage_logger import (
     NullStageLogger,
     StageLogger,
@@ -492,6 +493,13 @@ class StageTrainer:
         self.timings["time/finish_s"] = time.perf_counter() - finish_started
         self.logger.log_stage_end(result, timings=self.timings, data_stats=self.data.stats,
                                   push_final=final if final is not None and not already_final else None)
+        hub = getattr(self.logger, "hub", None)  # rank 0 with push_to_hub: the pushes are done (or abandoned)
+        if hub is not None:
+            report = hub.report()
+            failure = push_failure(report)
+            # The status stays: the stage output is good, so the gate and the next stage use it.
+            result = replace(result, evidence={**result.evidence, HUB_EVIDENCE_KEY: report},
+                             reason=f"{result.reason}; {failure}" if failure else result.reason)
         return result
 
 
