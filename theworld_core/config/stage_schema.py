@@ -346,9 +346,8 @@ class TrainingConfig(StrictModel):
 
     # --- evaluation, plateau ------------------------------------------------------------------
     eval_steps: int = Field(1000, ge=1, json_schema_extra=_RESUME_COMPATIBLE)
-    """Evaluate every this many optimizer steps (and at the end of the stage); 1000, as stages.yaml:
-    the plateau rule needs 3 evaluations in its window (5000) and since the best (3000), and
-    `eval_max_samples` keeps each evaluation cheap (docs/stages.md#plateau)."""
+    """Evaluate every this many optimizer steps (and at the end of the stage); 1000 as in stages.yaml:
+    the plateau rule needs 3 evaluations per window and since the best (docs/stages.md#plateau)."""
     do_eval: bool = True
     """Run evaluation (the plateau rule and the gate need it)."""
     eval_max_samples: int | None = Field(None, ge=1)
