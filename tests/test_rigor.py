@@ -78,7 +78,9 @@ def test_sparse_cadence_in_a_pipeline_file_is_warned_with_key_paths(tmp_path):
     # Every profile is checked, as for problems; a value a profile wrote is named where it wrote it.
     assert any(line.startswith("profiles.tiny.plateau.window_steps: 20 is shorter than 3 evaluations at "
                                "profiles.tiny.defaults.eval_steps 10") for line in lines), lines
-    assert len(lines) == 3, lines
+    # A profile that keeps the base's cadence (multi_gpu) repeats the base's lines word for word;
+    # Python's default warning filter shows each once.
+    assert len(set(lines)) == 3, lines
 
 
 def test_sparse_cadence_in_a_stage_file_is_warned_with_the_file(tmp_path):
