@@ -127,7 +127,7 @@ def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run
     c.log_metric(run_id, "eval/task_accuracy", report.task_accuracy)
     c.log_metric(run_id, "eval/exact_match", report.exact_match)
     c.log_dict(run_id, {"samples": report.samples}, "evaluation/generations.json")
-    c.log_metric(run_id, "time/evaluate_s", time.perf_counter() - started)
+    c.log_metric(run_id, "walltime/evaluate_s", time.perf_counter() - started)
     return report
 
 
