@@ -5,6 +5,7 @@ the histories below hold enough of them unless a test is about having too few.""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -232,7 +233,7 @@ def test_verdict_to_dict_is_json_safe():
     assert json.loads(json.dumps(d, allow_nan=False)) == d
     assert d["eval_loss"] == "nan" and d["reason"] == v.reason and set(d) >= {"plateaued", "code", "best_loss", "improvement"}
     assert isinstance(v, PlateauVerdict)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         v.plateaued = False  # frozen
 
 
