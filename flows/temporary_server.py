@@ -23,12 +23,10 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 log = logging.getLogger("theworld.prefect")
-
-PORT_IN_USE_EXIT = 3  # uvicorn's exit status when the port is taken meanwhile
-
 
 def _free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
@@ -74,31 +72,42 @@ class TemporaryPrefectServer:
         )
 
     def start(self) -> str:
-        if self.process is None:
-            atexit.register(self.stop)
+        atexit.register(self.stop)
         self._spawn()
         os.environ["PREFECT_API_URL"] = self.api_url
         log.info("Prefect: a temporary API server on %s for this run (PREFECT_API_URL unset; set it to use a "
                  "running server and keep the runs' history in its UI)", self.api_url)
         return self.api_url
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
+                return response.status == 200
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
+            return False
+
+    def wait_ready(self, timeout_s: float, meanwhile: Iterable[Callable[[], object]] = ()) -> None:
+        """Return once the server answers. `meanwhile`: work the run needs later anyway, done one
+        piece at a time while the server is not ready yet (what is left when it is, is left)."""
         assert self.process is not None, "start() first"
+        for work in meanwhile:
+            if self.process.poll() is not None or self.ready():
+                break
+            try:
+                work()
+            except Exception as error:  # noqa: BLE001  (the flow meets the same problem and reports it properly)
+                log.debug("warm-up %r failed: %s", work, error)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             code = self.process.poll()
-            if code == PORT_IN_USE_EXIT:  # taken since we chose it: another port (PREFECT_API_URL follows)
-                self.start()
-                continue
             if code is not None:
-                raise RuntimeError(f"the temporary Prefect server exited with status {code} before it answered "
-                                   f"(PREFECT_HOME={os.environ.get('PREFECT_HOME')}); its error is above")
-            try:
-                with urllib.request.urlopen(f"{self.api_url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except (urllib.error.URLError, ConnectionError, TimeoutError, OSError):
-                pass
+                # (status 3 is uvicorn's start-up failure, e.g. the port taken since it was chosen; Prefect
+                # has read PREFECT_API_URL by now, so another port cannot be given to it)
+                raise RuntimeError(f"the temporary Prefect server on {self.api_url} exited with status {code} "
+                                   f"before it answered (PREFECT_HOME={os.environ.get('PREFECT_HOME')}; its error "
+                                   "is above): run again, or set PREFECT_API_URL to a running Prefect server")
+            if self.ready():
+                return
             time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"the temporary Prefect server on {self.api_url} did not answer within {timeout_s:.0f} s "
