@@ -10,8 +10,8 @@ temporary Prefect server; MLflow in SQLite), as a new user would:
 3. unchanged data: "no new data", nothing trains.
 
 For each it reads the timestamps Prefect recorded (flow run and task runs, in the project's
-prefect.db) and the `time/*` metrics the trainer and the evaluation log on every stage run, and
-reports: wall time; the stages' training loops (`time/train_s`) and the whole train tasks (model
+prefect.db) and the `walltime/*` metrics the trainer and the evaluation log on every stage run, and
+reports: wall time; the stages' training loops (`walltime/train_s`) and the whole train tasks (model
 build, loop, final save and upload); evaluation; start-up (command start to flow run start:
 imports and the Prefect server); and the rest. Targets: the whole four-stage pipeline within 180 s
 on 2 idle cores, and its wall time within 1.3x the stages' training time.
@@ -65,7 +65,7 @@ def prefect_timeline(project: str) -> list[dict]:
 
 
 def stage_timings(tracking_uri: str) -> dict[str, list[dict]]:
-    """Per parent run id: its stage runs' `time/*` metrics, oldest first."""
+    """Per parent run id: its stage runs' `walltime/*` metrics, oldest first."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
@@ -75,9 +75,9 @@ def stage_timings(tracking_uri: str) -> dict[str, list[dict]]:
     for run in children:
         m = run.data.metrics
         by_parent.setdefault(run.data.tags["mlflow.parentRunId"], []).append({
-            "stage": run.data.tags.get("stage", run.info.run_name), "setup_s": m.get("time/setup_s", 0.0),
-            "train_s": m.get("time/train_s", 0.0), "finish_s": m.get("time/finish_s", 0.0),
-            "evaluate_s": m.get("time/evaluate_s", 0.0), "start": run.info.start_time / 1000})
+            "stage": run.data.tags.get("stage", run.info.run_name), "setup_s": m.get("walltime/setup_s", 0.0),
+            "train_s": m.get("walltime/train_s", 0.0), "finish_s": m.get("walltime/finish_s", 0.0),
+            "evaluate_s": m.get("walltime/evaluate_s", 0.0), "start": run.info.start_time / 1000})
     return by_parent
 
 
@@ -93,6 +93,10 @@ def summarise(label: str, run: dict, flow: dict, stages: list[dict]) -> dict:
            "wall_over_train_tasks": run["wall_s"] / train_tasks if train_tasks else None,
            "tasks": flow["tasks"]}
     return row
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def main() -> int:
@@ -117,10 +121,9 @@ def main() -> int:
           "wall / train loops | wall / train tasks |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        ratio = lambda v: "-" if v is None else f"{v:.2f}"
         print(f"| {r['run']} | {r['state']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['train_loops_s']:.1f} | "
               f"{r['train_tasks_s']:.1f} | {r['evaluate_s']:.1f} | {r['rest_s']:.1f} | "
-              f"{ratio(r['wall_over_train_loops'])} | {ratio(r['wall_over_train_tasks'])} |")
+              f"{_ratio(r['wall_over_train_loops'])} | {_ratio(r['wall_over_train_tasks'])} |")
     print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
                       "load_average_at_end": os.getloadavg(), "runs": rows, "stages": parents}))
     return 0
