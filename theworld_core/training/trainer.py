@@ -186,7 +186,7 @@ class StageTrainer:
         self.model.set_trainable(trainable_components(cfg.freeze_flags))
         self.trainable = cfg.trainable_component_names
         if cfg.use_gradient_checkpointing:
-            self.model.gemma.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.gemma.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
         optimizer, self.group_names = build_optimizer(
             self.model, cfg.learning_rate, cfg.weight_decay, cfg.component_learning_rates
