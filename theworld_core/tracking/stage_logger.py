@@ -6,8 +6,8 @@ and never asks which rank it is on to decide whether to log.
 
 What lands in MLflow (unchanged from when the trainer logged directly):
 - params: every stage config key (values cut to 500 characters), `trainable/<component>` (trainable
-  parameter counts), `total_steps`; tags `data_fingerprint`, `config_hash` (the resume key),
-  `started_from`; data statistics (`data/...`) at the stage's first step;
+  parameter counts), `total_steps`, the precision policy (`precision/...`); tags `data_fingerprint`,
+  `config_hash` (the resume key), `started_from`; data statistics (`data/...`) at the stage's first step;
 - metrics at step `global_step_offset + stage step`, each with `stage_step`;
 - the stage output folder as the `stage_output` artifact;
 - at the end: tags `stage_status`, `stage_reason`, `hub_<key>` (the hub pusher's report, when
@@ -93,6 +93,12 @@ class StageLogger:
         mlflow.set_tags({"data_fingerprint": data.fingerprint, "config_hash": resume_key,
                          "started_from": started_from[:500]})
 
+    def log_precision(self, params: Mapping[str, str]) -> None:
+        """The precision policy of a new run (`PrecisionPolicy.as_params()`: `precision/...`)."""
+        import mlflow
+
+        mlflow.log_params(dict(params))
+
     # ------------------------------------------------------------------ during the stage
 
     def log_metrics(self, metrics: Mapping[str, float], stage_step: int) -> None:
@@ -149,6 +155,9 @@ class NullStageLogger:
 
     def log_params(self, model: TheWorld, *, total_steps: int, data: PreparedData, resume_key: str,
                    started_from: str) -> None:
+        pass
+
+    def log_precision(self, params: Mapping[str, str]) -> None:
         pass
 
     def log_metrics(self, metrics: Mapping[str, float], stage_step: int) -> None:
