@@ -37,9 +37,9 @@ for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch
+import torch  # noqa: E402
 
-from theworld_core.config import load_stage_config
+from theworld_core.config import load_stage_config  # noqa: E402
 
 SEED = Path(__file__).resolve().parents[1] / "configs" / "seed"
 

@@ -75,10 +75,12 @@ def _bf16_on_cpu(monkeypatch):
 
 @pytest.fixture(autouse=True)
 def fresh_accelerator_state():
-    """accelerate keeps one process-wide state: a bf16 test must not leave it to the next test."""
-    yield
+    """accelerate keeps one process-wide state, which refuses a second mixed_precision: each test
+    here starts and leaves it unset (the bf16 tests need their own)."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
