@@ -514,7 +514,7 @@ def test_two_processes_weight_every_answer_token_once(runs, tiny_paths, tmp_path
     difference = math.sqrt(sum(float((final_one[n].double() - final_two[n].double()).pow(2).sum()) for n in final_one))
     norm = math.sqrt(sum(float(final_one[n].double().pow(2).sum()) for n in final_one))
     assert difference / norm < 1e-4, f"final weights differ by {difference / norm:.3g} (relative)"
-    hist_one = loss_history(runs.project, one.mlflow_run_id)
+    hist_one = loss_history(tmp_path / "project", one.mlflow_run_id)  # in this process: local_mlflow's project
     hist_two = loss_history(runs.project, two["mlflow_run_id"])
     assert [s for s, _ in hist_one] == [s for s, _ in hist_two] == list(range(1, 7))
     for (step, a), (_, b) in zip(hist_one, hist_two):
