@@ -280,7 +280,9 @@ def test_transition_loads_stage_output_with_fresh_optimizer(stage1, tiny_paths, 
         assert torch.equal(tensor, pretrained_vision[name]), f"{name} is not the pretrained weight"
     assert len(raw_optimizer(trainer).state) == 0, "a stage transition must start a fresh optimizer"
     assert trainer.scheduler.last_epoch == 0 and trainer.state.step == 0
-    assert all(group["lr"] == 0 for group in trainer.optimizer.param_groups), "fresh warmup starts at 0"
+    # A fresh warmup: the first optimizer step trains at lr / warmup_steps (never at 0).
+    for group in trainer.optimizer.param_groups:
+        assert math.isclose(group["lr"], cfg2.learning_rate / cfg2.warmup_steps), (group["name"], group["lr"])
     assert tuple(trainer.trainable) == ("world_projector", "gemma_vision")
     trainable_now = {c for c, ps in parameters_by_component(model).items() if any(p.requires_grad for _, p in ps)}
     assert trainable_now == {"world_projector", "gemma_vision"}
@@ -480,7 +482,8 @@ def test_exploding_gradient_gives_diverged_result(tiny_paths, tmp_path):
 def test_plateau_ends_the_stage_early(tiny_paths, tmp_path):
     cfg = small_cfg(
         tiny_paths, tmp_path / "stage", max_steps=200, eval_steps=5, save_steps=50,
-        plateau_min_steps=10, plateau_window_steps=10, plateau_patience_steps=10, plateau_min_improvement=0.5,
+        # window and patience 15 = 3 evaluations at eval_steps 5, as the plateau rule needs (docs/stages.md#plateau)
+        plateau_min_steps=10, plateau_window_steps=15, plateau_patience_steps=15, plateau_min_improvement=0.5,
     )
     result = train_stage(cfg)
     assert result.status == "plateaued", result.reason
@@ -515,7 +518,7 @@ def test_mlflow_run_has_metrics_params_tags_and_stage_output(tiny_paths, tmp_pat
     group_names = [g["name"] for g in trainer.optimizer.param_groups]
     assert len(group_names) >= 2  # world_projector/decay and world_projector/no_decay
     for name in group_names:
-        assert f"lr/{name}" in metrics, (name, sorted(metrics))
+        assert f"train/lr/{name}" in metrics, (name, sorted(metrics))
     train_loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(train_loss_steps) == [5, 10, 15, 20]
     eval_loss = client.get_metric_history(run.info.run_id, "eval/loss")

@@ -34,29 +34,57 @@ def configure_tracking() -> str:
     return uri
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3 opens an experiment in its GenAI layout unless this tag says it is for model training."""
+
+
 def ensure_experiment(name: str = DEFAULT_MLFLOW_EXPERIMENT) -> str:
-    """The experiment's id, creating it (with artifacts in the project folder for local stores)."""
+    """The experiment's id, creating it (with artifacts in the project folder for local stores).
+
+    New and existing experiments are tagged as model-training experiments, so the MLflow UI opens
+    them in its model-training view (runs table, metric charts), not the GenAI one."""
     import mlflow
 
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is not None:
+        if experiment.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT_KIND:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                                     TRAINING_EXPERIMENT_KIND)
         return experiment.experiment_id
     artifact_location = None
     if mlflow.get_tracking_uri().startswith("sqlite:///"):
         artifact_location = (project_dir() / "mlartifacts" / name).as_uri()
-    return mlflow.create_experiment(name, artifact_location=artifact_location)
+    return mlflow.create_experiment(name, artifact_location=artifact_location,
+                                    tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
+
+
+UI_VIEW = "#/experiments?workflowType=machine_learning"
+"""The UI's model-training view: MLflow 3.17's UI picks its layout (GenAI or model training) from
+a per-browser switch that defaults to GenAI; this URL parameter selects model training."""
 
 
 def ui_command() -> str:
-    """The command that opens the MLflow UI on this run's store."""
+    """How to open the MLflow UI on this run's store, in its model-training view."""
     import mlflow
 
-    return f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()} --host 127.0.0.1 --port 5000"
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{UI_VIEW}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then http://127.0.0.1:5000/{UI_VIEW}"
+
+
+SYSTEM_METRICS_TAG = "theworld.log_system_metrics"
+"""Run tag ("true"/"false") carrying the pipeline's `mlflow.log_system_metrics` to its stage runs."""
 
 
 @contextlib.contextmanager
-def stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: dict[str, str] | None = None):
-    """Yield an active MLflow run: the given one (resumed) or a new one in `experiment`."""
+def stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: dict[str, str] | None = None,
+              log_system_metrics: bool | None = None):
+    """Yield an active MLflow run: the given one (resumed) or a new one in `experiment`.
+
+    `log_system_metrics`: MLflow samples CPU, memory, disk, network and GPU use (`system/...`) while
+    the run is active; None leaves it to MLflow's switch (`MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`)."""
     import mlflow
 
     configure_tracking()
@@ -65,11 +93,11 @@ def stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: d
         yield active  # the caller owns it and will end it
         return
     if run_id is not None and _run_exists(run_id):
-        with mlflow.start_run(run_id=run_id, nested=active is not None) as run:
+        with mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=log_system_metrics) as run:
             yield run
         return
     with mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=run_name, tags=tags,
-                          nested=active is not None) as run:
+                          nested=active is not None, log_system_metrics=log_system_metrics) as run:
         yield run
 
 
