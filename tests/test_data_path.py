@@ -248,7 +248,14 @@ def test_training_with_the_cache_equals_training_without(seed_file, cached_kinds
     before, after = weights(tmp_path / "plain" / "final"), weights(tmp_path / "cached" / "final")
     assert before.keys() == after.keys()
     for name in before:
-        torch.testing.assert_close(after[name], before[name], rtol=0, atol=1e-6, msg=name)
+        # A SigLIP key bias has no gradient in exact arithmetic (softmax ignores a shift shared by
+        # all keys): its gradient is rounding noise, which AdamW turns into steps of about the
+        # learning rate. Encoder outputs differ in the last bit with the batch they were computed in
+        # (a cached entry comes from epoch 1's batch), so that noise differs: bounded far below the
+        # lr x steps = 9e-3 it could reach. Every other weight agrees within 1e-6.
+        atol = 1e-4 if name.endswith("self_attn.k_proj.bias") and "vision_tower" in name else 1e-6
+        worst = float((after[name] - before[name]).abs().max())
+        assert worst <= atol, f"{name}: {worst:.3g}"
 
     client = MlflowClient(tracking_uri=f"sqlite:///{local_project}/mlflow.db")
     logged = client.get_run(result.mlflow_run_id).data.metrics
