@@ -133,7 +133,10 @@ class StageTrainer:
         self.run_id: str | None = None  # this stage's MLflow run (None on ranks other than 0)
         self.timings: dict[str, float] = {}  # time/setup_s, time/train_s, time/finish_s
         self.progress: tqdm | None = None  # the step progress bar (shown on rank 0)
-        self._bad_loss: dict[str, Any] | None = None  # first non-finite loss on this rank, as divergence evidence
+        # This optimizer step's count of non-finite micro-batch losses and the first such loss per
+        # token, kept on the device and read once at the step (divergence evidence).
+        self._step_nonfinite: torch.Tensor | None = None
+        self._step_bad_loss: torch.Tensor | None = None
         self._last_train_loss: float | None = None  # mean train loss (all ranks) of the last logging window
         self._step_tokens: torch.Tensor | None = None  # answer tokens of this rank's micro-batches since the last step
 
@@ -405,9 +408,7 @@ class StageTrainer:
             _, loss = self.model(**batch, loss_reduction="sum")
             if self.loss_hook is not None:
                 loss = self.loss_hook(self.state.step + 1, loss)
-            if not torch.isfinite(loss) and self._bad_loss is None:
-                self._bad_loss = {"step": self.state.step + 1, "loss": float(loss.detach() / tokens.clamp(min=1)),
-                                  "last_train_loss": self._last_train_loss}
+            self._note_nonfinite(loss.detach() / tokens.clamp(min=1))
             # Backward even on a bad loss: every rank must join the gradient all-reduce; the stage
             # stops at the optimizer step, on every rank at once.
             self.accelerator.backward(loss)
@@ -430,12 +431,28 @@ class StageTrainer:
         if grads:
             torch._foreach_mul_(grads, factor.to(grads[0].device))
 
+    def _note_nonfinite(self, loss_per_token: torch.Tensor) -> None:
+        """Count a non-finite micro-batch loss on the device (no host read-back per micro-step)."""
+        bad = (~torch.isfinite(loss_per_token)).to(torch.float32)
+        if self._step_nonfinite is None:
+            self._step_nonfinite, self._step_bad_loss = bad, loss_per_token
+        else:  # keep the first non-finite value of the step
+            self._step_bad_loss = torch.where(self._step_nonfinite > 0, self._step_bad_loss, loss_per_token)
+            self._step_nonfinite = self._step_nonfinite + bad
+
     def _stop_if_any_rank_diverged(self) -> None:
         """A NaN/inf loss on any rank ends the stage on all ranks (before the optimizer step)."""
-        flag = torch.tensor([0.0 if self._bad_loss is None else 1.0], device=self.accelerator.device)
-        if float(self.accelerator.reduce(flag, reduction="sum")) == 0:
+        local = self._step_nonfinite
+        if local is None:
+            local = torch.zeros((), device=self.accelerator.device)
+        self._step_nonfinite = None
+        if float(self.accelerator.reduce(local.reshape(1), reduction="sum")) == 0:
             return
-        evidence = self._bad_loss or {"step": self.state.step + 1, "loss": "non-finite on another rank"}
+        step = self.state.step + 1
+        if float(local) > 0:
+            evidence = {"step": step, "loss": float(self._step_bad_loss), "last_train_loss": self._last_train_loss}
+        else:
+            evidence = {"step": step, "loss": "non-finite on another rank"}
         raise _Stop("diverged", f"loss {evidence['loss']} at step {evidence['step']}", evidence)
 
     def _after_step(self, window: _Window, grad_norm: float) -> None:
