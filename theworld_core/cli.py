@@ -61,8 +61,9 @@ def _cmd_train(args) -> int:
         Path(args.result_file).write_text(json.dumps(result.to_dict()))
         return 0
     print(json.dumps(result.to_dict(), indent=2) if args.json else
-          f"{result.status}: {result.reason}\nstage output: {result.stage_output}\nMLflow run: {result.mlflow_run_id}")
-    return 0 if result.status in ("completed", "plateaued") else 1
+          f"{result.status}: {result.reason}\nstage output: {result.stage_output}\nMLflow run: {result.mlflow_run_id}"
+          + (f"\ntracking incomplete: {result.tracking_incomplete}" if result.tracking_incomplete else ""))
+    return result.exit_status
 
 
 # --- version and profile names (help texts) --------------------------------------------------------
