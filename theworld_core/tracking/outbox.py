@@ -72,7 +72,7 @@ class TrackingOutbox:
             log.info("tracking outbox %s: %d record(s) of run(s) %s were not delivered before; sending them now",
                      self.path, len(self._queue), ", ".join(runs))
             for run in runs:  # after its backlog: the run says it is whole again
-                self.put(run, "tags", tags={"tracking_status": "complete",
+                self.put(run, "batch", tags={"tracking_status": "complete",
                                             "tracking_issue": f"outbox replayed {time.strftime('%Y-%m-%d %H:%M:%S')}"})
         self._thread = threading.Thread(target=self._send_loop, name="theworld-tracking-outbox", daemon=True)
         self._thread.start()
