@@ -1,4 +1,5 @@
-"""The seed's four training stages on the real architectures with random weights: s/step, tokens/s, memory, MFU.
+"""The four training stages on the real architectures with random weights, through the trainer's step:
+s/optimizer step, samples/s, tokens/s, peak memory beside the plan's estimate, MFU.
 
     # on a GPU (H100 / H200), the real Gemma 3 4B + Wan 2.1 VAE encoder from ../shared/reference/:
     .venv/bin/python bench/bench_gpu_stages.py --out bench/gpu_stages.json
@@ -9,48 +10,45 @@
     # no training: per-stage parameter and FLOP counts of the real architecture (meta device, seconds)
     .venv/bin/python bench/bench_gpu_stages.py --meta
 
-What runs, per stage (the seed's freeze flags, `SEED_STAGES`):
+What runs, per stage (the four stages' freeze flags, `SEED_STAGES`; the recipe of the matching stage
+of `--stages-yaml`, default the repository's stages.yaml, `--profile` applied: batch size,
+accumulation, gradient checkpointing, optimizer, mixed precision; `--batch`, `--accum`,
+`--checkpointing`, `--optimizer` override):
 
 - The model: `TheWorld.on_meta(ModelConfig)` from the config files (`--gemma`, `--cosmos`; default
-  `../shared/reference/*.config.json` beside the repository), world token ids set by hand (the three
-  ids after Gemma's image token, 262145-262147 for the real vocabulary, as the real tokenizer would
-  give them), the stage's freeze applied with `set_trainable`, parameters cast on meta, then
-  `to_empty(device)` and initialised on the device: Gemma with its own HF `init_weights()` (which also
-  recomputes the rotary and embed-scale buffers and re-ties lm_head), its zero-initialised
-  multi-modal projector and the world branch N(0, 0.02), the VAE encoder N(0, 1/fan_in) weights,
-  zero biases, unit RMS-norm gammas; the VAE's latent mean/std buffers from its config. Weights are
-  checked finite and not all zero per component. No download, no CPU copy of the weights; each stage
-  is built afresh so its peak memory is its own.
-- dtypes (`--frozen-dtype`, `--trainable-dtype`): frozen components bf16, trainable ones fp32 (so
-  AdamW keeps fp32 weights and moments: 16 bytes per trainable parameter), forward under
-  `torch.autocast(bfloat16)`; buffers (rotary frequencies, latent mean/std) stay fp32. Note: the
-  stage trainer today loads every component in fp32 (`TheWorld.from_base(dtype=None)`) with
-  accelerate's bf16 autocast: `--frozen-dtype fp32` measures that. `--trainable-dtype bf16` is pure
-  bf16 (weights, gradients and AdamW moments in bf16: 8 bytes per trainable parameter, no fp32
-  master copy), a memory bound only.
-- The seed's batch sizes: batch 4 x accumulation 4 for stages 1-2, batch 2 x 8 with gradient
-  checkpointing (`gradient_checkpointing_enable(use_reentrant=False)`, as the trainer) for stages
-  3-4 (`--batch`, `--accum`, `--checkpointing` override). AdamW from `build_optimizer` (trainable
-  parameters only, the trainer's groups; `--adamw fused|foreach|loop` to compare implementations),
-  gradient clipping at 1.0, `zero_grad(set_to_none=True)`.
-- Synthetic inputs, one fixed batch on the device, laid out as `InputBuilder` builds them:
-  `<bos><start_of_turn>user\\n` `\\n\\n<boi>` + `mm_tokens_per_image` (256) image tokens + `<eoi>\\n\\n`
-  + `<start_of_world>` + `world_tokens` (64) + `<end_of_world>` + `--prompt-tokens` (32) +
-  `<end_of_turn>\\n<start_of_turn>model\\n` + `--answer-tokens` (32) + `<end_of_turn>`: 400 tokens,
-  labels on the answer and its end of turn only; `pixel_values` at SigLIP's size (896 x 896),
-  `world_pixel_values` 256 x 256, both uniform in [-1, 1].
+  `shared/reference/*.config.json` beside the repository), world token ids set by hand (the three
+  ids after Gemma's image token, 262145-262147 for the real vocabulary), the stage's freeze applied
+  with `set_trainable`, then the trainer's precision policy: `resolve_precision` as StageTrainer
+  resolves it and `apply_precision` (trainable fp32, frozen in the compute dtype), on meta; then
+  `to_empty(device)`, initialised on the device (Gemma's HF `init_weights()`, the zero-initialised
+  multi-modal projector and the world branch N(0, 0.02), the VAE encoder N(0, 1/fan_in), zero biases,
+  unit RMS-norm gammas, the latent mean/std from the config) and checked: finite, non-zero weights
+  per component, `check_precision`. No download; each stage is built afresh.
+- The data: the model's own `InputBuilder` (`encode` + `collate`, as the trainer's loader) over
+  random 64 x 64 images, a prompt and an answer of `--prompt-tokens` / `--answer-tokens` tokens
+  (400 tokens in all on the real architecture, the plan's typical sequence). The processor is
+  `--processor` or the tiny model's: in front of the real architecture its image processor is set to
+  896 px and 256 tokens per image and its special ids are translated to the real ones after
+  collation (`BenchInputs`). `accum` different batches per optimizer step, made before timing.
+- The step: the trainer's. An Accelerator built as `StageTrainer.setup` builds it (the policy's
+  mixed precision, the stage's accumulation), model and optimizer through `accelerator.prepare`,
+  `build_optimizer` (its groups and AdamW; `adamw_8bit` once it takes an `optimizer` argument),
+  `gradient_checkpointing_enable(use_reentrant=False)` as the trainer calls it; per micro-batch
+  `with accelerator.accumulate(model)`: `TheWorld.forward(**batch)` (the answer-token loss) and
+  `accelerator.backward`; then `accelerator.clip_grad_norm_` at 1.0, `optimizer.step()`,
+  `zero_grad(set_to_none=True)`. Not timed: the trainer's logging, evaluation and saving.
 - Timing: `--warmup` optimizer steps (untimed; the first also records which components received
-  gradients), then `--steps` timed optimizer steps, each = `accum` forward/backward micro-steps +
-  clip + AdamW step, synchronised; s/step is their mean.
-- Memory (CUDA): `max_memory_allocated` / `max_memory_reserved` from after the weights are built to
-  the end of the timed steps (weights included), in GiB (2^30 bytes). An out-of-memory error in a
-  stage (CUDA OOM or a failed CPU allocation) gives an `OOM` row with the peak at the failure, and
-  the next stage runs.
+  gradients), then `--steps` timed optimizer steps, synchronised; s/optimizer step is their mean.
+- Memory (CUDA): `torch.cuda.reset_peak_memory_stats` after the warmup steps, then
+  `max_memory_allocated` / `max_memory_reserved` over the timed steps (weights, gradients and
+  optimizer state are resident by then), in GiB (2^30 bytes), beside `theworld plan`'s estimate for
+  the same recipe and sequence (`plan_memory_gib`). An out-of-memory error in a stage (CUDA OOM or
+  a failed CPU allocation) gives an `OOM` row with the peak at the failure, and the next stage runs.
 
 Throughput and MFU:
 
-- tokens/s = batch x accum x sequence length (every language-model position: text, image, world
-  tokens) / s per optimizer step.
+- tokens/s = the attention-mask tokens of an optimizer step's batches (every language-model
+  position: text, image, world tokens) / s per optimizer step; samples/s = batch x accum / s.
 - FLOPs: the forward FLOPs of one sample are counted per component with `torch.utils.flop_counter`
   on the meta device (exact matmul/conv/attention FLOPs for these shapes, no weights needed):
   F_vision (SigLIP on the 4096 patches + multi-modal projector), F_vae (VAE encoder + quant_conv),
@@ -70,7 +68,7 @@ Throughput and MFU:
   989, H100 PCIe 756, H100 NVL 835, A100 312 TFLOP/s), none on the CPU (MFU not reported unless
   `--peak-tflops` is given).
 
-Prints a Markdown table beside the seed's estimates and writes everything to `--out` (JSON).
+Prints a Markdown table beside the guide's estimates and writes everything to `--out` (JSON).
 """
 
 from __future__ import annotations
@@ -116,18 +114,32 @@ from theworld_core.model.components import (  # noqa: E402
 )
 from theworld_core.model.inputs import IGNORE_INDEX, WorldTokenIds  # noqa: E402
 
-REFERENCE = ROOT.parent / "shared" / "reference"
+# shared/ sits beside the repository (in a git worktree: beside the worktrees).
+REFERENCE = next((p / "shared" / "reference" for p in (ROOT.parent, ROOT.parent.parent)
+                  if (p / "shared" / "reference").is_dir()), ROOT.parent / "shared" / "reference")
+STAGES_YAML = ROOT / "stages.yaml"
 DEFAULT_GEMMA = REFERENCE / "gemma-3-4b-it.config.json"
 DEFAULT_COSMOS = REFERENCE / "cosmos-predict2-vae.config.json"
 
-# The seed guide's stage table (estimated there, not measured) and its batch recipe.
+# The seed guide's stage table (estimated there, not measured).
 SEED: dict[str, dict] = {
-    "stage1_projection": {"memory_gb": (20, 24), "s_per_step": (1, 2), "batch": 4, "accum": 4, "checkpointing": False},
-    "stage2_vision": {"memory_gb": (35, 40), "s_per_step": (3, 4), "batch": 4, "accum": 4, "checkpointing": False},
-    "stage3_language": {"memory_gb": (56, 60), "s_per_step": (8, 10), "batch": 2, "accum": 8, "checkpointing": True},
-    "stage4_full": {"memory_gb": (80, 84), "s_per_step": (15, 20), "batch": 2, "accum": 8, "checkpointing": True},
+    "stage1_projection": {"memory_gb": (20, 24), "s_per_step": (1, 2)},
+    "stage2_vision": {"memory_gb": (35, 40), "s_per_step": (3, 4)},
+    "stage3_language": {"memory_gb": (56, 60), "s_per_step": (8, 10)},
+    "stage4_full": {"memory_gb": (80, 84), "s_per_step": (15, 20)},
 }
 assert tuple(SEED) == tuple(SEED_STAGES)
+RECIPE_KEYS = ("batch_size", "gradient_accumulation_steps", "use_gradient_checkpointing", "optimizer", "mixed_precision")
+
+
+def stages_yaml_recipes(path: Path, profile: str | None = None) -> dict[str, dict]:
+    """The memory recipe of each stage of a pipeline file, by position onto SEED_STAGES' names."""
+    from theworld_core.config import load_pipeline_config
+
+    stages = load_pipeline_config(path, profile=profile).resolved_stages()
+    if len(stages) != len(SEED_STAGES) or [s.freeze_flags for s in stages] != list(SEED_STAGES.values()):
+        raise ValueError(f"{path}: its stages do not unfreeze as the four stages of docs/stages.md")
+    return {name: {k: getattr(s, k) for k in RECIPE_KEYS} for name, s in zip(SEED_STAGES, stages)}
 
 # Dense bf16 peak TFLOP/s by device name (first match wins; more specific names first).
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
@@ -143,7 +155,6 @@ TINY_DEFAULTS = {"batch": 2, "accum": 2, "world_tokens": 4, "world_image_size": 
                  "answer_tokens": 8, "warmup": 1, "threads": 1}
 REAL_DEFAULTS = {"world_tokens": 64, "world_image_size": 256, "prompt_tokens": 32, "answer_tokens": 32, "warmup": 2}
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 GIB = 2**30
 
 
@@ -191,6 +202,12 @@ def resolve_sources(args, workdir: Path) -> Sources:
     return Sources(gemma, cosmos, model_config)
 
 
+def tiny_processor_dir(args) -> Path:
+    from theworld_core.model.tiny import ensure_tiny_models
+
+    return ensure_tiny_models(Path(args.tiny_dir) if args.tiny_dir else None).gemma
+
+
 def world_token_ids(gemma_config) -> WorldTokenIds:
     """The three ids after Gemma's highest special (image) token; inside the padded embedding table."""
     first = max(gemma_config.image_token_index, gemma_config.boi_token_index, gemma_config.eoi_token_index) + 1
@@ -210,14 +227,6 @@ def build_meta(sources: Sources):
     model = TheWorld.on_meta(sources.model_config)
     model.token_ids = world_token_ids(model.gemma.config)
     return model
-
-
-def _cast_parameters(model, dtype_of: dict[str, torch.dtype]) -> None:
-    """Parameters only (buffers such as rotary frequencies stay fp32), component by component, on meta."""
-    for component, params in parameters_by_component(model).items():
-        for _, param in params:
-            if param.dtype != dtype_of[component]:
-                param.data = param.data.to(dtype_of[component])
 
 
 @torch.no_grad()
@@ -264,17 +273,19 @@ def check_weights(model) -> None:
             raise RuntimeError(f"buffer {name} is not finite after initialisation")
 
 
-def build_stage_model(sources: Sources, stage: str, device: torch.device, frozen_dtype: torch.dtype,
-                      trainable_dtype: torch.dtype, seed: int):
-    """Meta build -> freeze -> per-component dtypes -> `to_empty(device)` -> init on the device."""
+def build_stage_model(sources: Sources, stage: str, device: torch.device, policy, seed: int):
+    """Meta build -> freeze -> the trainer's precision policy (`apply_precision`, on meta) ->
+    `to_empty(device)` -> init on the device."""
     from theworld_core.model.base import load_vae_config
+    from theworld_core.model.precision import apply_precision, check_precision
 
     model = build_meta(sources)
     trainable = model.set_trainable(trainable_components(SEED_STAGES[stage]))
-    _cast_parameters(model, {c: trainable_dtype if c in trainable else frozen_dtype for c in COMPONENTS})
+    apply_precision(model, policy, trainable)
     model.to_empty(device=device)  # requires_grad survives; ties are restored by init_weights()
     initialise(model, load_vae_config(sources.cosmos), seed)
     check_weights(model)
+    check_precision(model, policy)
     return model, trainable
 
 
@@ -291,56 +302,75 @@ class Layout:
     world_image_size: int
 
 
-def sequence_layout(gemma_config, args) -> Layout:
-    mm = gemma_config.mm_tokens_per_image
-    seq_len = 4 + 1 + 1 + mm + 1 + 1 + 1 + args.world_tokens + 1 + args.prompt_tokens + 5 + args.answer_tokens + 1
-    return Layout(seq_len, args.answer_tokens + 1, mm, gemma_config.vision_config.image_size, args.world_tokens,
-                  args.world_image_size)
+class BenchInputs:
+    """Batches made by the model's own `InputBuilder` (encode + collate), as the trainer's loader makes them.
 
+    The processor is `--processor` (a Gemma 3 processor folder) or the tiny model's. When its token
+    ids are not the measured model's (the tiny processor in front of the real architecture), the image
+    processor is set to the model's image size and tokens per image, and the special ids (image,
+    boi, eoi, world markers) are translated to the model's after collation; ordinary ids are kept
+    (random weights: which words they are does not matter).
+    """
 
-def synthetic_batch(gemma_config, ids: WorldTokenIds, layout: Layout, batch: int, args, device, seed: int) -> dict:
-    """One batch in `InputBuilder`'s layout; words are random ordinary token ids."""
-    g = torch.Generator().manual_seed(seed)
-    text_cfg = gemma_config.get_text_config()
-    reserved = {gemma_config.image_token_index, gemma_config.boi_token_index, gemma_config.eoi_token_index,
-                ids.start, ids.end, ids.soft, text_cfg.bos_token_id, text_cfg.pad_token_id}
-    reserved |= set(text_cfg.eos_token_id if isinstance(text_cfg.eos_token_id, list) else [text_cfg.eos_token_id])
-    reserved.discard(None)
-    high = min(gemma_config.image_token_index, gemma_config.boi_token_index)
-    safe = next(i for i in range(high) if i not in reserved)
+    def __init__(self, processor_source: str, gemma_config, model_ids: WorldTokenIds, args, max_seq_length: int):
+        from transformers import AutoProcessor
 
-    def words(n: int) -> torch.Tensor:
-        t = torch.randint(0, high, (batch, n), generator=g)
-        t[torch.isin(t, torch.tensor(sorted(reserved)))] = safe
-        return t
+        from theworld_core.model.inputs import WORLD_TOKENS, InputBuilder
 
-    def const(token: int, n: int = 1) -> torch.Tensor:
-        return torch.full((batch, n), token, dtype=torch.long)
+        processor = AutoProcessor.from_pretrained(processor_source)
+        tokenizer = processor.tokenizer
+        tokenizer.add_tokens([t for t in WORLD_TOKENS if t not in tokenizer.get_vocab()], special_tokens=True)
+        ids = WorldTokenIds(*(tokenizer.convert_tokens_to_ids(t) for t in WORLD_TOKENS))
+        mm, side = gemma_config.mm_tokens_per_image, gemma_config.vision_config.image_size
+        if processor.image_seq_length != mm or processor.image_processor.size.get("height") != side:
+            processor.image_processor.size = {"height": side, "width": side}
+            processor = type(processor)(image_processor=processor.image_processor, tokenizer=tokenizer,
+                                        chat_template=processor.chat_template, image_seq_length=mm)
+        own = {tokenizer.convert_tokens_to_ids(tokenizer.image_token): gemma_config.image_token_index,
+               tokenizer.convert_tokens_to_ids(tokenizer.boi_token): gemma_config.boi_token_index,
+               tokenizer.convert_tokens_to_ids(tokenizer.eoi_token): gemma_config.eoi_token_index,
+               ids.start: model_ids.start, ids.end: model_ids.end, ids.soft: model_ids.soft}
+        self.translate = {a: b for a, b in own.items() if a != b}
+        self.builder = InputBuilder(processor, ids, args.world_tokens, args.world_image_size, True, max_seq_length)
+        self.prompt = self._text(args.prompt_tokens)
+        self.answer = self._text(args.answer_tokens - 1)  # + <end_of_turn>
+        self.image_size = side
+        # Gemma's tokenizer gives the template 16 tokens (the plan's typical sequence); another tokenizer
+        # may give more or fewer: the prompt absorbs the difference, so the sequence is the plan's.
+        target = mm + args.world_tokens + args.prompt_tokens + args.answer_tokens + 16
+        extra = self.batch(1, "cpu", 0)["input_ids"].shape[1] - target
+        if extra and args.prompt_tokens - extra > 0:
+            self.prompt = self._text(args.prompt_tokens - extra)
 
-    sot, eot, user, model, newline, blank = words(6)[0].tolist()  # fixed "template" words
-    parts = [
-        const(text_cfg.bos_token_id), const(sot), const(user), const(newline),
-        const(blank), const(gemma_config.boi_token_index), const(gemma_config.image_token_index, layout.image_tokens),
-        const(gemma_config.eoi_token_index), const(blank),
-        const(ids.start), const(ids.soft, layout.world_tokens), const(ids.end),
-        words(args.prompt_tokens),
-        const(eot), const(newline), const(sot), const(model), const(newline),
-    ]
-    prompt = torch.cat(parts, dim=1)
-    answer = torch.cat([words(args.answer_tokens), const(eot)], dim=1)
-    input_ids = torch.cat([prompt, answer], dim=1)
-    assert input_ids.shape[1] == layout.seq_len, (input_ids.shape, layout)
-    labels = torch.cat([torch.full_like(prompt, IGNORE_INDEX), answer], dim=1)
-    side = layout.image_size
-    out = {
-        "input_ids": input_ids,
-        "attention_mask": torch.ones_like(input_ids),
-        "token_type_ids": (input_ids == gemma_config.image_token_index).long(),
-        "pixel_values": torch.rand(batch, 3, side, side, generator=g) * 2 - 1,
-        "world_pixel_values": torch.rand(batch, 3, layout.world_image_size, layout.world_image_size, generator=g) * 2 - 1,
-        "labels": labels,
-    }
-    return {k: v.to(device) for k, v in out.items()}
+    def _text(self, tokens: int) -> str:
+        """Words that the tokenizer makes `tokens` tokens of (close to it when no single-token word repeats)."""
+        tokenizer = self.builder.tokenizer
+        for word in ("the", "a", "world", "image", "x"):
+            text = " ".join([word] * tokens)
+            if len(tokenizer(text, add_special_tokens=False)["input_ids"]) == tokens:
+                return text
+        return " ".join(["the"] * tokens)
+
+    def batch(self, size: int, device, seed: int) -> dict[str, torch.Tensor]:
+        from PIL import Image
+
+        g = torch.Generator().manual_seed(seed)
+        rows = []
+        for _ in range(size):
+            pixels = torch.randint(0, 256, (64, 64, 3), generator=g, dtype=torch.uint8).numpy()
+            rows.append(self.builder.encode(Image.fromarray(pixels, "RGB"), self.prompt, self.answer))
+        batch = self.builder.collate(rows)
+        for key in ("input_ids", "labels"):
+            original = batch[key].clone()  # masks from the original ids: no chained replacements
+            for old, new in self.translate.items():
+                batch[key][original == old] = new
+        return {k: v.to(device) for k, v in batch.items()}
+
+    def layout(self, args) -> Layout:
+        sample = self.batch(1, "cpu", 0)
+        labelled = int((sample["labels"] != IGNORE_INDEX).sum())
+        return Layout(sample["input_ids"].shape[1], labelled, int((sample["token_type_ids"] == 1).sum()),
+                      self.image_size, args.world_tokens, args.world_image_size)
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -413,69 +443,106 @@ def _memory(device: torch.device) -> dict:
             "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB, **rss}
 
 
-def _optimizer(model, args):
+def _optimizer(model, recipe: dict, args):
+    """The trainer's optimizer: `build_optimizer` (its groups, its AdamW, and its 8-bit option once it has one)."""
+    import inspect
+
     from theworld_core.training.optim import build_optimizer
 
-    optimizer, _ = build_optimizer(model, args.lr, args.weight_decay)
-    if args.adamw == "default":
-        return optimizer  # exactly the trainer's
-    kwargs = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}}[args.adamw]
-    # The same groups, without the defaults the first optimizer wrote into them (a group's own
-    # `foreach` / `fused` keys would override the constructor's).
-    groups = [{k: g[k] for k in ("params", "lr", "weight_decay", "name")} for g in optimizer.param_groups]
-    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay, **kwargs)
+    kwargs = {}
+    if "optimizer" in inspect.signature(build_optimizer).parameters:
+        kwargs["optimizer"] = recipe["optimizer"]
+    elif recipe["optimizer"] != "adamw":
+        raise ValueError(f"optimizer {recipe['optimizer']!r}: training/optim.build_optimizer has no such option here")
+    optimizer, _ = build_optimizer(model, args.lr, args.weight_decay, **kwargs)
+    return optimizer
 
 
-def run_stage(stage: str, sources: Sources, layout: Layout, fwd: dict[str, int], args, device: torch.device,
-              progress: dict) -> dict:
-    """Build, warm up and time one stage; raises on OOM (the caller reports it)."""
-    seed_row = SEED[stage]
-    batch = args.batch or seed_row["batch"]
-    accum = args.accum or seed_row["accum"]
-    checkpointing = {"seed": seed_row["checkpointing"], "on": True, "off": False}[args.checkpointing]
-    progress.update(phase="build", batch_size=batch, accum=accum, gradient_checkpointing=checkpointing)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+def _recipe(stage: str, args) -> dict:
+    base = {**args.recipes[stage]}
+    for key, value in (("batch_size", args.batch), ("gradient_accumulation_steps", args.accum)):
+        if value is not None:
+            base[key] = value
+    if args.checkpointing != "recipe":
+        base["use_gradient_checkpointing"] = args.checkpointing == "on"
+    if args.optimizer:
+        base["optimizer"] = args.optimizer
+    return base
+
+
+def plan_estimate(sources: Sources, stage: str, recipe: dict, seq_len: int) -> dict[str, float]:
+    """`theworld plan`'s memory estimate (GiB) of this stage at this recipe and sequence length."""
+    from theworld_core.model.plan import Architecture, Recipe, stage_memory
+
+    model = build_meta(sources)
+    totals = {c: r.total for c, r in parameter_report(model).items()}
+    model.set_trainable(trainable_components(SEED_STAGES[stage]))
+    trainable = {c: r.trainable for c, r in parameter_report(model).items()}
+    fields = {k: v for k, v in recipe.items() if k in Recipe.__dataclass_fields__}
+    return stage_memory(Architecture.of(model), totals, trainable, Recipe(**fields), sources.model_config, seq_len)["memory_gib"]
+
+
+def run_stage(stage: str, sources: Sources, inputs: BenchInputs, layout: Layout, fwd: dict[str, int], args,
+              device: torch.device, progress: dict) -> dict:
+    """Build, warm up and time one stage with the trainer's step; raises on OOM (the caller reports it).
+
+    The step is StageTrainer's: an Accelerator set up as `StageTrainer.setup` sets it up (the
+    precision policy's mixed precision, the stage's accumulation), the model and optimizer through
+    `accelerator.prepare`, each micro-batch `with accelerator.accumulate(model)`: `TheWorld.forward`
+    with labels (the answer-token loss) and `accelerator.backward`; then `clip_grad_norm_`,
+    `optimizer.step()`, `zero_grad(set_to_none=True)`.
+    """
+    from accelerate import Accelerator
+
+    from theworld_core.model.precision import resolve_precision
+
+    recipe = _recipe(stage, args)
+    batch, accum, checkpointing = recipe["batch_size"], recipe["gradient_accumulation_steps"], recipe["use_gradient_checkpointing"]
+    progress.update(phase="build", batch_size=batch, accum=accum, gradient_checkpointing=checkpointing,
+                    optimizer=recipe["optimizer"])
+    on_gpu = device.type == "cuda"
+    policy = resolve_precision(recipe["mixed_precision"], device, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
     started = time.perf_counter()
-    model, trainable = build_stage_model(sources, stage, device, DTYPES[args.frozen_dtype], DTYPES[args.trainable_dtype],
-                                         args.seed)
+    model, trainable = build_stage_model(sources, stage, device, policy, args.seed)
     _sync(device)
     build_s = time.perf_counter() - started
     report = parameter_report(model)
     progress["trainable_params"] = sum(r.trainable for r in report.values())
-    weights_gib = torch.cuda.memory_allocated(device) / GIB if device.type == "cuda" else None
+    weights_gib = torch.cuda.memory_allocated(device) / GIB if on_gpu else None
     model.train()
     if checkpointing:
         with warnings.catch_warnings():  # transformers 5 renames it; the call is the trainer's
             warnings.simplefilter("ignore", FutureWarning)
             model.gemma.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     progress["phase"] = "optimizer"
-    optimizer = _optimizer(model, args)
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    inputs = synthetic_batch(model.gemma.config, model.token_ids, layout, batch, args, device, args.seed + 1)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)  # from here: weights + optimizer + activations
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    optimizer = _optimizer(model, recipe, args)
+    acc = Accelerator(mixed_precision=policy.effective, gradient_accumulation_steps=accum, cpu=not on_gpu)
+    acc.gradient_accumulation_steps = accum  # the state is shared by every Accelerator of the process
+    model, optimizer = acc.prepare(model, optimizer)
+    params = [p for p in model.parameters() if p.requires_grad]
+    batches = [inputs.batch(batch, device, args.seed + 1 + i) for i in range(accum)]
     gradients: dict[str, bool] | None = None
     losses: list[float] = []
 
     def optimizer_step(first: bool) -> None:
         nonlocal gradients
-        for _ in range(accum):
-            with autocast:
-                _, loss = model(**inputs)
-            (loss / accum).backward()
+        for micro in batches:
+            with acc.accumulate(model):
+                _, loss = model(**micro)
+                acc.backward(loss)
+            losses.append(float(loss.detach()))
         if first:
-            gradients = gradient_presence(model)
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+            gradients = gradient_presence(acc.unwrap_model(model))
+        acc.clip_grad_norm_(params, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss.detach()))
 
     progress["phase"] = "warmup"
     for i in range(args.warmup):
         optimizer_step(first=i == 0)
     _sync(device)
+    if on_gpu:  # after warmup: the timed steps' peak (weights, gradients and moments are resident by now)
+        torch.cuda.reset_peak_memory_stats(device)
     progress["phase"] = "timed"
     times = []
     for i in range(args.steps):
@@ -487,9 +554,11 @@ def run_stage(stage: str, sources: Sources, layout: Layout, fwd: dict[str, int],
         _sync(device)
         times.append(time.perf_counter() - t0)
     memory = _memory(device)
+    acc.free_memory()
     s_per_step = sum(times) / len(times)
-    tokens_per_step = batch * accum * layout.seq_len
-    flops_per_step = training_flops_per_sample(fwd, trainable) * batch * accum
+    tokens_per_step = sum(int(b["attention_mask"].sum()) for b in batches)
+    samples_per_step = batch * accum
+    flops_per_step = training_flops_per_sample(fwd, trainable) * samples_per_step
     expected = set(trainable)
     gradients_ok = None if gradients is None else all(gradients[c] == (c in expected) for c in COMPONENTS)
     if gradients_ok is False:
@@ -504,18 +573,21 @@ def run_stage(stage: str, sources: Sources, layout: Layout, fwd: dict[str, int],
         "batch_size": batch,
         "accum": accum,
         "gradient_checkpointing": checkpointing,
+        "optimizer": recipe["optimizer"],
+        "precision": policy.as_params(),
         "build_s": build_s,
         "s_per_step": s_per_step,
         "s_per_step_min": min(times),
         "step_times": times,
         "tokens_per_step": tokens_per_step,
         "tokens_per_s": tokens_per_step / s_per_step,
-        "samples_per_s": batch * accum / s_per_step,
+        "samples_per_s": samples_per_step / s_per_step,
         "train_flops_per_step": flops_per_step,
         "achieved_tflops": flops_per_step / s_per_step / 1e12,
         "mfu": flops_per_step / s_per_step / (args.peak_tflops * 1e12) if args.peak_tflops else None,
         "weights_gib": weights_gib,
         **memory,
+        "plan_memory_gib": plan_estimate(sources, stage, {**recipe, "mixed_precision": policy.effective}, layout.seq_len),
         "loss_last": losses[-1] if losses else None,
         "loss_finite": all(math.isfinite(x) for x in losses),
         "gradients": gradients,
@@ -529,21 +601,21 @@ def _release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def meta_report(sources: Sources, layout: Layout, fwd: dict[str, int]) -> list[dict]:
-    """No training: per-stage parameter and FLOP counts on the meta device."""
+def meta_report(sources: Sources, layout: Layout, fwd: dict[str, int], args) -> list[dict]:
+    """No training: per-stage parameter and FLOP counts and the plan's memory estimate, on the meta device."""
     model = build_meta(sources)
     rows = []
     for stage, flags in SEED_STAGES.items():
         trainable = model.set_trainable(trainable_components(flags))
         report = parameter_report(model)
+        recipe = _recipe(stage, args)
         rows.append({"stage": stage, "status": "meta", "trainable_components": list(trainable),
                      "trainable_params": sum(r.trainable for r in report.values()),
                      "total_params": sum(r.total for r in report.values()),
                      "train_flops_per_sample": training_flops_per_sample(fwd, trainable),
-                     "batch_size": SEED[stage]["batch"], "accum": SEED[stage]["accum"],
-                     "gradient_checkpointing": SEED[stage]["checkpointing"],
-                     "bytes_weights_grads_adam": sum(r.trainable for r in report.values()) * 16
-                     + sum(r.total - r.trainable for r in report.values()) * 2})
+                     "batch_size": recipe["batch_size"], "accum": recipe["gradient_accumulation_steps"],
+                     "gradient_checkpointing": recipe["use_gradient_checkpointing"], "optimizer": recipe["optimizer"],
+                     "plan_memory_gib": plan_estimate(sources, stage, recipe, layout.seq_len)})
     return rows
 
 
@@ -554,11 +626,11 @@ def machine() -> dict:
     info = {"cpu": platform.processor() or None, "cores": os.cpu_count(), "ram_gib": None, "gpu": None,
             "gpu_memory_gib": None, "torch": torch.__version__, "cuda": torch.version.cuda}
     try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
             if line.startswith("Model name:"):
                 info["cpu"] = line.split(":", 1)[1].strip()
-        for line in open("/proc/meminfo"):
+        for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
                 info["ram_gib"] = round(int(line.split()[1]) / 2**20, 1)
     except (OSError, subprocess.SubprocessError):
@@ -588,27 +660,30 @@ def _range(pair) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = ["| stage | trainable | batch x accum | seed memory (GB) | measured memory: peak alloc / reserved (GiB) "
-             "| seed s/step | measured s/step | tokens/s | MFU |",
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| stage | trainable | batch x accum | seed memory (GB) | plan estimate (GiB) | measured peak alloc / "
+              "reserved (GiB) | seed s/step | measured s/optimizer step | samples/s | tokens/s | MFU |"),
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in result["stages"]:
         seed = SEED[row["stage"]]
-        recipe = f"{row.get('batch_size', '?')} x {row.get('accum', '?')}" + (" + GC" if row.get("gradient_checkpointing") else "")
+        recipe = (f"{row.get('batch_size', '?')} x {row.get('accum', '?')}" + (" + GC" if row.get("gradient_checkpointing") else "")
+                  + (" + 8-bit AdamW" if row.get("optimizer") == "adamw_8bit" else ""))
         trainable = f"{row['trainable_params']:,}" if row.get("trainable_params") is not None else "?"
-        if row["status"] == "oom":
+        if row["status"] in ("oom", "error"):
             peak = row.get("peak_allocated_gib")
-            memory = f"OOM in {row['oom_phase']}" + (f" (peak {peak:.1f} / {row['peak_reserved_gib']:.1f})" if peak else "")
-            cells = [memory, "OOM", "-", "-"]
+            what = row["status"].upper()
+            memory = f"{what} in {row['oom_phase']}" + (f" (peak {peak:.1f} / {row['peak_reserved_gib']:.1f})" if peak else "")
+            cells = [memory, what if what == "OOM" else row["error"][:80], "-", "-", "-"]
         elif row["status"] == "meta":
-            cells = [f"weights+grads+AdamW >= {row['bytes_weights_grads_adam'] / GIB:.1f}", "not run", "-",
-                     f"{row['train_flops_per_sample'] / 1e12:.2f} TFLOP/sample"]
+            cells = ["not run", "not run", "-", "-", f"{row['train_flops_per_sample'] / 1e12:.2f} TFLOP/sample"]
         else:
             memory = ("n/a (CPU)" if row["peak_allocated_gib"] is None
                       else f"{row['peak_allocated_gib']:.1f} / {row['peak_reserved_gib']:.1f}")
             mfu = f"{100 * row['mfu']:.1f} %" if row["mfu"] is not None else "n/a"
-            cells = [memory, f"{row['s_per_step']:.3f}", f"{row['tokens_per_s']:,.0f}", mfu]
-        lines.append(f"| {row['stage']} | {trainable} | {recipe} | {_range(seed['memory_gb'])} | {cells[0]} "
-                     f"| {_range(seed['s_per_step'])} | {cells[1]} | {cells[2]} | {cells[3]} |")
+            cells = [memory, f"{row['s_per_step']:.3f}", f"{row['samples_per_s']:.2f}", f"{row['tokens_per_s']:,.0f}", mfu]
+        estimate = row.get("plan_memory_gib", {}).get("total")
+        lines.append(f"| {row['stage']} | {trainable} | {recipe} | {_range(seed['memory_gb'])} | "
+                     f"{'-' if estimate is None else format(estimate, '.1f')} | {cells[0]} "
+                     f"| {_range(seed['s_per_step'])} | {' | '.join(cells[1:])} |")
     return "\n".join(lines)
 
 
@@ -632,20 +707,23 @@ def parse_args(argv):
     parser.add_argument("--cosmos", default=str(DEFAULT_COSMOS), help="Wan VAE config.json, Cosmos/VAE folder or hub id")
     parser.add_argument("--tiny", action="store_true", help="the embedded tiny models, small batch, on the CPU")
     parser.add_argument("--tiny-dir", help="tiny model folder (default: $THEWORLD_HOME/tiny)")
+    parser.add_argument("--processor", help="Gemma 3 processor folder or hub id that makes the batches (default: the "
+                        "tiny model's, its special token ids translated to the real ones)")
     parser.add_argument("--meta", action="store_true", help="no training: parameter and FLOP counts on the meta device")
     parser.add_argument("--layers", type=int, help="override the text and vision layer counts (CPU validation)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available; cpu with --tiny)")
     parser.add_argument("--stages", default=",".join(SEED_STAGES), help="comma-separated (default: all four)")
     parser.add_argument("--warmup", type=int, help="untimed optimizer steps (default 2; 1 with --tiny)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default %(default)s)")
-    parser.add_argument("--batch", type=int, help="micro-batch size for every stage (default: the seed's, 4 or 2)")
-    parser.add_argument("--accum", type=int, help="gradient accumulation for every stage (default: the seed's, 4 or 8)")
-    parser.add_argument("--checkpointing", choices=("seed", "on", "off"), default="seed",
-                        help="gradient checkpointing: the seed's (stages 3-4), on or off for all")
-    parser.add_argument("--frozen-dtype", choices=tuple(DTYPES), default="bf16")
-    parser.add_argument("--trainable-dtype", choices=tuple(DTYPES), default="fp32")
-    parser.add_argument("--adamw", choices=("default", "fused", "foreach", "loop"), default="default",
-                        help="AdamW implementation (default: build_optimizer's, i.e. the trainer's)")
+    parser.add_argument("--stages-yaml", default=str(STAGES_YAML),
+                        help="pipeline file whose stages give the recipes (default: the repository's stages.yaml)")
+    parser.add_argument("--profile", help="profile of --stages-yaml to apply (e.g. multi_gpu)")
+    parser.add_argument("--batch", type=int, help="micro-batch size for every stage (default: the recipe's)")
+    parser.add_argument("--accum", type=int, help="gradient accumulation for every stage (default: the recipe's)")
+    parser.add_argument("--checkpointing", choices=("recipe", "on", "off"), default="recipe",
+                        help="gradient checkpointing: the recipe's, on or off for all")
+    parser.add_argument("--optimizer", choices=("adamw", "adamw_8bit"),
+                        help="optimizer for every stage (default: the recipe's; --tiny: adamw)")
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -666,6 +744,12 @@ def parse_args(argv):
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    try:
+        args.recipes = stages_yaml_recipes(Path(args.stages_yaml), args.profile)
+    except (OSError, ValueError) as exc:
+        parser.error(str(exc))
+    if args.tiny and args.optimizer is None:
+        args.optimizer = "adamw"  # 8-bit moments need CUDA
     args.inject_oom = {s.strip() for s in args.inject_oom.split(",") if s.strip()}
     unknown = [s for s in args.stages if s not in SEED_STAGES]
     if unknown:
@@ -692,14 +776,16 @@ def main(argv: list[str] | None = None) -> int:
         sources = resolve_sources(args, Path(tmp))
         meta = build_meta(sources)
         gemma_config = meta.gemma.config
-        layout = sequence_layout(gemma_config, args)
+        processor = args.processor or str(tiny_processor_dir(args))
+        inputs = BenchInputs(processor, gemma_config, meta.token_ids, args, sources.model_config.max_seq_length)
+        layout = inputs.layout(args)
         parameters = {c: r.total for c, r in parameter_report(meta).items()}
         token_ids = meta.token_ids
         del meta
         fwd = forward_flops(sources, layout)
         result = {
             "bench": "gpu_stages",
-            "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             "machine": machine(),
             "device": str(device),
             "mode": "meta" if args.meta else ("tiny" if args.tiny else "real"),
@@ -707,8 +793,8 @@ def main(argv: list[str] | None = None) -> int:
             "cosmos": str(args.cosmos) if not args.tiny else "tiny",
             "layers_override": args.layers,
             "settings": {
-                "frozen_dtype": args.frozen_dtype, "trainable_dtype": args.trainable_dtype, "autocast": "bf16",
-                "adamw": args.adamw, "lr": args.lr, "max_grad_norm": args.max_grad_norm, "warmup": args.warmup,
+                "recipes": {s: _recipe(s, args) for s in SEED_STAGES}, "stages_yaml": args.stages_yaml,
+                "profile": args.profile, "processor": processor, "lr": args.lr, "max_grad_norm": args.max_grad_norm, "warmup": args.warmup,
                 "steps": args.steps, "checkpointing": args.checkpointing, "peak_tflops": args.peak_tflops,
                 "world_token_ids": [token_ids.start, token_ids.end, token_ids.soft],
                 "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
@@ -720,17 +806,17 @@ def main(argv: list[str] | None = None) -> int:
             "stages": [],
         }
         if args.meta:
-            result["stages"] = meta_report(sources, layout, fwd)
+            result["stages"] = meta_report(sources, layout, fwd, args)
         else:
             for stage in args.stages:
                 progress: dict = {"phase": "start"}
                 print(f"# {stage} ...", file=sys.stderr, flush=True)
                 try:
-                    row = {"stage": stage, **run_stage(stage, sources, layout, fwd, args, device, progress)}
-                except Exception as exc:  # noqa: BLE001 - only OOM is reported and survived
-                    if not is_oom(exc):
+                    row = {"stage": stage, **run_stage(stage, sources, inputs, layout, fwd, args, device, progress)}
+                except Exception as exc:
+                    if not (is_oom(exc) or isinstance(exc, ValueError)):  # ValueError: a recipe this code cannot run
                         raise
-                    row = {"stage": stage, "status": "oom", "oom_phase": progress.get("phase"),
+                    row = {"stage": stage, "status": "oom" if is_oom(exc) else "error", "oom_phase": progress.get("phase"),
                            "error": str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__,
                            **{k: v for k, v in progress.items() if k != "phase"}, **_memory(device),
                            "s_per_step": None, "tokens_per_s": None, "mfu": None}
@@ -738,12 +824,13 @@ def main(argv: list[str] | None = None) -> int:
                 result["stages"].append(row)
                 _write(args.out, result)  # after every stage: a later crash or time limit keeps these
                 shown = (f"{row['s_per_step']:.4f} s/step, {row['tokens_per_s']:,.0f} tokens/s" if row["status"] == "ok"
-                         else f"OOM in {row['oom_phase']}")
+                         else f"{row['status'].upper()} in {row['oom_phase']}: {row['error']}")
                 print(f"# {stage}: {shown}", file=sys.stderr, flush=True)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
     print(f"\n{result['mode']} on {device} ({result['machine']['gpu'] or result['machine']['cpu']}), "
-          f"{args.warmup} warmup + {args.steps} timed optimizer steps, frozen {args.frozen_dtype}, trainable "
-          f"{args.trainable_dtype}, autocast bf16, sequence {layout.seq_len} tokens, image {layout.image_size} px, "
+          f"{args.warmup} warmup + {args.steps} timed optimizer steps (the trainer's step, recipes of "
+          f"{args.stages_yaml}{' --profile ' + args.profile if args.profile else ''}), sequence {layout.seq_len} tokens, "
+          f"image {layout.image_size} px, "
           f"world {layout.world_tokens} tokens from {layout.world_image_size} px\n")
     print(format_table(result))
     print("\nFLOPs per sample (forward, counted on meta): " + ", ".join(f"{k} {v / 1e9:.4g} G" for k, v in fwd.items()))

@@ -40,6 +40,7 @@ from theworld_core.features.keys import (
     world_settings,
 )
 from theworld_core.model.components import SEED_STAGES, trainable_components
+from theworld_core.model.precision import apply_precision, resolve_precision
 from theworld_core.model.theworld import TheWorld
 
 REPO = Path(__file__).resolve().parents[1]
@@ -87,6 +88,8 @@ def model(tiny_paths) -> TheWorld:
                          world_tokens=4, world_image_size=32)
     torch.manual_seed(0)
     built = TheWorld.from_base(config).eval()
+    # As the trainer holds it on a CPU: the precision policy puts every component in fp32.
+    apply_precision(built, resolve_precision("no", "cpu"), ("world_projector",))
     with torch.no_grad():
         built.gemma.model.multi_modal_projector.mm_input_projection_weight.normal_(0.0, 0.2)
     return _stage(built, "stage1_projection")

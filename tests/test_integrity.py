@@ -24,10 +24,15 @@ from safetensors.torch import load_file, save_file
 from stage_helpers import small_cfg, weights
 
 from theworld_core.config import ModelConfig
-from theworld_core.model.stage_output import StageOutputError, apply_stage_output, is_intact_stage_output, read_manifest
+from theworld_core.model.stage_output import (
+    StageOutputError,
+    apply_stage_output,
+    is_intact_stage_output,
+    read_manifest,
+)
 from theworld_core.model.theworld import TheWorld
 from theworld_core.training import checkpoint as ckpt
-from theworld_core.training.trainer import train_stage
+from theworld_core.training.launch import train_stage
 
 WEIGHTS, MANIFEST = "model.safetensors", "manifest.json"
 

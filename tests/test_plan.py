@@ -13,8 +13,10 @@ import pytest
 
 from theworld_core.config import ModelConfig
 
-# In CI the repository is a fresh clone with `shared/` beside it.
-SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# In CI the repository is a fresh clone with `shared/` beside it (in a worktree: beside the worktrees).
+_REPO = Path(__file__).resolve().parents[1]
+SHARED = next((p / "shared" for p in (_REPO.parent, _REPO.parent.parent) if (p / "shared" / "reference").is_dir()),
+              _REPO.parent / "shared")
 GEMMA_CONFIG = SHARED / "reference" / "gemma-3-4b-it.config.json"
 COSMOS_CONFIG = SHARED / "reference" / "cosmos-predict2-vae.config.json"
 
@@ -46,7 +48,7 @@ def _theworld() -> str:
 
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([_theworld(), *args], capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run([_theworld(), *args], check=False, capture_output=True, text=True, env=env, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +124,8 @@ def test_plain_text_plan_on_the_tiny_models(tiny_paths) -> None:
     text = done.stdout
     expected = plan(ModelConfig(model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos)))
     assert str(tiny_paths.gemma) in text and str(tiny_paths.cosmos) in text
-    rows = {line.split()[0]: line.split()[1:] for line in text.splitlines() if line.startswith("stage")}
+    parameters_table = text.split("Estimated memory")[0]
+    rows = {line.split()[0]: line.split()[1:] for line in parameters_table.splitlines() if line.startswith("stage")}
     for row in expected["stages"]:
         cells = rows[row["stage"]]
         # One column per component, then the stage's trainable total and share.
@@ -141,3 +144,141 @@ def test_missing_gemma_path_exits_2_with_one_line(tmp_path) -> None:
     assert len(lines) == 1, done.stderr
     assert "model_name" in lines[0] and str(missing) in lines[0]
     assert "Traceback" not in done.stderr
+
+
+# --- memory -----------------------------------------------------------------------------------------
+
+STAGES_YAML = Path(__file__).resolve().parents[1] / "stages.yaml"
+GIB = 2**30
+
+
+@pytest.fixture(scope="module")
+def real_stages_plan() -> dict:
+    if not (GEMMA_CONFIG.is_file() and COSMOS_CONFIG.is_file()):
+        pytest.skip(f"reference configs not found under {SHARED / 'reference'}")
+    done = _run("plan", str(STAGES_YAML), "--json", "--gpu-memory", "80", "--gemma", str(GEMMA_CONFIG),
+                "--cosmos", str(COSMOS_CONFIG))
+    assert done.returncode == 0, done.stderr  # 0: every stage fits
+    return json.loads(done.stdout)
+
+
+def test_stages_yaml_defaults_fit_one_80gb_gpu(real_stages_plan) -> None:
+    stages = {row["stage"]: row for row in real_stages_plan["stages"]}
+    assert list(stages) == ["projection", "vision", "language", "full"]
+    for name, row in stages.items():
+        memory = row["memory_gib"]
+        assert set(memory) == {"weights", "gradients", "optimizer", "activations", "total"}
+        assert memory["total"] == pytest.approx(sum(v for k, v in memory.items() if k != "total"))
+        assert memory["total"] <= 80 and row["fits"] is True, (name, memory)
+        # the effective batch of the guide: 16 samples per optimizer step
+        recipe = row["recipe"]
+        assert recipe["batch_size"] * recipe["gradient_accumulation_steps"] * recipe["num_processes"] == 16
+        assert row["how"].startswith(f"batch {recipe['batch_size']} x accumulation")
+    assert stages["projection"]["memory_gib"]["total"] <= 16
+    assert stages["projection"]["recipe"]["batch_size"] == 4
+    assert real_stages_plan["sequence_length"] == 400  # 256 image + 64 world + 32 prompt + 32 answer + 16 template
+
+
+def test_memory_parts_follow_the_precision_policy(real_stages_plan) -> None:
+    components = real_stages_plan["components"]
+    for row in real_stages_plan["stages"]:
+        trainable = row["trainable_total"]
+        frozen = real_stages_plan["total"] - trainable
+        memory, recipe = row["memory_gib"], row["recipe"]
+        # trainable fp32 masters, frozen bf16; fp32 gradients of the trainable ones
+        assert memory["weights"] * GIB == pytest.approx(trainable * 4 + frozen * 2)
+        assert memory["gradients"] * GIB == pytest.approx(trainable * 4)
+        if recipe["optimizer"] == "adamw":
+            assert memory["optimizer"] * GIB == pytest.approx(trainable * 8)
+        else:  # 8-bit moments: a little over 2 bytes per parameter (block scales, small tensors in fp32)
+            assert 2.0 * trainable < memory["optimizer"] * GIB < 2.1 * trainable
+    by_name = {row["stage"]: row for row in real_stages_plan["stages"]}
+    # The frozen vision tower keeps no activations; trained (stage 2, no checkpointing) it dominates.
+    assert by_name["projection"]["activations_gib"]["vision_tower"] == 0
+    assert by_name["vision"]["activations_gib"]["vision_tower"] > by_name["vision"]["activations_gib"]["language_model"]
+    assert by_name["full"]["activations_gib"]["vae_encoder"] > 0 == by_name["language"]["activations_gib"]["vae_encoder"]
+    # autocast's bf16 copies of the trainable weights: 2 bytes per trainable matrix parameter
+    casts = by_name["language"]["activations_gib"]["weight_casts"] * GIB
+    assert 2 * 0.95 * (components["gemma_vision"] + components["gemma_language"]) < casts
+    assert casts <= 2 * by_name["language"]["trainable_total"]
+
+
+def test_stage_over_the_gpu_memory_is_named_and_exits_1(tiny_paths, tmp_path) -> None:
+    done = _run("plan", str(STAGES_YAML), "--profile", "tiny", "--gpu-memory", "0.001",
+                "--gemma", str(tiny_paths.gemma), "--cosmos", str(tiny_paths.cosmos))
+    assert done.returncode == 1, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "does not fit" in line]
+    assert len(lines) == 4 and lines[0].startswith("theworld plan: does not fit: projection needs "), done.stderr
+    assert "GiB over 0.001 GiB" in lines[0]
+    assert "NO +" in done.stdout
+    fits = _run("plan", str(STAGES_YAML), "--profile", "tiny", "--gpu-memory", "80", "--json",
+                "--gemma", str(tiny_paths.gemma), "--cosmos", str(tiny_paths.cosmos))
+    assert fits.returncode == 0 and all(row["fits"] for row in json.loads(fits.stdout)["stages"])
+    bad = _run("plan", "--seq-len", "lots", "--gemma", str(tiny_paths.gemma), "--cosmos", str(tiny_paths.cosmos))
+    assert bad.returncode == 2 and "--seq-len 'lots' is not allowed" in bad.stderr
+
+
+def test_feature_cache_size_per_sample_and_for_num_samples(tiny_paths, tmp_path) -> None:
+    from theworld_core.config import load_pipeline_config
+    from theworld_core.features.keys import bytes_per_sample
+
+    pipeline_file = tmp_path / "stages.yaml"
+    pipeline_file.write_text(STAGES_YAML.read_text().replace("  num_samples: null ", "  num_samples: 1000 ", 1))
+    done = _run("plan", str(pipeline_file), "--profile", "tiny", "--json",
+                "--gemma", str(tiny_paths.gemma), "--cosmos", str(tiny_paths.cosmos))
+    assert done.returncode == 0, done.stderr
+    cache = json.loads(done.stdout)["feature_cache"]
+    model = load_pipeline_config(pipeline_file, profile="tiny").model.model_copy(
+        update={"model_name": str(tiny_paths.gemma), "cosmos_model_name": str(tiny_paths.cosmos)})
+    expected = bytes_per_sample(model, dtype_bytes=2)
+    assert cache["bytes_per_sample"] == expected and cache["num_samples"] == 1000
+    assert cache["total_bytes"] == 1000 * expected["total"]
+    text = _run("plan", str(pipeline_file), "--profile", "tiny", "--gemma", str(tiny_paths.gemma),
+                "--cosmos", str(tiny_paths.cosmos)).stdout
+    assert f"feature cache: {expected['total'] / 1e6:.2f} MB per sample" in text
+    assert "for num_samples=1,000" in text
+
+
+def test_decoder_layer_activation_formula_matches_saved_tensors() -> None:
+    """The per-layer bytes of the memory model against what autograd really keeps (one real-width
+    Gemma 3 decoder, two layers, bf16 autocast on the CPU; parameters and autocast's weight copies excluded)."""
+    if not GEMMA_CONFIG.is_file():
+        pytest.skip(f"reference configs not found under {SHARED / 'reference'}")
+    import torch
+    from transformers import Gemma3TextConfig
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3TextModel
+
+    from theworld_core.model.plan import Architecture
+
+    text = {k: v for k, v in json.loads(GEMMA_CONFIG.read_text())["text_config"].items() if k != "model_type"}
+    layers, tokens = 2, 96
+    config = Gemma3TextConfig(**{**text, "num_hidden_layers": layers, "vocab_size": 512})
+    config._attn_implementation = "sdpa"
+    arch = Architecture(text_layers=layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
+                        q_width=config.num_attention_heads * config.head_dim,
+                        kv_width=config.num_key_value_heads * config.head_dim, vocab=512, vision_layers=0,
+                        vision_hidden=0, vision_intermediate=0, patches=0, mm_tokens=0, matrix_params={}, adam8_params={})
+    for trainable in (True, False):
+        torch.manual_seed(0)
+        model = Gemma3TextModel(config).train()
+        if not trainable:
+            model.to(torch.bfloat16).requires_grad_(False)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        shapes = {tuple(p.shape) for p in model.parameters() if p.ndim == 2}
+        seen: dict[int, int] = {}
+
+        def keep(t, weights=weights, shapes=shapes, seen=seen):
+            storage = t.untyped_storage()
+            is_cast = t.ndim == 2 and tokens not in t.shape and (tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes)
+            if storage.data_ptr() not in weights and not is_cast:
+                seen[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        x = torch.randn(1, tokens, config.hidden_size, dtype=torch.float32 if trainable else torch.bfloat16,
+                        requires_grad=True)
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(inputs_embeds=x, attention_mask=torch.ones(1, tokens, dtype=torch.long), use_cache=False)
+        measured = sum(seen.values()) / layers / tokens
+        resid = 4 if trainable else 2
+        estimated = arch.text_layer_bytes(trainable, 2) + 2 * resid * config.hidden_size / layers
+        assert measured == pytest.approx(estimated, rel=0.05), (trainable, measured, estimated)

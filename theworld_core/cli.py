@@ -29,19 +29,28 @@ def _cmd_tiny(args) -> int:
 
 def _cmd_plan(args) -> int:
     from theworld_core.config import ModelConfig
-    from theworld_core.model.plan import format_plan, plan
+    from theworld_core.model.plan import format_plan, plan, stages_that_do_not_fit
 
     overrides = {k: v for k, v in {"model_name": args.gemma, "cosmos_model_name": args.cosmos}.items() if v}
-    stages = None
+    stages, num_samples = None, None
     if args.stages:
         from theworld_core.config import load_pipeline_config
 
         pipeline = load_pipeline_config(args.stages, profile=args.profile)
-        stages = {s.name: s.freeze_flags for s in pipeline.resolved_stages()}
-        overrides = {**pipeline.model.model_dump(include={"model_name", "cosmos_model_name"}), **overrides}
-    result = plan(ModelConfig(**overrides), stages)
+        stages = {s.name: s for s in pipeline.resolved_stages()}
+        overrides = {**pipeline.model.model_dump(), **overrides}
+        num_samples = pipeline.data.num_samples
+    if args.seq_len not in (None, "max") and not (args.seq_len.isdigit() and int(args.seq_len) > 0):
+        raise ValueError(f"--seq-len {args.seq_len!r} is not allowed: a positive number of tokens, or max")
+    if args.gpu_memory is not None and args.gpu_memory <= 0:
+        raise ValueError(f"--gpu-memory {args.gpu_memory:g} is not allowed: GiB of one device, greater than 0")
+    result = plan(ModelConfig(**overrides), stages, seq_len=args.seq_len, gpu_memory_gib=args.gpu_memory,
+                  num_samples=num_samples)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
-    return 0
+    over = stages_that_do_not_fit(result)
+    for line in over:
+        print(f"theworld plan: does not fit: {line}", file=sys.stderr)
+    return 1 if over else 0
 
 
 def _cmd_train(args) -> int:
@@ -145,12 +154,23 @@ def build_parser(extend: Callable | None = None, argv: Sequence[str] = ()) -> ar
     tiny.add_argument("--json", action="store_true", help='print {"gemma": PATH, "cosmos": PATH}')
     tiny.set_defaults(func=_cmd_tiny)
 
-    plan = sub.add_parser("plan", help="trainable parameters per component and stage (meta device: no weights, no GPU)")
+    plan = sub.add_parser(
+        "plan", help="trainable parameters and estimated memory per stage (meta device: no weights, no GPU)",
+        description="Trainable parameters per component and stage, and the estimated memory of one device per "
+        "stage (weights, gradients, optimizer, activations; docs/stages.md#memory), computed on the meta device. "
+        "Exit status: 0; 1 when --gpu-memory is given and a stage does not fit (each such stage named on "
+        "stderr, with how much it is over); 2 on bad input.")
     plan.add_argument("stages", nargs="?", help="a stages.yaml (default: the four stages of docs/stages.md)")
     plan.add_argument("--profile", help=profile_option_help(profiles))
     plan.add_argument("--gemma", help="Gemma 3: hub id, model folder or config.json")
     plan.add_argument("--cosmos", help="Cosmos: hub id, folder (with vae/) or the VAE's config.json")
-    plan.add_argument("--json", action="store_true", help="print one JSON object")
+    plan.add_argument("--json", action="store_true", help="print one JSON object (per stage: memory_gib with weights, "
+                      "gradients, optimizer, activations, total)")
+    plan.add_argument("--gpu-memory", type=float, metavar="GIB",
+                      help="memory of one device in GiB: say which stages fit; exit 1 when one does not")
+    plan.add_argument("--seq-len", metavar="TOKENS|max",
+                      help="tokens per sample for the activations (default: a typical sample, 400 on Gemma 3 4B; "
+                      "max: the model's max_seq_length)")
     plan.set_defaults(func=_cmd_plan)
     train = sub.add_parser("train", help="train one stage from a stage JSON file (e.g. configs/seed/*.json)")
     train.add_argument("--config", required=True, help="stage config JSON (// comments and _comment keys allowed)")

@@ -115,7 +115,8 @@ class DataConfig(StrictModel):
     streaming: bool = False
     """Read the source lazily (constant memory) instead of materialising it."""
     eval_fraction: float = Field(0.05, gt=0, lt=1)
-    """Share of samples held out for evaluation, chosen by a hash of the sample id (stable, disjoint)."""
+    """Share of samples held out for evaluation, chosen by a hash of each sample's content (image bytes;
+    synthetic: what is drawn; URL lists: the URL), so copies land on one side: stable and disjoint."""
     max_bad_fraction: float = Field(0.05, ge=0, le=1)
     """A stage fails when more than this share of samples has a missing or corrupt image."""
     synthetic_samples: int = Field(2000, ge=10)
