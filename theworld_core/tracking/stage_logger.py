@@ -119,7 +119,8 @@ class StageLogger:
             if self.tracking is None:  # a crash: finish_tracking was not reached
                 self.finish_tracking(end_status=status, timeout=TRACKING_ABORT_TIMEOUT_S)
             if owned:
-                release_stage_run(self.run_id, status if self.tracking.complete else None)
+                # With records still waiting, the end waits with them (in the outbox file).
+                release_stage_run(self.run_id, None if self.tracking.pending else status)
 
     def log_stage_start(self, started_from: str, trainable: tuple[str, ...]) -> None:
         notice = self.cfg.wandb_notice(default_run_name=self.cfg.name)
