@@ -4,7 +4,7 @@
 
 Runs `theworld run` once in a fresh project folder (Prefect's ephemeral API, MLflow in SQLite),
 then reads from MLflow where each stage's time went (the trainer and the evaluation step log
-`time/*` metrics on every child run) and reports:
+`walltime/*` metrics on every child run) and reports:
 
 - wall time of the whole pipeline vs the sum of the stages' training loops (target: overhead
   below 10% of the training time, i.e. of what a user would spend anyway);
@@ -74,10 +74,10 @@ def stage_timings(tracking_uri: str) -> list[dict]:
         m = run.data.metrics
         row = {
             "stage": run.data.tags.get("stage", run.info.run_name),
-            "setup_s": m.get("time/setup_s", float("nan")),
-            "train_s": m.get("time/train_s", 0.0),
-            "finish_s": m.get("time/finish_s", float("nan")),
-            "evaluate_s": m.get("time/evaluate_s", float("nan")),
+            "setup_s": m.get("walltime/setup_s", float("nan")),
+            "train_s": m.get("walltime/train_s", 0.0),
+            "finish_s": m.get("walltime/finish_s", float("nan")),
+            "evaluate_s": m.get("walltime/evaluate_s", float("nan")),
         }
         # A transition: the previous stage's final save + upload, then this stage's download + rebuild.
         row["transition_s"] = previous_finish + row["setup_s"]

@@ -24,7 +24,7 @@ from theworld_core import pipeline
 from theworld_core.config import load_pipeline_config
 from theworld_core.records import StageRecord, SummaryRow
 from theworld_core.tracking import lineage
-from theworld_core.tracking.mlflow_runs import project_dir
+from theworld_core.tracking.mlflow_runs import SYSTEM_METRICS_TAG, project_dir
 from theworld_core.training.gate import StageOutcome
 from theworld_core.version import code_version
 
@@ -66,11 +66,15 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
     warm_start_from = warm.uri if warm else None
     tags = {"data_fingerprint": data.fingerprint, "config_hash": cfg.pipeline_hash(), "code_version": version,
             "prefect_flow_run_id": str(flow_run.get_id() or ""), "profile": profile or ""}
+    # Named for what it is (profile, start time, data), not Prefect's random flow-run name (kept as a tag);
+    # its stage runs inherit the system-metrics setting from its tag.
     parent = lineage.start_parent_run(
-        cfg.mlflow.experiment, f"multistage-{flow_run.get_name() or 'local'}",
+        cfg.mlflow.experiment, lineage.pipeline_run_name(profile, data.fingerprint),
         {**tags, "run_kind": lineage.PIPELINE_RUN_KIND, "forced": str(force).lower(), "new_data_reason": check.reason,
-         "warm_start_from": warm_start_from or "none"},
-        {"stages_yaml": stages_yaml, "profile": profile, "stages": ",".join(cfg.stage_names), "force": force})
+         "warm_start_from": warm_start_from or "none", "prefect_flow_run_name": str(flow_run.get_name() or ""),
+         SYSTEM_METRICS_TAG: str(cfg.mlflow.log_system_metrics).lower()},
+        {"stages_yaml": stages_yaml, "profile": profile, "stages": ",".join(cfg.stage_names), "force": force,
+         "log_system_metrics": cfg.mlflow.log_system_metrics})
     try:
         records, rows, champion, stopped = _train_stages(cfg, stages, data.fingerprint, version, parent, tags)
     except BaseException:
@@ -112,7 +116,8 @@ def _train_stages(cfg, stages: list[dict], fingerprint: str, version: str, paren
                 plateau = tasks.check_plateau(record)
             outcome = pipeline.outcome_of(record, evaluation)
             decision = tasks.gate(outcome, successes, cfg.gate, retries_used=retries,
-                                  is_last_stage=index == len(stages) - 1, run_id=record.run_id, plateau=plateau)
+                                  is_last_stage=index == len(stages) - 1, run_id=record.run_id, plateau=plateau,
+                                  parent_run_id=parent, stage_number=index + 1)  # the parent's summary metrics
             records.append(record)
             rows.append(pipeline.summary_row(record, evaluation, plateau, decision))
             log.info("stage %s attempt %d: %s -> %s: %s", stage_config["name"], attempt, record.status,

@@ -515,7 +515,7 @@ def test_mlflow_run_has_metrics_params_tags_and_stage_output(tiny_paths, tmp_pat
     group_names = [g["name"] for g in trainer.optimizer.param_groups]
     assert len(group_names) >= 2  # world_projector/decay and world_projector/no_decay
     for name in group_names:
-        assert f"lr/{name}" in metrics, (name, sorted(metrics))
+        assert f"train/lr/{name}" in metrics, (name, sorted(metrics))
     train_loss_steps = [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")]
     assert sorted(train_loss_steps) == [5, 10, 15, 20]
     eval_loss = client.get_metric_history(run.info.run_id, "eval/loss")

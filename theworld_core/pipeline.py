@@ -174,7 +174,7 @@ def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run
     c.log_metric(run_id, "eval/task_accuracy", report.task_accuracy)
     c.log_metric(run_id, "eval/exact_match", report.exact_match)
     c.log_dict(run_id, {"samples": report.samples}, "evaluation/generations.json")
-    c.log_metric(run_id, "time/evaluate_s", time.perf_counter() - started)
+    c.log_metric(run_id, "walltime/evaluate_s", time.perf_counter() - started)
     return report
 
 
@@ -209,27 +209,47 @@ def outcome_of(record: StageRecord, evaluation: EvalReport | None) -> StageOutco
 
 
 def gate_step(outcome: StageOutcome, earlier: list[StageOutcome], gate: GateConfig, *, retries_used: int,
-              is_last_stage: bool, run_id: str, plateau: PlateauVerdict | None) -> GateDecision:
-    """The gate's decision for one attempt, recorded as tags on its MLflow run."""
+              is_last_stage: bool, run_id: str, plateau: PlateauVerdict | None,
+              parent_run_id: str | None = None, stage_number: int | None = None) -> GateDecision:
+    """The gate's decision for one attempt, recorded on its MLflow run: params `gate_decision`,
+    `gate_reason`, `plateau_verdict` (columns of the runs table) and the same as tags, with the
+    numbers. On the parent run (when given): the attempt's summary metrics `<stage>/eval_loss`,
+    `<stage>/task_accuracy`, `<stage>/steps` (a retry's values replace the failed attempt's) and,
+    with `stage_number` (1 = first stage), `all_stages/eval_loss` and `all_stages/task_accuracy` at
+    that step: one chart of the metric over the stages."""
     decision = decide(outcome, earlier, gate, retries_used=retries_used, is_last_stage=is_last_stage)
-    lineage.set_tags(run_id, {
+    verdict = {
         "plateau_verdict": plateau.code if plateau else "n/a",
         "plateau_reason": plateau.reason if plateau else "",
         "gate_decision": decision.action,
         "gate_reason": decision.reason,
-        "gate_numbers": json.dumps(decision.numbers, default=str),
-    })
+    }
+    lineage.set_tags(run_id, {**verdict, "gate_numbers": json.dumps(decision.numbers, default=str)})
+    lineage.log_params_once(run_id, {k: verdict[k] for k in ("gate_decision", "gate_reason", "plateau_verdict")})
+    if parent_run_id is not None:
+        summary = {"eval_loss": outcome.eval_loss, "task_accuracy": outcome.task_accuracy}
+        lineage.log_stage_summary_metrics(parent_run_id, outcome.name, {**summary, "steps": outcome.steps})
+        if stage_number is not None:
+            lineage.log_stage_summary_metrics(parent_run_id, "all_stages", summary, step=stage_number)
     return decision
 
 
 def finish_step(parent_run_id: str, rows: list[SummaryRow], records: list[StageRecord],
                 champion: StageOutcome | None, champion_run_id: str | None, registered_model: str, alias: str,
                 workdir: str, tags: dict[str, str]) -> PipelineSummary:
-    """Register the champion (alias) and log the stage comparison plot and table to the parent run."""
+    """Register the champion (alias; an MLflow pyfunc model whose description names its stage,
+    metrics, data fingerprint and config hash), log its metrics (`champion/eval_loss`,
+    `champion/task_accuracy`, `champion/steps`) and the stage comparison plot and table to the parent run."""
     version = None
     if champion is not None and champion_run_id is not None:
+        summary = {"eval_loss": champion.eval_loss, "task_accuracy": champion.task_accuracy, "steps": champion.steps}
+        lineage.log_stage_summary_metrics(parent_run_id, "champion", summary)
+        info = {"stage": champion.name, "attempt": champion.attempt, **summary,
+                "data_fingerprint": tags.get("data_fingerprint"), "config_hash": tags.get("config_hash"),
+                "code_version": tags.get("code_version"), "pipeline_run_id": parent_run_id,
+                "pipeline_run_name": lineage.client().get_run(parent_run_id).info.run_name}
         version = lineage.register_champion(champion_run_id, registered_model, alias,
-                                            {**tags, "stage": champion.name})
+                                            {**tags, "stage": champion.name}, info=info)
     plot_stages = [
         {"label": r.label, "train_loss_history": r.train_loss_history, "eval_loss_history": r.eval_history,
          "global_end_step": r.global_end_step, "decision": row.decision}

@@ -1,14 +1,22 @@
 """Pipeline lineage in MLflow: a parent run per pipeline run, a child run per stage attempt, the
-registered champion, and the stage comparison (plot + table)."""
+registered champion (an MLflow pyfunc model over its stage output), and the stage comparison (plot +
+table at the parent run's artifact root, per-stage summary metrics on the parent run)."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 from pathlib import Path
 from typing import Any
 
-from theworld_core.tracking.mlflow_runs import configure_tracking, end_stale_runs, ensure_experiment, owner_tags
+from theworld_core.tracking.mlflow_runs import (
+    SYSTEM_METRICS_TAG,
+    configure_tracking,
+    end_stale_runs,
+    ensure_experiment,
+    owner_tags,
+)
 
 STAGE_OUTPUT_ARTIFACT = "stage_output"
 
@@ -33,15 +41,53 @@ def start_parent_run(experiment: str, run_name: str, tags: dict[str, str], param
     return run.info.run_id
 
 
+def pipeline_run_name(profile: str | None, data_fingerprint: str, when: datetime.datetime | None = None) -> str:
+    """The parent run's name: what ran, when (local time), on which data, e.g.
+    `multistage tiny 2026-11-27 14:03 data 5d21f74b` (the data fingerprint's first 8 hex digits)."""
+    when = when or datetime.datetime.now()
+    return " ".join(p for p in ("multistage", profile, f"{when:%Y-%m-%d %H:%M}", f"data {data_fingerprint[:8]}") if p)
+
+
 def create_child_run(parent_run_id: str, stage: str, attempt: int, tags: dict[str, str]) -> str:
+    """A stage attempt's run under the parent; it inherits the parent's system-metrics setting."""
     c = client()
     parent = c.get_run(parent_run_id)
+    inherited = {k: v for k, v in parent.data.tags.items() if k == SYSTEM_METRICS_TAG}
     run = c.create_run(
         parent.info.experiment_id,
         run_name=f"{stage}" + (f" (attempt {attempt})" if attempt > 1 else ""),
-        tags={"mlflow.parentRunId": parent_run_id, "stage": stage, "attempt": str(attempt), **owner_tags(), **tags},
+        tags={"mlflow.parentRunId": parent_run_id, "stage": stage, "attempt": str(attempt), **owner_tags(), **inherited,
+              **tags},
     )
     return run.info.run_id
+
+
+def log_params_once(run_id: str, params: dict[str, Any]) -> None:
+    """Log params to a run, skipping those it already has (MLflow params cannot change: a rerun of a
+    step on the same run keeps the first values)."""
+    from mlflow.entities import Param
+
+    c = client()
+    have = c.get_run(run_id).data.params
+    new = [Param(k, str(v)[:6000]) for k, v in params.items() if k not in have]
+    if new:
+        c.log_batch(run_id, params=new)
+
+
+def log_stage_summary_metrics(parent_run_id: str, prefix: str, values: dict[str, float | int | None],
+                              step: int = 0) -> None:
+    """`<prefix>/<name>` metrics on the parent run (a stage's or the champion's eval_loss,
+    task_accuracy, steps), so the chart view compares stages and pipeline runs; None / non-finite
+    values are left out."""
+    import time
+
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    metrics = [Metric(f"{prefix}/{k}", float(v), now, step) for k, v in values.items()
+               if v is not None and math.isfinite(float(v))]
+    if metrics:
+        client().log_batch(parent_run_id, metrics=metrics)
 
 
 def set_tags(run_id: str, tags: dict[str, Any]) -> None:
@@ -58,22 +104,39 @@ def stage_output_uri(run_id: str) -> str:
     return f"runs:/{run_id}/{STAGE_OUTPUT_ARTIFACT}"
 
 
-def register_champion(run_id: str, name: str, alias: str, tags: dict[str, str]) -> int:
-    """Register the run's stage output as a new version of `name` and point `alias` at it.
+def register_champion(run_id: str, name: str, alias: str, tags: dict[str, str],
+                      info: dict[str, Any] | None = None) -> int:
+    """Register the run's stage output as a new version of `name` (an MLflow pyfunc model) and point
+    `alias` at it.
 
-    MLflow 3's `register_model` wants a logged model, so the plain artifact folder is registered
-    with `create_model_version` (its source is the run's artifact folder).
+    The MLflow model files and the model card (`pyfunc_model.write_model_files`) are added to the
+    run's `stage_output` artifact folder, beside the stage output's own files (no weights copied),
+    and that folder is the version's source: `mlflow.pyfunc.load_model` and
+    `TheWorld.from_pretrained` both load `models:/<name>@<alias>`, and `runs:/<run>/stage_output`
+    stays a stage output. `info` (stage, attempt, eval_loss, task_accuracy, steps, data_fingerprint,
+    config_hash, code_version, pipeline_run_id, pipeline_run_name) goes into the version's
+    description and the model card.
     """
     from mlflow.exceptions import MlflowException
 
+    from theworld_core.tracking import pyfunc_model
+
+    info = {"run_id": run_id, **(info or {})}
     c = client()
     try:
-        c.create_registered_model(name, description="TheWorld (Gemma 3 + Cosmos VAE) stage outputs; "
-                                                      f"alias '{alias}' marks the pipeline's champion")
+        c.create_registered_model(name, description="TheWorld (Gemma 3 + Cosmos VAE) stage outputs as MLflow pyfunc "
+                                                      f"models; alias '{alias}' marks the pipeline's champion")
     except MlflowException:
         pass  # already registered
+    with pyfunc_model.model_files_folder() as tmp:
+        manifest_path = c.download_artifacts(run_id, f"{STAGE_OUTPUT_ARTIFACT}/manifest.json", tmp)
+        manifest = json.loads(Path(manifest_path).read_text())
+        files = pyfunc_model.write_model_files(Path(tmp) / "model",
+                                               pyfunc_model.model_card(manifest, info, name, alias))
+        c.log_artifacts(run_id, str(files), artifact_path=STAGE_OUTPUT_ARTIFACT)
     source = f"{c.get_run(run_id).info.artifact_uri}/{STAGE_OUTPUT_ARTIFACT}"
-    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags,
+                                     description=pyfunc_model.version_description(info, name, alias))
     c.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
 
@@ -82,9 +145,9 @@ def metric_history(run_id: str, key: str) -> list[tuple[int, float]]:
     return [(m.step, m.value) for m in client().get_metric_history(run_id, key)]
 
 
-def comparison_plot(stages: list[dict[str, Any]], path: Path) -> Path:
+def comparison_plot(stages: list[dict[str, Any]]):
     """Train and eval loss over the pipeline-global step, one colour per stage attempt, stage
-    boundaries as vertical lines labelled with the gate decision."""
+    boundaries as vertical lines labelled with the gate decision (a matplotlib figure)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,9 +171,7 @@ def comparison_plot(stages: list[dict[str, Any]], path: Path) -> Path:
     ax.set_title("TheWorld multistage: loss per stage (faint: train, dots: eval)")
     ax.legend(fontsize=8, loc="upper right")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def summary_markdown(rows: list[dict[str, Any]], champion: str | None) -> str:
@@ -126,16 +187,26 @@ def summary_markdown(rows: list[dict[str, Any]], champion: str | None) -> str:
 
 def log_summary(parent_run_id: str, rows: list[dict[str, Any]], stages_for_plot: list[dict[str, Any]],
                 champion: str | None, workdir: Path) -> dict[str, str]:
-    """Log the comparison plot, the summary table (JSON + Markdown) to the parent run; returns local paths."""
+    """Log the comparison plot (`stage_comparison.png`, with `log_figure`) and the summary table
+    (`stage_summary.json`, `stage_summary.md`) at the parent run's artifact root, the first thing its
+    Artifacts tab shows; returns the local copies' paths."""
+    import matplotlib.pyplot as plt
+
     workdir.mkdir(parents=True, exist_ok=True)
-    plot = comparison_plot(stages_for_plot, workdir / "stage_comparison.png")
+    c = client()
+    figure = comparison_plot(stages_for_plot)
+    plot = workdir / "stage_comparison.png"
+    try:
+        figure.savefig(plot, dpi=110)
+        c.log_figure(parent_run_id, figure, plot.name, save_kwargs={"dpi": 110})
+    finally:
+        plt.close(figure)
     table = workdir / "stage_summary.json"
     table.write_text(json.dumps(rows, indent=2, default=str))
     markdown = workdir / "stage_summary.md"
     markdown.write_text(summary_markdown(rows, champion))
-    c = client()
-    for path in (plot, table, markdown):
-        c.log_artifact(parent_run_id, str(path), artifact_path="summary")
+    for path in (table, markdown):
+        c.log_artifact(parent_run_id, str(path))
     return {"plot": str(plot), "table": str(table), "markdown": str(markdown)}
 
 

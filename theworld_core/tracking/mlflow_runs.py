@@ -89,31 +89,54 @@ def open_sqlite_store(uri: str) -> None:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+TRAINING_EXPERIMENT_KIND = "custom_model_development"
+"""MLflow 3 opens an experiment in its GenAI layout unless this tag says it is for model training."""
+
+
 def ensure_experiment(name: str = DEFAULT_MLFLOW_EXPERIMENT) -> str:
-    """The experiment's id, creating it (with artifacts in the project folder for local stores)."""
+    """The experiment's id, creating it (with artifacts in the project folder for local stores).
+
+    New and existing experiments are tagged as model-training experiments, so the MLflow UI opens
+    them in its model-training view (runs table, metric charts), not the GenAI one."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is not None:
-        return experiment.experiment_id
-    artifact_location = None
-    if mlflow.get_tracking_uri().startswith("sqlite:///"):
-        artifact_location = (project_dir() / "mlartifacts" / name).as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location)
-    except MlflowException:
-        experiment = mlflow.get_experiment_by_name(name)  # another process created it meanwhile
-        if experiment is None:
-            raise
-        return experiment.experiment_id
+    if experiment is None:
+        artifact_location = None
+        if mlflow.get_tracking_uri().startswith("sqlite:///"):
+            artifact_location = (project_dir() / "mlartifacts" / name).as_uri()
+        try:
+            return mlflow.create_experiment(name, artifact_location=artifact_location,
+                                            tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
+        except MlflowException:
+            experiment = mlflow.get_experiment_by_name(name)  # another process created it meanwhile
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT_KIND:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
+                                                 TRAINING_EXPERIMENT_KIND)
+    return experiment.experiment_id
+
+
+UI_VIEW = "#/experiments?workflowType=machine_learning"
+"""The UI's model-training view: MLflow 3.17's UI picks its layout (GenAI or model training) from
+a per-browser switch that defaults to GenAI; this URL parameter selects model training."""
 
 
 def ui_command() -> str:
-    """The command that opens the MLflow UI on this run's store."""
+    """How to open the MLflow UI on this run's store, in its model-training view."""
     import mlflow
 
-    return f"mlflow ui --backend-store-uri {mlflow.get_tracking_uri()} --host 127.0.0.1 --port 5000"
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{UI_VIEW}"
+    return f"mlflow ui --backend-store-uri {uri} --host 127.0.0.1 --port 5000, then http://127.0.0.1:5000/{UI_VIEW}"
+
+
+SYSTEM_METRICS_TAG = "theworld.log_system_metrics"
+"""Run tag ("true"/"false") carrying the pipeline's `mlflow.log_system_metrics` to its stage runs."""
 
 
 # --- run owners: telling a dead process's run from a live one's ---------------------------------
@@ -175,10 +198,14 @@ def end_stale_runs(client, experiment_id: str, filter_string: str) -> list[str]:
 # --- the stage's run -----------------------------------------------------------------------------
 
 
-def start_stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: dict[str, str] | None = None):
+def start_stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: dict[str, str] | None = None,
+                    log_system_metrics: bool | None = None):
     """Make an MLflow run active (fluent API) and return `(run, owned)`: the given one (resumed), or a
     new one in `experiment` tagged with its owner. `owned` is False when the caller had already
-    made `run_id` active (it ends it); end an owned run with `release_stage_run`."""
+    made `run_id` active (it ends it); end an owned run with `release_stage_run`.
+
+    `log_system_metrics`: MLflow samples CPU, memory, disk, network and GPU use (`system/...`) while
+    the run is active; None leaves it to MLflow's switch (`MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`)."""
     import mlflow
 
     configure_tracking()
@@ -186,10 +213,11 @@ def start_stage_run(run_id: str | None, experiment: str, run_name: str | None, t
     if run_id is not None and active is not None and active.info.run_id == run_id:
         return active, False
     if run_id is not None and _run_exists(run_id):
-        run = mlflow.start_run(run_id=run_id, nested=active is not None)
+        run = mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=log_system_metrics)
         return run, True
     run = mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=run_name,
-                           tags={**owner_tags(), **(tags or {})}, nested=active is not None)
+                           tags={**owner_tags(), **(tags or {})}, nested=active is not None,
+                           log_system_metrics=log_system_metrics)
     return run, True
 
 
@@ -218,10 +246,12 @@ def release_stage_run(run_id: str, status: str | None) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: dict[str, str] | None = None):
+def stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: dict[str, str] | None = None,
+              log_system_metrics: bool | None = None):
     """Yield an active MLflow run: the given one (resumed) or a new one in `experiment`; ended
-    FINISHED (FAILED on an exception) unless the caller had made it active."""
-    run, owned = start_stage_run(run_id, experiment, run_name, tags)
+    FINISHED (FAILED on an exception) unless the caller had made it active. `log_system_metrics`: as
+    `start_stage_run`."""
+    run, owned = start_stage_run(run_id, experiment, run_name, tags, log_system_metrics)
     status = "FAILED"
     try:
         yield run

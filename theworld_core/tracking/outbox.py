@@ -80,7 +80,7 @@ class TrackingOutbox:
     # ------------------------------------------------------------------ writing
 
     def put(self, run_id: str, op: str, **fields: Any) -> None:
-        """Append one record (op: batch | artifacts | end) for `run_id`; the thread sends it."""
+        """Append one record (op: batch | inputs | artifacts | end) for `run_id`; the thread sends it."""
         with self._cond:
             self._seq += 1
             entry = {"seq": self._seq, "run": run_id, "op": op, **fields}
@@ -98,6 +98,12 @@ class TrackingOutbox:
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         self.put(run_id, "batch", tags={k: str(v) for k, v in tags.items()})
+
+    def log_inputs(self, run_id: str, datasets: list[tuple[Any, str]]) -> None:
+        """`datasets`: (an `mlflow.entities.Dataset`, its input context) pairs."""
+        self.put(run_id, "inputs", datasets=[
+            {"name": d.name, "digest": d.digest, "source_type": d.source_type, "source": d.source, "schema": d.schema,
+             "profile": d.profile, "context": context} for d, context in datasets])
 
     def log_artifacts(self, run_id: str, local_dir: str | os.PathLike[str], artifact_path: str) -> None:
         self.put(run_id, "artifacts", dir=str(local_dir), path=artifact_path)
@@ -214,6 +220,13 @@ class TrackingOutbox:
             params = [Param(k, v[:6000]) for k, v in entry.get("params", {}).items()]
             tags = [RunTag(k, v[:5000]) for k, v in entry.get("tags", {}).items()]
             client.log_batch(run, metrics=metrics, params=params, tags=tags, synchronous=True)
+        elif entry["op"] == "inputs":
+            from mlflow.entities import Dataset, DatasetInput, InputTag
+            from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+            client.log_inputs(run, datasets=[
+                DatasetInput(Dataset(**{k: v for k, v in d.items() if k != "context"}),
+                             tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in entry["datasets"]])
         elif entry["op"] == "artifacts":
             if not Path(entry["dir"]).is_dir():
                 raise _Refused(f"folder {entry['dir']} is gone")
