@@ -346,7 +346,7 @@ def test_training_defaults():
     assert (c.seed, c.num_processes, c.name) == (42, 1, None)
     assert (c.push_to_hub, c.hub_model_id, c.hub_strategy, c.hub_private_repo) == (False, None, "every_save", False)
     assert (c.log_to_wandb, c.wandb_project, c.wandb_run_name) == (False, None, None)
-    assert c.plateau == PlateauConfig(min_improvement=0.01, window_steps=5000, patience_steps=2000, min_steps=10000)
+    assert c.plateau == PlateauConfig(min_improvement=0.01, window_steps=5000, patience_steps=3000, min_steps=10000)
 
 
 def test_fractional_epochs_and_max_steps():

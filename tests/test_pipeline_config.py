@@ -75,16 +75,18 @@ def test_shipped_file_has_the_seeds_four_stages():
         assert s.model_name == "google/gemma-3-4b-it"
         assert s.cosmos_model_name == "nvidia/Cosmos-Predict2-2B-Video2World"
         assert (s.dataset_name, s.streaming, s.num_samples) == ("datacomp", True, None)
-        assert (s.mixed_precision, s.eval_steps, s.save_steps, s.save_total_limit, s.logging_steps) == ("bf16", 5000, 1000, 5, 100)
+        # eval_steps 1000, not the seed's 5000: the plateau rule needs 3 evaluations per window (docs/stages.md#plateau)
+        assert (s.mixed_precision, s.eval_steps, s.save_steps, s.save_total_limit, s.logging_steps) == ("bf16", 1000, 1000, 5, 100)
         assert (s.num_epochs, s.weight_decay, s.max_grad_norm, s.max_steps) == (1.0, 0.01, 1.0, None)
         assert s.output_dir == TrainingConfig.model_fields["output_dir"].default  # the flow sets it
 
 
 def test_shipped_plateau_gate_schedule_mlflow():
     pipeline = load_pipeline_config(STAGES_YAML)
-    assert pipeline.plateau == PipelinePlateauConfig(min_improvement=0.01, window_steps=5000, patience_steps=2000, min_steps=None)
+    # patience 3000 (was the guide's 2000): 3 evaluations at eval_steps 1000, as the rule needs
+    assert pipeline.plateau == PipelinePlateauConfig(min_improvement=0.01, window_steps=5000, patience_steps=3000, min_steps=None)
     plateaus = [s.plateau for s in pipeline.resolved_stages()]
-    assert [(p.min_improvement, p.window_steps, p.patience_steps) for p in plateaus] == [(0.01, 5000, 2000)] * 4
+    assert [(p.min_improvement, p.window_steps, p.patience_steps) for p in plateaus] == [(0.01, 5000, 3000)] * 4
     assert [p.min_steps for p in plateaus] == [10000, 5000, 5000, 5000]  # the guide: 10K for stage 1, 5K after
     assert pipeline.gate == GateConfig()
     assert pipeline.gate.model_dump() == {
@@ -113,7 +115,7 @@ def test_shipped_tiny_profile():
         assert (s.batch_size, s.gradient_accumulation_steps, s.max_steps, s.warmup_steps) == (8, 1, 150, 10)
         assert (s.eval_steps, s.save_steps, s.logging_steps, s.eval_max_samples) == (10, 25, 5, 40)
         assert s.mixed_precision == "no" and s.divergence_grad_norm is None
-        assert s.plateau.model_dump() == {"min_improvement": 0.01, "window_steps": 30, "patience_steps": 20, "min_steps": 40}
+        assert s.plateau.model_dump() == {"min_improvement": 0.01, "window_steps": 30, "patience_steps": 30, "min_steps": 40}
     # the freeze flags are the base file's
     base = load_pipeline_config(STAGES_YAML)
     assert [s.freeze_flags for s in stages] == [s.freeze_flags for s in base.resolved_stages()]

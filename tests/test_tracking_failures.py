@@ -5,7 +5,7 @@ Each test reproduces one fault an operator measured, on the tiny models and a re
 
 3. a kill after `final/` lands, before its upload: the rerun completes the run;
 4. the tracking server dies mid-stage: training ends without waiting on it, the result says the
-   tracking is incomplete (exit status 3), records wait in the output folder's outbox and reach the
+   tracking is incomplete (exit status 4), records wait in the output folder's outbox and reach the
    run when the server is back (in the same run, or on the rerun);
 5. `theworld run`s started together on a fresh SQLite store all start; runs left RUNNING by a dead
    process are ended KILLED by the next pipeline run of the same config, a live process's are not;
@@ -156,7 +156,7 @@ def test_server_back_within_the_stage_gets_every_record(tiny_paths, tmp_path, ow
 
 def test_server_dead_at_the_end_then_the_rerun_repairs_the_run(tiny_paths, tmp_path, own_mlflow, tracking_to):
     """Down from step 3 to the end: training finishes without sitting in retries, the result says
-    tracking is incomplete and the output is not in MLflow (exit status 3), the records wait in the
+    tracking is incomplete and the output is not in MLflow (exit status 4), the records wait in the
     output folder. After a server restart, `theworld train` again exits 0 and the same run holds
     every train/loss point, the stage output and tracking_status complete."""
     from theworld_core.training.launch import train_stage
@@ -171,7 +171,7 @@ def test_server_dead_at_the_end_then_the_rerun_repairs_the_run(tiny_paths, tmp_p
     assert result.status == "completed" and Path(result.stage_output, "model.safetensors").is_file()
     # MLflow's default retries kept the operator's process busy for over 6 minutes.
     assert after_kill < 120, f"the stage waited {after_kill:.0f} s on a dead tracking server"
-    assert result.exit_status == 3 and not result.stage_output_logged
+    assert result.exit_status == 4 and not result.stage_output_logged
     assert result.tracking_incomplete and "tracking-outbox.jsonl" in result.tracking_incomplete
     outbox = tmp_path / "stage" / "tracking-outbox.jsonl"
     assert outbox.is_file()

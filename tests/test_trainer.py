@@ -480,7 +480,8 @@ def test_exploding_gradient_gives_diverged_result(tiny_paths, tmp_path):
 def test_plateau_ends_the_stage_early(tiny_paths, tmp_path):
     cfg = small_cfg(
         tiny_paths, tmp_path / "stage", max_steps=200, eval_steps=5, save_steps=50,
-        plateau_min_steps=10, plateau_window_steps=10, plateau_patience_steps=10, plateau_min_improvement=0.5,
+        # window and patience 15 = 3 evaluations at eval_steps 5, as the plateau rule needs (docs/stages.md#plateau)
+        plateau_min_steps=10, plateau_window_steps=15, plateau_patience_steps=15, plateau_min_improvement=0.5,
     )
     result = train_stage(cfg)
     assert result.status == "plateaued", result.reason

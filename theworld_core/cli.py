@@ -62,8 +62,15 @@ def _cmd_train(args) -> int:
     cfg = load_stage_config(args.config)
     if args.num_processes is not None:
         cfg = cfg.with_changes(num_processes=args.num_processes)
-    result = train_stage(cfg, accelerate_config=args.accelerate_config, fresh=args.fresh,
-                         mlflow_run_id=args.mlflow_run_id, global_step_offset=args.global_step_offset)
+    from theworld_core.model.stage_output import DiskFullError
+    from theworld_core.tracking.hub_push import EXIT_HUB_PUSH_FAILED, HUB_EVIDENCE_KEY, push_failure
+
+    try:
+        result = train_stage(cfg, accelerate_config=args.accelerate_config, fresh=args.fresh,
+                             mlflow_run_id=args.mlflow_run_id, global_step_offset=args.global_step_offset)
+    except DiskFullError as exc:  # one line, no traceback; the earlier resume states are kept
+        print(f"theworld train: error: {exc}", file=sys.stderr)
+        return 1
     if int(__import__("os").environ.get("RANK", "0")) != 0:
         return 0  # rank 0 reports
     if args.result_file:  # launched by run_distributed: the parent process reports
@@ -72,7 +79,13 @@ def _cmd_train(args) -> int:
     print(json.dumps(result.to_dict(), indent=2) if args.json else
           f"{result.status}: {result.reason}\nstage output: {result.stage_output}\nMLflow run: {result.mlflow_run_id}"
           + (f"\ntracking incomplete: {result.tracking_incomplete}" if result.tracking_incomplete else ""))
-    return result.exit_status
+    if result.exit_status:  # failed (1), or trained but its output not in MLflow (4)
+        return result.exit_status
+    failure = push_failure(result.evidence.get(HUB_EVIDENCE_KEY))
+    if failure:  # trained and saved, but not on the hub: not a silent success
+        print(f"theworld train: error: {failure}", file=sys.stderr)
+        return EXIT_HUB_PUSH_FAILED
+    return 0
 
 
 # --- version and profile names (help texts) --------------------------------------------------------
@@ -172,7 +185,11 @@ def build_parser(extend: Callable | None = None, argv: Sequence[str] = ()) -> ar
                       help="tokens per sample for the activations (default: a typical sample, 400 on Gemma 3 4B; "
                       "max: the model's max_seq_length)")
     plan.set_defaults(func=_cmd_plan)
-    train = sub.add_parser("train", help="train one stage from a stage JSON file (e.g. configs/seed/*.json)")
+    train = sub.add_parser("train", help="train one stage from a stage JSON file (e.g. configs/seed/*.json)",
+                           epilog="exit status: 0 trained (completed or plateaued); 1 diverged, out of memory or out of "
+                                  "disk space; 2 bad input; 3 trained, but the stage output did not reach the hub "
+                                  "(push_to_hub); 4 trained, but the stage output did not reach its MLflow run "
+                                  "(rerun once the tracking server is back)")
     train.add_argument("--config", required=True, help="stage config JSON (// comments and _comment keys allowed)")
     train.add_argument("--fresh", action="store_true",
                        help="ignore resume states in output_dir and start the stage afresh (default: continue the newest)")

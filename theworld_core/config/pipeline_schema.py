@@ -8,7 +8,8 @@
 A stage of the pipeline is built from layers, later ones winning:
     model section + data section + defaults + plateau section (as the flat plateau_* keys)
     + the stage's own keys (+ its name)
-and validated as one `StageConfig`. Each problem names the key path where the bad value was written.
+and validated as one `StageConfig`. Each problem names the key path where the bad value was written;
+a cadence that cannot feed the plateau rule is warned about the same way (`PlateauCadenceWarning`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import warnings
 import zoneinfo
 from collections.abc import Callable, Mapping
 from typing import Any, Literal
@@ -35,6 +37,7 @@ from theworld_core.config.errors import (
     suggest_key,
     unknown_key_problem,
 )
+from theworld_core.config.stage_file import PlateauCadenceWarning, cadence_lines
 from theworld_core.config.stage_schema import (
     DEFAULT_MLFLOW_EXPERIMENT,
     DataConfig,
@@ -359,10 +362,12 @@ def _check_stages(
     problems: list[str],
     *,
     stages_given: bool = True,
+    cadence: list[str] | None = None,
 ) -> tuple[list[StageConfig], dict[str, Any], list[dict[str, Any]]]:
     """Check `defaults` and `stages` and resolve every stage. Sections that failed their own
     validation are passed as None and left out of the layering (their problems are already listed).
-    Returns the resolved stages (only when all resolved) and the cleaned defaults and stage entries."""
+    Returns the resolved stages (only when all resolved) and the cleaned defaults and stage entries;
+    `cadence` (when given) receives the plateau cadence warnings (`stage_file.cadence_lines`)."""
     model, data, plateau = model or {}, data or {}, plateau or {}
     clean_defaults: dict[str, Any] = {}
     if defaults is None:
@@ -393,6 +398,7 @@ def _check_stages(
         return [], clean_defaults, []
 
     resolved: list[StageConfig] = []
+    placed: list[tuple[StageConfig, dict[str, tuple[Any, ...]], int]] = []  # with where each key was written
     clean_stages: list[dict[str, Any]] = []
     first_with_name: dict[str, int] = {}
     ok = True
@@ -426,6 +432,7 @@ def _check_stages(
         merged, origin = _stage_layers(model, data, clean_defaults, plateau, own, index)
         try:
             resolved.append(StageConfig.model_validate(merged))
+            placed.append((resolved[-1], origin, index))
         except ValidationError as exc:
             ok = False
             for loc, error in errors_of(exc):
@@ -435,6 +442,8 @@ def _check_stages(
                 if error["type"] == "cross_field" and source[:2] != at:
                     line += f" (in stage {name!r})" if isinstance(name, str) else f" (in stages[{index}])"
                 problems.append(line)
+    if cadence is not None:
+        cadence += cadence_lines(placed, where)
     return (resolved if ok else []), clean_defaults, clean_stages
 
 
@@ -552,6 +561,7 @@ class PipelineConfig(_PipelineSettings):
 def build_pipeline(document: Mapping[str, Any], where: Callable[[tuple[Any, ...]], str]) -> tuple[PipelineConfig | None, list[str]]:
     """Validate a document (profiles already applied); the config, or None and the problems."""
     problems: list[str] = []
+    cadence: list[str] = []
     parts: dict[str, Any] = {}
     for key, cls in _SECTIONS.items():
         parts[key] = _validate_section(cls, document.get(key), (key,), where, problems)
@@ -563,7 +573,7 @@ def build_pipeline(document: Mapping[str, Any], where: Callable[[tuple[Any, ...]
 
     _, defaults, stages = _check_stages(
         layer("model"), layer("data"), document.get("defaults"), layer("plateau"), document.get("stages"), where, problems,
-        stages_given="stages" in document,
+        stages_given="stages" in document, cadence=cadence,
     )
     if settings is not None and parts["gate"] is not None and parts["gate"].metric == "task_accuracy" and settings.eval_task_samples < 1:
         problems.append(
@@ -579,4 +589,6 @@ def build_pipeline(document: Mapping[str, Any], where: Callable[[tuple[Any, ...]
         defaults=defaults,
         stages=stages,
     )
+    for line in cadence:  # a warning, not a problem: see stage_file.plateau_cadence_problems
+        warnings.warn(line, PlateauCadenceWarning, stacklevel=3)
     return config, []

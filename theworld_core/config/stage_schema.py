@@ -193,6 +193,7 @@ PLATEAU_MIN_STEPS_PROJECTION_ONLY = 10000
 """Default `min_steps` of a projection-only stage (docs/stages.md#plateau)."""
 PLATEAU_MIN_STEPS_LATER_STAGES = 5000
 """Default `min_steps` of a stage that unfreezes a pretrained component (docs/stages.md#plateau)."""
+PLATEAU_MIN_EVALUATIONS = 3  # evaluations a plateau rule needs: in its window / since the best (docs/stages.md#plateau)
 
 
 class PlateauConfig(StrictModel):
@@ -204,10 +205,10 @@ class PlateauConfig(StrictModel):
       over the last `window_steps` steps, i.e. `(best_before - best_recent) / |best_before| <
       min_improvement` where `best_before` is the lowest loss evaluated at a step `<= t -
       window_steps` and `best_recent` the lowest loss evaluated in `(t - window_steps, t]`; the
-      window must be covered (an evaluation at or before `t - window_steps` exists), else this rule
-      does not fire; or
-    - **patience rule**: no new best (strictly lower) loss for `patience_steps` steps, i.e.
-      `t - best_step >= patience_steps`.
+      window must be covered (an evaluation at or before `t - window_steps`) and hold 3 evaluations
+      (`PLATEAU_MIN_EVALUATIONS`), else this rule does not fire; or
+    - **patience rule**: no new best (strictly lower) loss for `patience_steps` steps and 3
+      evaluations, i.e. `t - best_step >= patience_steps` with 3 evaluations after `best_step`.
 
     `theworld_core.training.plateau` implements it. The same four keys appear flat in a stage config
     as `plateau_min_improvement`, `plateau_window_steps`, `plateau_patience_steps` and
@@ -222,9 +223,9 @@ class PlateauConfig(StrictModel):
     plateaued (0.01 = 1%). An improvement of exactly this much counts as enough, so 0 switches the
     window rule off."""
     window_steps: PlateauWindowSteps = 5000
-    """Length in optimizer steps of the window the improvement is measured over (docs/stages.md#plateau)."""
-    patience_steps: PlateauPatienceSteps = 2000
-    """Optimizer steps without a new best validation loss after which the stage has plateaued (2K)."""
+    """Length in optimizer steps of the window the improvement is measured over (>= 3 x eval_steps)."""
+    patience_steps: PlateauPatienceSteps = 3000
+    """Optimizer steps without a new best validation loss after which the stage has plateaued (>= 3 x eval_steps)."""
     min_steps: PlateauMinSteps = PLATEAU_MIN_STEPS_PROJECTION_ONLY
     """No plateau verdict before this optimizer step (docs/stages.md#plateau)."""
 
@@ -345,9 +346,8 @@ class TrainingConfig(StrictModel):
 
     # --- evaluation, plateau ------------------------------------------------------------------
     eval_steps: int = Field(1000, ge=1, json_schema_extra=_RESUME_COMPATIBLE)
-    """Evaluate every this many optimizer steps (and at the end of the stage). stages.yaml and
-    the stage JSON files use 5000 (docs/stages.md#steps-and-evaluation); the default is 1000 so that
-    the patience rule (2000 steps) sees more than one evaluation."""
+    """Evaluate every this many optimizer steps (and at the end of the stage); 1000 as in stages.yaml:
+    the plateau rule needs 3 evaluations per window and since the best (docs/stages.md#plateau)."""
     do_eval: bool = True
     """Run evaluation (the plateau rule and the gate need it)."""
     eval_max_samples: int | None = Field(None, ge=1)

@@ -31,6 +31,7 @@ A format 1 manifest (written before these checks, no `files`) is refused: it can
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -66,15 +67,64 @@ class StageOutputError(ValueError):
         self.reason = reason
 
 
-def atomic_directory(target: Path):
-    """A context manager yielding a temporary sibling folder that replaces `target` on success."""
-    return _AtomicDirectory(target)
+class DiskFullError(OSError):
+    """A save ran out of disk space (ENOSPC or quota). The temporary folder is removed and nothing
+    that existed before the save is touched. The message names the folder and the space needed:
+    `no space left on <folder>: <what> needs about N MB ...`."""
+
+    def __init__(self, message: str, path: Path, needed_bytes: int):
+        super().__init__(errno.ENOSPC, message)
+        self.message, self.path, self.needed_bytes = message, Path(path), needed_bytes
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def megabytes(n: int) -> str:
+    """`n` bytes in MB (10^6), rounded up, with one decimal under 10 MB."""
+    return f"{max(n, 0) / 1e6:.1f}" if n < 10_000_000 else f"{-(-n // 1_000_000)}"
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of every tensor in `obj` (nested dicts, lists, tuples): a save's size, give or take headers."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def atomic_directory(target: Path, *, expected_bytes: int | None = None, what: str | None = None,
+                     kept: str = "nothing was replaced"):
+    """A context manager yielding a temporary sibling folder that replaces `target` on success.
+
+    A write that fails for lack of space raises `DiskFullError` saying how much `what` (default:
+    the target's name) needs (`expected_bytes`, else what had been written) and `kept` (what is
+    left as it was). Any other failure propagates; either way the temporary folder is removed."""
+    return _AtomicDirectory(target, expected_bytes, what or target.name, kept)
+
+
+def _out_of_space(exc: BaseException, free_at_failure: int | None, still_needed: int) -> bool:
+    """Whether `exc` comes from a full disk: ENOSPC / EDQUOT anywhere in its chain, or (for writers
+    that hide the errno, such as `torch.save`'s "unexpected pos") less free space left than the rest
+    of the save needed."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return isinstance(exc, (OSError, RuntimeError)) and free_at_failure is not None and free_at_failure < max(still_needed, 1 << 20)
 
 
 class _AtomicDirectory:
-    def __init__(self, target: Path):
+    def __init__(self, target: Path, expected_bytes: int | None, what: str, kept: str):
         self.target = target
         self.tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.expected_bytes, self.what, self.kept = expected_bytes, what, kept
 
     def __enter__(self) -> Path:
         self.target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,12 +133,16 @@ class _AtomicDirectory:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
+            self._fail(exc)
             return
-        for child in self.tmp.iterdir():  # data reaches the disk before the rename makes it visible
-            if child.is_file():
-                with open(child, "rb") as f:
-                    os.fsync(f.fileno())
+        try:
+            for child in self.tmp.iterdir():  # data reaches the disk before the rename makes it visible
+                if child.is_file():
+                    with open(child, "rb") as f:
+                        os.fsync(f.fileno())
+        except OSError as error:
+            self._fail(error)
+            raise
         old = None
         if self.target.exists():
             old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
@@ -96,6 +150,25 @@ class _AtomicDirectory:
         os.replace(self.tmp, self.target)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+    def _fail(self, exc: BaseException) -> None:
+        """Remove the temporary folder; raise `DiskFullError` (from `exc`) when the disk is full."""
+        written = sum(p.stat().st_size for p in self.tmp.rglob("*") if p.is_file()) if self.tmp.is_dir() else 0
+        try:
+            free = shutil.disk_usage(self.tmp.parent).free
+        except OSError:
+            free = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        needed = max(self.expected_bytes or 0, written)
+        if not _out_of_space(exc, free, needed - written):
+            return
+        free_after = shutil.disk_usage(self.tmp.parent).free
+        raise DiskFullError(
+            f"no space left on {self.target.parent}: {self.what} needs about {megabytes(needed)} MB and "
+            f"{megabytes(free_after)} MB are free; {self.kept}. Free some space (or point output_dir at a larger "
+            "disk) and run again",
+            self.target.parent, needed,
+        ) from exc
 
 
 # ============================================================================== checksums
@@ -221,10 +294,14 @@ def build_manifest(model, tensors: dict[str, torch.Tensor], stage_config: dict |
 
 
 def save_stage_output(model, directory: Path, stage_config: dict | None = None) -> Path:
-    """Atomically write the stage output of `model` to `directory` (replacing an older one)."""
+    """Atomically write the stage output of `model` to `directory` (replacing an older one);
+    `DiskFullError` when the disk is full (an older stage output there is kept)."""
     tensors = stage_output_tensors(model)
     manifest = build_manifest(model, tensors, stage_config)
-    with atomic_directory(Path(directory)) as tmp:
+    directory = Path(directory)
+    kept = f"the stage output already in {directory.name}/ is kept" if directory.exists() else "nothing was replaced"
+    with atomic_directory(directory, expected_bytes=tensor_bytes(tensors), what=f"the stage output {directory.name}/",
+                          kept=kept) as tmp:
         save_weights(tensors, tmp / WEIGHTS_FILE, manifest)
         write_manifest(tmp, manifest)
     return Path(directory)

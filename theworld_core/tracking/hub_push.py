@@ -20,6 +20,11 @@ docs/checkpoints.md#where-stage-outputs-go. Here:
 - Failures (network, permissions, a hub error) are caught, logged as warnings and counted in
   `report()`; they never raise into the caller. `close(timeout)` returns after at most `timeout`
   seconds even when an upload hangs (the thread is a daemon and is abandoned).
+- `push_failure(report)`: one line when the pushes left the hub without this stage's output (the
+  final push was asked for and did not land, or every push failed), else None. The trainer puts
+  the report in `StageResult.evidence["hub_push"]` and appends that line to the result's reason;
+  `theworld train` then exits with `EXIT_HUB_PUSH_FAILED` (3). The status stays `completed` /
+  `plateaued`: the stage output on disk and in MLflow is good, so the gate and the next stage use it.
 
 The token is read when an upload starts (`token_getter`, by default HF_TOKEN or the file named by
 HF_TOKEN_PATH) and handed only to `HfApi`. Every message this module logs or reports, and the
@@ -64,6 +69,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TOKEN_SHAPED = re.compile(r"\bhf_[A-Za-z0-9]{30,}")  # HF user tokens: hf_ + 34 letters/digits
 _SECRET_ENV_NAME = re.compile(r"TOKEN|SECRET|PASSW(OR)?D|API_?KEY|ACCESS_?KEY|PRIVATE_?KEY|CREDENTIAL", re.IGNORECASE)
 REDACTED = "***"
+HUB_EVIDENCE_KEY = "hub_push"
+"""Key of the pusher's report in `StageResult.evidence`."""
+EXIT_HUB_PUSH_FAILED = 3
+"""`theworld train`'s exit status when the stage trained but its output did not reach the hub."""
 
 
 # ============================================================================== secrets
@@ -278,6 +287,7 @@ class _Stats:
     last_commit: str | None = None
     last_step: int | None = None
     pushed_final: bool = False
+    final_requested: bool = False
 
 
 class HubPusher:
@@ -313,6 +323,7 @@ class HubPusher:
         self._thread: threading.Thread | None = None
         self._repo_created = False
         self._stats = _Stats()
+        self._timed_out = False  # a close() gave up on an upload
 
     # ------------------------------------------------------------------ public
 
@@ -330,6 +341,8 @@ class HubPusher:
     def on_end(self, folder: str | Path, card_info: Mapping[str, Any] | None = None) -> bool:
         """Queue the push of the final stage output `folder` (both strategies); waiting saves are dropped."""
         info = dict(card_info or {})
+        with self._cond:
+            self._stats.final_requested = True
         step = info.get("step")
         status = info.get("status")
         message = f"{self._stage_label(folder, info)}: final stage output" + (f" at step {step}" if step is not None else "")
@@ -352,6 +365,7 @@ class HubPusher:
                     break
                 self._cond.wait(left)
             timed_out = bool(self._pending or self._current is not None)
+            self._timed_out = self._timed_out or timed_out
             if timed_out:
                 self._cancelled = True
                 dropped, self._pending = self._pending, []
@@ -361,7 +375,6 @@ class HubPusher:
         for job in dropped:
             shutil.rmtree(job.staged, ignore_errors=True)
         report = self.report()
-        report["timed_out"] = timed_out
         if timed_out:
             report["pending"] = len(dropped) + (1 if report["in_progress"] else 0)
             log.warning(
@@ -384,6 +397,8 @@ class HubPusher:
                 "last_step": s.last_step,
                 "last_commit": s.last_commit,
                 "pushed_final": s.pushed_final,
+                "final_requested": s.final_requested,
+                "timed_out": self._timed_out,
                 "last_error": s.last_error,
             }
 
@@ -516,6 +531,26 @@ class HubPusher:
             self._stats.last_error = text
             failed = self._stats.failed
         log.warning("hub: push to %s failed (%d failed so far): %s", self.repo_id, failed, text)
+
+
+def push_failure(report: Mapping[str, Any] | None) -> str | None:
+    """One line when a stage's pushes (its pusher's `report()`) left the hub without the stage's
+    output, else None: the final push was asked for and did not land, or no push landed at all."""
+    if not report:
+        return None
+    failed, done = report.get("uploads_failed") or 0, report.get("uploads_done") or 0
+    if report.get("final_requested") and not report.get("pushed_final"):
+        what = "the final stage output did not reach it"
+    elif failed and not done:
+        what = "every push failed"
+    else:
+        return None
+    why = [f"{failed} of {failed + done} upload(s) failed"]
+    if report.get("timed_out"):
+        why.append("an upload was still running when the stage ended and was abandoned")
+    if report.get("last_error"):
+        why.append(f"last error: {' '.join(str(report['last_error']).split())[:300]}")
+    return f"hub push to {report.get('repo_id')} failed: {what} ({'; '.join(why)})"
 
 
 def pusher_for(cfg: Any, stage_name: str | None = None, **kwargs: Any) -> HubPusher | None:

@@ -20,6 +20,10 @@ trainer_state.json parses). A state that does not is moved aside, never deleted,
 warning naming it and why; the one before it is used. Moved-aside folders no longer match
 `checkpoint-{step}`, so `save_total_limit` neither counts nor deletes them. `load_trainer_state` and
 `load_torch` verify the file they read and raise a `ResumeStateError` naming it.
+
+A save that runs out of disk space raises `DiskFullError` ("no space left on <output_dir>:
+checkpoint-{step} needs about N MB ..."); the earlier resume states are kept (none is deleted
+before the new one is in place), so the stage resumes from the newest once there is space.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from theworld_core.model.stage_output import (
     read_manifest,
     save_weights,
     stage_output_tensors,
+    tensor_bytes,
     verify_files,
     verify_stage_output,
     write_manifest,
@@ -116,11 +121,15 @@ def save_resume_state(
     stage_config: dict,
     save_total_limit: int | None,
 ) -> Path:
-    """Atomically write `checkpoint-{step}` and delete the oldest beyond `save_total_limit`."""
+    """Atomically write `checkpoint-{step}` and delete the oldest beyond `save_total_limit`.
+    `DiskFullError` when the disk is full (every earlier resume state is kept)."""
     target = Path(output_dir) / f"checkpoint-{trainer_state.step}"
     tensors = stage_output_tensors(model)
     manifest = build_manifest(model, tensors, stage_config)
-    with atomic_directory(target) as tmp:
+    earlier = list_resume_states(output_dir)
+    kept = f"the earlier resume states are kept (newest: {earlier[-1].name})" if earlier else "no earlier resume state exists"
+    size = tensor_bytes(tensors) + tensor_bytes(optimizer_state) + tensor_bytes(capture_rng()) + (1 << 16)
+    with atomic_directory(target, expected_bytes=size, what=f"resume state {target.name}", kept=kept) as tmp:
         save_weights(tensors, tmp / WEIGHTS_FILE, manifest)
         torch.save(optimizer_state, tmp / OPTIMIZER_FILE)
         torch.save(scheduler_state, tmp / SCHEDULER_FILE)

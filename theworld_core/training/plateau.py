@@ -1,25 +1,38 @@
 """The plateau rule (docs/stages.md#plateau), as a pure function and a tracker.
 
 Input: the stage's evaluation history, `(step, eval_loss)` points with strictly increasing
-optimizer steps. With `t` the latest step and `rule` a `PlateauConfig`, the stage has plateaued when
-`t >= rule.min_steps` and at least one of:
+optimizer steps. With `t` the latest step, `rule` a `PlateauConfig` and `N = MIN_EVALUATIONS` (3),
+the stage has plateaued when `t >= rule.min_steps` and at least one of:
 
 - **window rule**: `improvement < rule.min_improvement`, where
   `improvement = (best_before - best_recent) / |best_before|`,
   `best_before` = the lowest loss evaluated at a step `<= t - window_steps` (the best the stage had
   reached when the window opened) and `best_recent` = the lowest loss evaluated at a step in
-  `(t - window_steps, t]`. The window must be covered: without a (finite) evaluation at or before
-  `t - window_steps` this rule does not fire. Computed in float64; an improvement of exactly
-  `min_improvement` is enough (no plateau). Using the best value rather than the single loss at the
-  window start means a noisy spike at the window start cannot fake an improvement.
-- **patience rule**: `t - best_step >= rule.patience_steps`, where `best_step` is the step of the
-  first evaluation that reached the lowest loss so far (a new best must be strictly lower).
+  `(t - window_steps, t]`; and the window holds at least `N` evaluations (steps in
+  `(t - window_steps, t]`, `t` included). The window must be covered: without a (finite)
+  evaluation at or before `t - window_steps` this rule does not fire. Computed in float64; an
+  improvement of exactly `min_improvement` is enough (no plateau). Using the best value rather than
+  the single loss at the window start means a noisy spike at the window start cannot fake an
+  improvement, and taking the best of at least `N` evaluations means one noisy evaluation at the
+  window's end cannot fake a stall.
+- **patience rule**: `t - best_step >= rule.patience_steps` and at least `N` evaluations after the
+  best (steps in `(best_step, t]`, none of them a new best), where `best_step` is the step of the
+  first evaluation that reached the lowest loss so far (a new best must be strictly lower). One
+  evaluation that is not a new best is noise, not a verdict: the rule waits for `N` of them in a
+  row, so with evaluations every `eval_steps` the patience acts as
+  `max(patience_steps, N * eval_steps)`.
+
+A rule whose numbers say "plateau" but which lacks evaluations does not fire; when that is all that
+keeps the stage going, the verdict's code is `too_few_evaluations` and its reason says how many
+evaluations there were. The config checks (`TrainingConfig.plateau_cadence_problems`) warn about a
+cadence that cannot feed the rule: `window_steps < N * eval_steps` (the window rule never fires) or
+`patience_steps < N * eval_steps` (the patience is longer than written).
 
 Non-finite losses (NaN, +-inf) are never a best and never an improvement: they still count as
-evaluations (they advance `t` and cover the window) but are skipped when taking minima. A window
-with no finite loss therefore shows no improvement (the window rule fires, `improvement` is None),
-and a history with no finite loss at all counts patience from its first evaluation. Detecting
-divergence is the trainer's job, not this rule's.
+evaluations (they advance `t`, cover the window and count towards `N`) but are skipped when taking
+minima. A window with no finite loss therefore shows no improvement (the window rule fires when it
+holds `N` evaluations, `improvement` is None), and a history with no finite loss at all counts
+patience from its first evaluation. Detecting divergence is the trainer's job, not this rule's.
 
 Both rules are invariant to multiplying every loss by the same positive constant (exactly so for
 powers of two, which do not change float rounding).
@@ -36,10 +49,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from theworld_core.config import PlateauConfig
+from theworld_core.config.stage_schema import PLATEAU_MIN_EVALUATIONS
 
 STATE_VERSION = 1
 
-# Verdict codes. Not plateaued: no_history, before_min_steps, window_not_covered, improving, max_steps.
+MIN_EVALUATIONS = PLATEAU_MIN_EVALUATIONS
+"""Evaluations a rule needs before it may fire: in the window (window rule), after the best
+(patience rule)."""
+
+# Verdict codes. Not plateaued: no_history, before_min_steps, window_not_covered, improving,
+# too_few_evaluations, max_steps.
 PLATEAU_CODES = ("window", "patience", "window_and_patience")
 
 
@@ -61,7 +80,8 @@ class PlateauVerdict:
     """Relative improvement of the best loss over the window; None when the window is not covered,
     is before `min_steps` and not computable, or holds no finite loss."""
     code: str
-    """`no_history`, `before_min_steps`, `window_not_covered`, `improving`, `window`, `patience`,
+    """`no_history`, `before_min_steps`, `window_not_covered`, `improving`, `too_few_evaluations`
+    (a rule's numbers say plateau but it lacks evaluations), `window`, `patience`,
     `window_and_patience` or `max_steps`."""
     stop: bool
     """The stage should end now: `plateaued`, or `max_steps` was given and reached."""
@@ -80,6 +100,11 @@ class PlateauVerdict:
     patience_steps: int
     min_steps: int
     max_steps: int | None = None
+    window_evaluations: int | None = None
+    """Evaluations in `(window_start_step, step]` (the window rule needs `min_evaluations`)."""
+    evaluations_since_best: int | None = None
+    """Evaluations after `best_step` (after the first evaluation when no loss is finite)."""
+    min_evaluations: int = MIN_EVALUATIONS
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-safe dict (non-finite floats as the strings `nan`, `inf`, `-inf`)."""
@@ -139,10 +164,13 @@ def plateau_verdict(
     for step, loss in points:
         if math.isfinite(loss) and (best_loss is None or loss < best_loss):
             best_loss, best_step = loss, step
-    since = t - (best_step if best_step is not None else points[0][0])
+    anchor = best_step if best_step is not None else points[0][0]
+    since = t - anchor
+    since_count = sum(1 for step, _ in points if step > anchor)
     best_text = f"best {_fmt(best_loss)} at step {best_step}" if best_step is not None else "no finite eval loss yet"
 
     window_start = t - rule.window_steps
+    window_count = sum(1 for step, _ in points if step > window_start)
     before = [loss for step, loss in points if step <= window_start and math.isfinite(loss)]
     recent = [loss for step, loss in points if step > window_start and math.isfinite(loss)]
     reference = min(before) if before else None
@@ -159,7 +187,9 @@ def plateau_verdict(
     max_reached = max_steps is not None and t >= max_steps
     common = dict(
         step=t, best_loss=best_loss, best_step=best_step, eval_loss=last_loss, steps_since_best=since,
-        window_start_step=window_start, window_reference_loss=reference, window_best_loss=window_best, **numbers,
+        window_start_step=window_start, window_reference_loss=reference, window_best_loss=window_best,
+        window_evaluations=window_count, evaluations_since_best=since_count, min_evaluations=MIN_EVALUATIONS,
+        **numbers,
     )
 
     if t < rule.min_steps:
@@ -170,8 +200,11 @@ def plateau_verdict(
             code = "max_steps"
         return PlateauVerdict(plateaued=False, reason=reason, improvement=improvement, code=code, stop=max_reached, **common)
 
-    window_fired = covered and (improvement is None or improvement < rule.min_improvement)
-    patience_fired = since >= rule.patience_steps
+    # What each rule's numbers say, and whether it has the evaluations to say it.
+    window_stalled = covered and (improvement is None or improvement < rule.min_improvement)
+    patience_ran_out = since >= rule.patience_steps
+    window_fired = window_stalled and window_count >= MIN_EVALUATIONS
+    patience_fired = patience_ran_out and since_count >= MIN_EVALUATIONS
 
     if covered and improvement is None:
         window_text = f"no finite eval loss in the last {rule.window_steps} steps (reference {_fmt(reference)})"
@@ -185,7 +218,11 @@ def plateau_verdict(
             f"window of {rule.window_steps} steps not covered (first evaluation at step {points[0][0]}, "
             f"needs one at or before step {window_start})"
         )
+    if window_stalled and not window_fired:
+        window_text += f", but only {_evaluations(window_count)} in the window (the rule needs {MIN_EVALUATIONS})"
     patience_text = f"no new best for {since} steps ({best_text}, patience {rule.patience_steps})"
+    if patience_ran_out and not patience_fired:
+        patience_text += f", but only {_evaluations(since_count)} since the best (the rule needs {MIN_EVALUATIONS})"
 
     if window_fired and patience_fired:
         code, reason = "window_and_patience", f"plateau: {window_text}; {patience_text}"
@@ -194,7 +231,10 @@ def plateau_verdict(
     elif patience_fired:
         code, reason = "patience", f"plateau: {patience_text}"
     else:
-        code = "improving" if covered else "window_not_covered"
+        if window_stalled or patience_ran_out:
+            code = "too_few_evaluations"
+        else:
+            code = "improving" if covered else "window_not_covered"
         reason = f"no plateau: {window_text}; {patience_text}"
     plateaued = window_fired or patience_fired
     if max_reached:
@@ -205,6 +245,10 @@ def plateau_verdict(
     return PlateauVerdict(
         plateaued=plateaued, reason=reason, improvement=improvement, code=code, stop=plateaued or max_reached, **common
     )
+
+
+def _evaluations(count: int) -> str:
+    return f"{count} evaluation" + ("" if count == 1 else "s")
 
 
 class PlateauTracker:

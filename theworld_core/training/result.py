@@ -27,6 +27,10 @@ def changed_training_keys(before: dict[str, Any], now: dict[str, Any]) -> list[s
             if k not in RESUME_COMPATIBLE_KEYS and before.get(k) != now.get(k)]
 
 
+EXIT_NOT_IN_MLFLOW = 4
+"""`theworld train`'s exit status when the stage ended well but its output did not reach its MLflow run."""
+
+
 @dataclass(frozen=True)
 class StageResult:
     """What a stage run ended with: small, JSON-serialisable, no tensors."""
@@ -58,9 +62,10 @@ class StageResult:
 
     @property
     def exit_status(self) -> int:
-        """`theworld train`'s exit status: 0 the stage ended well and its output is in MLflow; 1 it
-        failed (diverged, oom); 3 it ended well but its output could not be logged to MLflow (it is
-        in `stage_output`; rerun the same command once the tracking server is back)."""
+        """`theworld train`'s exit status as far as training and tracking go: 0 the stage ended well
+        and its output is in MLflow; 1 it failed (diverged, oom, disk full); EXIT_NOT_IN_MLFLOW (4) it
+        ended well but its output could not be logged to MLflow (it is in `stage_output`; rerun the
+        same command once the tracking server is back)."""
         if self.status not in ("completed", "plateaued"):
             return 1
-        return 0 if self.stage_output_logged else 3
+        return 0 if self.stage_output_logged else EXIT_NOT_IN_MLFLOW

@@ -44,6 +44,7 @@ from theworld_core.model.stage_output import (
     save_stage_output,
 )
 from theworld_core.model.theworld import TheWorld
+from theworld_core.tracking.hub_push import HUB_EVIDENCE_KEY, push_failure
 from theworld_core.tracking.stage_logger import (
     NullStageLogger,
     StageLogger,
@@ -500,6 +501,13 @@ class StageTrainer:
         if tracking is not None:
             result = replace(result, tracking_incomplete=tracking.issue,
                              stage_output_logged=final is not None and not tracking.stage_output_missing)
+        hub = getattr(self.logger, "hub", None)  # rank 0 with push_to_hub: the pushes are done (or abandoned)
+        if hub is not None:
+            report = hub.report()
+            failure = push_failure(report)
+            # The status stays: the stage output is good, so the gate and the next stage use it.
+            result = replace(result, evidence={**result.evidence, HUB_EVIDENCE_KEY: report},
+                             reason=f"{result.reason}; {failure}" if failure else result.reason)
         return result
 
 
