@@ -6,7 +6,7 @@ server cannot be reached the records wait on disk and the thread retries (every 
 to 30 s), so they arrive when the server returns. What is still undelivered when the stage ends
 stays in the file and is sent by the next run in that output folder (`theworld train` again, or
 the pipeline's rerun), to the runs the records name. `tracking-outbox.sent` holds the number of the
-last record delivered; both files are removed once everything is delivered.
+last record delivered; both files are removed whenever everything is delivered.
 
 A record MLflow refuses (HTTP 4xx: a changed param, a deleted run, a stage output folder that is
 gone) is dropped and named in the report; any other failure (connection refused, timeout, 5xx) is
@@ -31,8 +31,6 @@ OUTBOX_FILE = "tracking-outbox.jsonl"
 SENT_FILE = "tracking-outbox.sent"
 RETRY_FIRST_S = 2.0
 RETRY_MAX_S = 30.0
-COMPACT_BYTES = 1 << 20
-"""Once everything is delivered and the file is larger than this, it is emptied."""
 MAX_METRICS_PER_CALL = 1000  # MLflow's log_batch limit
 
 
@@ -243,7 +241,7 @@ class TrackingOutbox:
         tmp = self.sent_path.with_suffix(".sent.tmp")
         tmp.write_text(str(last))
         os.replace(tmp, self.sent_path)
-        if not self._queue and self.path.exists() and self.path.stat().st_size > COMPACT_BYTES:
+        if not self._queue:  # all delivered: the file would only hold history (and take disk space)
             self._remove_files()
         self._cond.notify_all()
 
