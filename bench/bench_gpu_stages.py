@@ -33,7 +33,7 @@ accumulation, gradient checkpointing, optimizer, mixed precision; `--batch`, `--
 - The step: the trainer's. An Accelerator built as `StageTrainer.setup` builds it (the policy's
   mixed precision, the stage's accumulation), model and optimizer through `accelerator.prepare`,
   `build_optimizer` (its groups and AdamW; `adamw_8bit` once it takes an `optimizer` argument),
-  `gradient_checkpointing_enable(use_reentrant=False)` as the trainer calls it; per micro-batch
+  `activation_checkpointing_enable(use_reentrant=False)` as the trainer calls it; per micro-batch
   `with accelerator.accumulate(model)`: `TheWorld.forward(**batch)` (the answer-token loss) and
   `accelerator.backward`; then `accelerator.clip_grad_norm_` at 1.0, `optimizer.step()`,
   `zero_grad(set_to_none=True)`. Not timed: the trainer's logging, evaluation and saving.
@@ -513,7 +513,7 @@ def run_stage(stage: str, sources: Sources, inputs: BenchInputs, layout: Layout,
     if checkpointing:
         with warnings.catch_warnings():  # transformers 5 renames it; the call is the trainer's
             warnings.simplefilter("ignore", FutureWarning)
-            model.gemma.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.gemma.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     progress["phase"] = "optimizer"
     optimizer = _optimizer(model, recipe, args)
     acc = Accelerator(mixed_precision=policy.effective, gradient_accumulation_steps=accum, cpu=not on_gpu)

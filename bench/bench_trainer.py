@@ -102,11 +102,10 @@ class BareLoop:
 
     def __init__(self, cfg: StageConfig):
         from accelerate.utils import set_seed
-        from transformers import get_scheduler
 
         from theworld_core.data import prepare_data
         from theworld_core.model.theworld import TheWorld
-        from theworld_core.training.optim import build_optimizer
+        from theworld_core.training.optim import build_optimizer, build_schedule
 
         self.cfg = cfg
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -116,8 +115,7 @@ class BareLoop:
         self.model.set_trainable(trainable_components(cfg.freeze_flags))
         self.model.to(self.device).train()
         self.optimizer, _ = build_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, cfg.component_learning_rates)
-        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
-                                       num_training_steps=cfg.max_steps)
+        self.scheduler = build_schedule(cfg.lr_scheduler, self.optimizer, cfg.warmup_steps, cfg.max_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.epoch = 0
         self.batches = self._epoch_batches()

@@ -11,10 +11,12 @@ from theworld_core import cli as core_cli
 
 
 def _prefect_env() -> None:
-    """Local defaults for Prefect before it is imported: state under the project folder, no telemetry.
+    """Local defaults for Prefect before it is imported: state under the project folder, no telemetry,
+    the library's log lines (`theworld.*`: the trainer's) in the flow run's logs in the Prefect UI
+    (outside a flow run they go to the console only).
 
-    `PREFECT_API_URL`, when set, wins (a real server); otherwise the flow starts Prefect's
-    ephemeral API on SQLite in PREFECT_HOME.
+    `PREFECT_API_URL`, when set, wins (a real server); otherwise `theworld run` starts a temporary
+    API server on SQLite in PREFECT_HOME (flows/temporary_server.py).
     """
     from theworld_core.tracking.mlflow_runs import project_dir
 
@@ -23,6 +25,54 @@ def _prefect_env() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "theworld")
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+
+
+def _name_lines_by_run() -> None:
+    """Console lines of the library's loggers (the trainer's) logged inside a Prefect task run carry
+    its name (`train-projection`), as Prefect's own lines do (theworld_core/logs.py prints it)."""
+    import logging
+
+    from prefect.context import TaskRunContext
+
+    from theworld_core.logs import ConsoleHandler
+
+    def add_task_run_name(record: logging.LogRecord) -> bool:
+        if not hasattr(record, "task_run_name"):
+            context = TaskRunContext.get()
+            if context is not None and context.task_run is not None:
+                record.task_run_name = context.task_run.name
+        return True
+
+    for handler in logging.getLogger().handlers:
+        if isinstance(handler, ConsoleHandler):
+            handler.addFilter(add_task_run_name)
+
+
+def _open_mlflow_store() -> None:
+    """The new-data check's first MLflow call: on a new local store it creates the database (about
+    10 s of migrations on 2 cores)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if mlflow.get_tracking_uri().startswith("sqlite:"):  # a server: nothing to create, maybe slow to answer
+        MlflowClient().search_experiments(max_results=1)
+
+
+def _import(*modules: str):
+    import importlib
+
+    return lambda: [importlib.import_module(module) for module in modules]
+
+
+_WARM_UP = (
+    _open_mlflow_store,
+    # what the first stage imports to build the model (2 s idle, 5 s on a busy machine)
+    _import("transformers.models.gemma3.modeling_gemma3", "diffusers.models.autoencoders.autoencoder_kl_wan",
+            "theworld_core.training.trainer", "theworld_core.model.theworld"),
+)
+"""Work a run needs anyway, done while the temporary Prefect server boots (flows/temporary_server.py)."""
 
 
 def _cmd_run(args) -> int:
@@ -30,10 +80,21 @@ def _cmd_run(args) -> int:
 
     load_pipeline_config(args.stages_yaml, profile=args.profile)  # bad files stop here: nothing has started
     _prefect_env()
+    server = None
+    if not os.environ.get("PREFECT_API_URL", "").strip():
+        from flows.temporary_server import TemporaryPrefectServer
+
+        server = TemporaryPrefectServer()
+        server.start()  # boots while the imports below run; stops at exit, after Prefect's last log lines
     from flows.multistage import multistage
+    from theworld_core.model import inputs  # noqa: F401  (torch, datasets: the flow's first task needs them)
     from theworld_core.tracking.mlflow_runs import configure_tracking, ui_command
 
     configure_tracking()
+    _name_lines_by_run()
+    if server is not None:
+        server.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]),
+                          meanwhile=_WARM_UP)
     result = multistage(stages_yaml=str(Path(args.stages_yaml).resolve()), profile=args.profile, force=args.force)
     if result.get("no_new_data"):
         print(f"\n{result['reason']}\nnothing trained (schedule.only_on_new_data); to train regardless: "

@@ -1,10 +1,15 @@
 """The `multistage` flow: train, evaluate, check the plateau and gate, stage after stage.
 
-    prepare data (fingerprint) -> new data? (else: Completed "no new data", nothing trains)
+    prepare data (fingerprint) -> new data? (else: Completed, named "Skipped": nothing trains)
                  -> warm start from the champion? (schedule.warm_start_from_champion)
                  -> for each stage: train -> evaluate -> plateau -> gate
                                      (retry with the gate's changes | next | stop)
                  -> register the champion, log the stage comparison
+
+A forced run (`force=True`, `theworld run --force`) skips the data check and retrains every stage:
+its train and evaluate tasks refresh Prefect's cache instead of reading it, and its stages train
+in a folder of their own (`<output_root>/forced/<flow run>-<id>/`), since the content-keyed stage
+folders hold finished stages the trainer would otherwise reuse.
 
 Deployed as `multistage/full` by `theworld serve` (or `prefect.yaml` on a work pool); the
 deployment's schedule, new-data trigger and concurrency limit come from the config's `schedule`.
@@ -19,9 +24,10 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.runtime import flow_run
 from prefect.states import Completed
 
-from flows import tasks
+from flows import artifacts, tasks
 from theworld_core import pipeline
 from theworld_core.config import load_pipeline_config
+from theworld_core.logs import library_loggers_at_info
 from theworld_core.records import StageRecord, SummaryRow
 from theworld_core.tracking import lineage
 from theworld_core.tracking.mlflow_runs import SYSTEM_METRICS_TAG, project_dir
@@ -35,8 +41,9 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
 
     With `schedule.only_on_new_data` (the default) a run whose data fingerprint equals that of the
     last successful run of the same config completes at once with "no new data"; `force` trains
-    regardless.
+    regardless, and retrains every stage (see the module's docstring).
     """
+    library_loggers_at_info()  # the trainer's lines, also in a flow-run process the CLI did not start
     log = get_run_logger()
     cfg = load_pipeline_config(stages_yaml, profile=profile)
     version = code_version()
@@ -47,8 +54,11 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
                                  only_on_new_data=cfg.schedule.only_on_new_data, force=force)
     log.info(check.reason)
     if not check.new_data:
-        create_markdown_artifact(pipeline.no_new_data_markdown(check), key="no-new-data", description=check.reason)
-        return Completed(message=check.reason, data={
+        links = artifacts.RunLinks(cfg.mlflow.experiment)
+        create_markdown_artifact(artifacts.no_new_data_markdown(pipeline.no_new_data_markdown(check),
+                                                                check.previous_run_id, links),
+                                 key="no-new-data", description=check.reason)
+        return Completed(name="Skipped", message=check.reason, data={
             "no_new_data": True, "reason": check.reason, "data_fingerprint": data.fingerprint,
             "previous_run_id": check.previous_run_id, "parent_run_id": None, "stages": []})
 
@@ -75,8 +85,13 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
          SYSTEM_METRICS_TAG: str(cfg.mlflow.log_system_metrics).lower()},
         {"stages_yaml": stages_yaml, "profile": profile, "stages": ",".join(cfg.stage_names), "force": force,
          "log_system_metrics": cfg.mlflow.log_system_metrics})
+    output_root = cfg.output_root
+    if force:
+        output_root = str(Path(cfg.output_root) / "forced" / f"{flow_run.get_name() or 'local'}-{_short_run_id()}")
+        log.info("forced run: every stage retrains, in %s", output_root)
     try:
-        records, rows, champion, stopped = _train_stages(cfg, stages, data.fingerprint, version, parent, tags)
+        records, rows, champion, stopped = _train_stages(cfg, stages, data.fingerprint, version, parent, tags,
+                                                         output_root=output_root, force=force)
     except BaseException:
         lineage.end_run(parent, "FAILED")
         raise
@@ -84,9 +99,18 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
     summary = tasks.finish(parent, rows, records, champion, champion_run, cfg.mlflow.registered_model,
                            cfg.mlflow.champion_alias, str(project_dir() / "summaries" / parent), tags)
     row_dicts = [row.to_dict() for row in rows]
-    create_table_artifact(row_dicts, key="stage-summary", description="TheWorld multistage: one row per stage attempt")
-    create_markdown_artifact(Path(summary.markdown).read_text(), key="stage-comparison",
-                             description=f"MLflow parent run {parent}")
+    if summary.champion:
+        log.info("champion: %s, registered as models:/%s/%s (alias @%s)", summary.champion,
+                 cfg.mlflow.registered_model, summary.model_version, cfg.mlflow.champion_alias)
+    else:
+        log.info("no champion: no stage succeeded, nothing registered")
+    links = artifacts.RunLinks(cfg.mlflow.experiment)
+    create_table_artifact(artifacts.stage_table(row_dicts, links), key="stage-summary",
+                          description="TheWorld multistage: one row per stage attempt")
+    create_markdown_artifact(
+        artifacts.comparison_markdown(Path(summary.markdown).read_text(), row_dicts, parent, links,
+                                      cfg.mlflow.registered_model, summary.model_version, cfg.mlflow.champion_alias),
+        key="stage-comparison", description=f"MLflow parent run {parent}")
     lineage.end_run(parent)
     return {"no_new_data": False, "parent_run_id": parent, "champion": summary.champion,
             "model_version": summary.model_version, "stopped_early": stopped, "stages": row_dicts,
@@ -94,25 +118,34 @@ def multistage(stages_yaml: str = "stages.yaml", profile: str | None = None, for
             "summary_dir": str(Path(summary.markdown).parent)}
 
 
-def _train_stages(cfg, stages: list[dict], fingerprint: str, version: str, parent: str, tags: dict
-                  ) -> tuple[list[StageRecord], list[SummaryRow], StageOutcome | None, bool]:
+def _short_run_id() -> str:
+    return str(flow_run.get_id() or "")[:8] or "local"
+
+
+def _train_stages(cfg, stages: list[dict], fingerprint: str, version: str, parent: str, tags: dict, *,
+                  output_root: str, force: bool) -> tuple[list[StageRecord], list[SummaryRow], StageOutcome | None, bool]:
     """The stage loop: train -> evaluate -> plateau -> gate, with the gate's retries."""
     log = get_run_logger()
+    train, evaluate = tasks.train_stage, tasks.evaluate_stage
+    if force:
+        train, evaluate = tasks.forced(train), tasks.forced(evaluate)
     records, rows, successes = [], [], []
     champion, offset, stopped = None, 0, False
     for index, stage_config in enumerate(stages):
         attempt, retries = 1, 0
         while True:
             upstream = champion.stage_output_uri if champion else None
-            record = tasks.train_stage(stage_config, upstream, fingerprint, version,
-                                       output_root=cfg.output_root, parent_run_id=parent, attempt=attempt,
-                                       global_step_offset=offset, tags=tags)
+            record = train(stage_config, upstream, fingerprint, version,
+                           output_root=output_root, parent_run_id=parent, attempt=attempt,
+                           global_step_offset=offset, tags=tags)
             offset = record.global_end_step
             evaluation = plateau = None
             if record.stage_output_uri:
-                evaluation = tasks.evaluate_stage(record.stage_output_uri, record.config, record.run_id,
-                                                  version, task_samples=cfg.eval_task_samples,
-                                                  generations=cfg.eval_generations)
+                evaluation = evaluate(record.stage_output_uri, record.config, record.run_id,
+                                      version, task_samples=cfg.eval_task_samples,
+                                      generations=cfg.eval_generations)
+                log.info("stage %s attempt %d evaluated: eval loss %.4f, task accuracy %.3f", stage_config["name"],
+                         attempt, evaluation.eval_loss, evaluation.task_accuracy)
                 plateau = tasks.check_plateau(record)
             outcome = pipeline.outcome_of(record, evaluation)
             decision = tasks.gate(outcome, successes, cfg.gate, retries_used=retries,

@@ -85,7 +85,7 @@ def _evaluate_cache_key(context, parameters) -> str:
     return "evaluate-" + hashlib.sha256(payload.encode()).hexdigest()
 
 
-prepare_data = task(name="prepare-data", cache_policy=NO_CACHE)(pipeline.prepare_data_step)
+prepare_data = task(name="prepare-data", cache_policy=NO_CACHE, task_run_name="prepare-data")(pipeline.prepare_data_step)
 
 
 @task(name="train-stage", cache_key_fn=_train_cache_key, persist_result=True, result_serializer=RECORD_SERIALIZER,
@@ -100,15 +100,22 @@ def train_stage(stage_config: dict, upstream_uri: str | None, data_fingerprint: 
 
 
 @task(name="evaluate-stage", cache_key_fn=_evaluate_cache_key, persist_result=True,
-      result_serializer=RECORD_SERIALIZER)
+      result_serializer=RECORD_SERIALIZER, task_run_name="evaluate-{stage_config[name]}")
 def evaluate_stage(stage_output_uri: str, stage_config: dict, run_id: str, code_version: str, *,
                    task_samples: int, generations: int) -> EvalReport:
     return pipeline.evaluate_stage_step(stage_output_uri, stage_config, run_id,
                                         task_samples=task_samples, generations=generations)
 
 
-check_plateau = task(name="check-plateau", cache_policy=NO_CACHE)(pipeline.plateau_step)
-gate = task(name="gate", cache_policy=NO_CACHE)(pipeline.gate_step)
-finish = task(name="register-champion", cache_policy=NO_CACHE)(pipeline.finish_step)
-check_new_data = task(name="check-new-data", cache_policy=NO_CACHE)(pipeline.new_data_step)
-warm_start = task(name="warm-start", cache_policy=NO_CACHE)(pipeline.warm_start_step)
+check_plateau = task(name="check-plateau", cache_policy=NO_CACHE, task_run_name="plateau-{record.stage}")(
+    pipeline.plateau_step)
+gate = task(name="gate", cache_policy=NO_CACHE, task_run_name="gate-{outcome.name}")(pipeline.gate_step)
+finish = task(name="register-champion", cache_policy=NO_CACHE, task_run_name="register-champion")(pipeline.finish_step)
+check_new_data = task(name="check-new-data", cache_policy=NO_CACHE, task_run_name="check-new-data")(
+    pipeline.new_data_step)
+warm_start = task(name="warm-start", cache_policy=NO_CACHE, task_run_name="warm-start")(pipeline.warm_start_step)
+
+
+def forced(cached_task):
+    """The task run anew, its result replacing the cached one (Prefect's `refresh_cache`)."""
+    return cached_task.with_options(refresh_cache=True)

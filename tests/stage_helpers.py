@@ -39,3 +39,24 @@ def small_cfg(tiny, output_dir, seed_file: str = "stage1_projection.json", **cha
 
 def weights(directory) -> dict[str, torch.Tensor]:
     return load_file(str(Path(directory) / "model.safetensors"))
+
+
+VARIED_CAPTION_TAIL = " It sits on a plain background, seen from the front."
+
+
+def write_varied_length_folder(folder: Path, count: int = 64) -> Path:
+    """An image folder (metadata.jsonl) of synthetic shapes whose captions run from about 10 to about
+    40 answer tokens on the tiny tokenizer: averaging the loss per micro-batch or per rank would
+    weight them very differently from averaging it per answer token."""
+    import json
+
+    from theworld_core.data.synthetic import render_png, shape_spec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(count):
+        spec = shape_spec(0, i)
+        (folder / f"{i:04d}.png").write_bytes(render_png(spec, 32))
+        rows.append(json.dumps({"file_name": f"{i:04d}.png", "text": spec.caption + VARIED_CAPTION_TAIL * (i % 4)}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    return folder

@@ -554,3 +554,88 @@ def test_crash_in_stage_two_then_rerun_resumes(project, mlflow_client):
     assert resumed.data.tags.get("started_from", "").startswith("resumed"), (
         "the resumed stage's child run does not record where it started from: "
         f"tags {sorted(resumed.data.tags)}, params {len(resumed.data.params)}")
+
+
+# --- 5. forced rerun, then "no new data" ---------------------------------------------------------------
+
+
+def _flow_run(prefect_client, parent):
+    return prefect_client.read_flow_run(uuid.UUID(parent.data.tags["prefect_flow_run_id"]))
+
+
+def _artifact(prefect_client, flow_run_id, key: str):
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    found = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])))
+    assert len(found) == 1, (key, found)
+    data = found[0].data
+    return json.loads(data) if key == "stage-summary" and isinstance(data, str) else data
+
+
+def test_force_retrains_every_stage_then_unchanged_data_is_skipped(project, mlflow_client, prefect_client,
+                                                                  mlflow_server):
+    """Run, rerun with --force, run again. The forced run trains and evaluates every stage anew (no
+    task Cached, child runs of its own, its stages in a folder of their own) and the champion alias
+    moves to a version of its run; the third run has nothing new: a Completed state named Skipped.
+    Along the way: task runs named by stage, the trainer's lines in the Prefect logs, artifacts with
+    rounded numbers and MLflow run links."""
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, TaskRunFilter, TaskRunFilterFlowRunId
+
+    p = project("force")
+    stages = [{**PROJECTION, "max_steps": 10}, {**LANGUAGE, "max_steps": 10}]
+    stages_yaml = write_yaml(p.dir / "stages.yaml", small_pipeline("force", stages))
+    assert_ok(p.run(stages_yaml), p)
+    forced = p.run(stages_yaml, "--force")
+    assert_ok(forced, p)
+
+    c = mlflow_client
+    first, second = parent_runs(c, "test-force")
+    assert second.data.tags["forced"] == "true"
+    first_children = child_runs(c, "test-force", first.info.run_id)
+    forced_children = child_runs(c, "test-force", second.info.run_id)
+    assert [r.data.tags["stage"] for r in forced_children] == ["projection", "language"], describe(forced_children)
+    assert not {r.info.run_id for r in forced_children} & {r.info.run_id for r in first_children}
+    for run in forced_children:
+        assert run.info.status == "FINISHED" and history(c, run.info.run_id, "train/loss"), describe(forced_children)
+        assert "eval/final_loss" in run.data.metrics, run.data.metrics
+        assert "reused_stage_output" not in run.data.tags, "the forced run reused a finished stage folder"
+    assert not re.search(r"Cached\(", forced.output), forced.output[-4000:]
+    assert re.search(r"stage projection starts from pretrained bases", forced.output), forced.output[-4000:]
+    assert len(list((p.dir / "stages" / "forced").glob("*/projection-*/final"))) == 1
+    version, champion = champion_run(c, "theworld-test-force")
+    assert int(version.version) == 2
+    assert champion.info.run_id in {r.info.run_id for r in forced_children}
+
+    # Prefect: task runs named by stage; the trainer's own lines in the flow run's logs
+    forced_flow = _flow_run(prefect_client, second)
+    names = {t.name for t in prefect_client.read_task_runs(
+        task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[forced_flow.id])))}
+    for stage in ("projection", "language"):
+        assert {f"train-{stage}", f"evaluate-{stage}", f"plateau-{stage}", f"gate-{stage}"} <= names, names
+    logs = [entry.message for entry in prefect_client.read_logs(
+        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[forced_flow.id])))]
+    assert any(m.startswith("stage language starts from stage output") for m in logs), logs[:40]
+
+    # artifacts: numbers rounded, MLflow runs linked (an http tracking server: run pages)
+    table = _artifact(prefect_client, forced_flow.id, "stage-summary")
+    for row in table:
+        assert row["eval_loss"] == round(row["eval_loss"], 4), row
+        assert row["mlflow_run"].startswith(mlflow_server.url) and row["mlflow_run"].endswith(row["run_id"]), row
+    comparison = _artifact(prefect_client, forced_flow.id, "stage-comparison")
+    assert f"runs/{second.info.run_id})" in comparison and "models:/theworld-test-force/2" in comparison, comparison
+
+    # unchanged data: Completed, named Skipped, nothing trained, the earlier run linked
+    skipped = p.run(stages_yaml)
+    assert_ok(skipped, p)
+    assert "no new data" in skipped.output
+    assert len(parent_runs(c, "test-force")) == 2
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    newest = prefect_client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1, flow_run_filter=FlowRunFilter(
+        name=FlowRunFilterName(any_=[re.search(r"Beginning flow run '([^']+)'", skipped.output).group(1)])))[0]
+    assert newest.state.is_completed() and newest.state.name == "Skipped", newest.state
+    assert newest.state.message.startswith("no new data"), newest.state
+    markdown = _artifact(prefect_client, newest.id, "no-new-data")
+    assert f"runs/{second.info.run_id})" in markdown, markdown

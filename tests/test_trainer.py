@@ -280,7 +280,9 @@ def test_transition_loads_stage_output_with_fresh_optimizer(stage1, tiny_paths, 
         assert torch.equal(tensor, pretrained_vision[name]), f"{name} is not the pretrained weight"
     assert len(raw_optimizer(trainer).state) == 0, "a stage transition must start a fresh optimizer"
     assert trainer.scheduler.last_epoch == 0 and trainer.state.step == 0
-    assert all(group["lr"] == 0 for group in trainer.optimizer.param_groups), "fresh warmup starts at 0"
+    # A fresh warmup: the first optimizer step trains at lr / warmup_steps (never at 0).
+    for group in trainer.optimizer.param_groups:
+        assert math.isclose(group["lr"], cfg2.learning_rate / cfg2.warmup_steps), (group["name"], group["lr"])
     assert tuple(trainer.trainable) == ("world_projector", "gemma_vision")
     trainable_now = {c for c, ps in parameters_by_component(model).items() if any(p.requires_grad for _, p in ps)}
     assert trainable_now == {"world_projector", "gemma_vision"}

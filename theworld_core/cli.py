@@ -205,9 +205,9 @@ def build_parser(extend: Callable | None = None, argv: Sequence[str] = ()) -> ar
 
 
 def main(argv: list[str] | None = None, extend: Callable | None = None) -> int:
-    import logging
+    from theworld_core.logs import configure_console
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    configure_console()  # one line per event; before Prefect is imported (theworld_core/logs.py)
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(extend, argv).parse_args(argv)
     try:

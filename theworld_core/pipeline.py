@@ -157,18 +157,28 @@ def train_stage_step(
 
 def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run_id: str, *,
                         task_samples: int, generations: int) -> EvalReport:
-    """Held-out loss, task metric and sample generations of a stage output; logged to its run."""
+    """Held-out loss, task metric and sample generations of a stage output; logged to its run.
+
+    Runs on the training device (CUDA when there is one) in the stage's precision policy with
+    every component frozen: bf16 weights and bf16 autocast where bf16 runs, fp32 elsewhere."""
+    import torch
 
     from theworld_core.model.inputs import prepare_stage_data
+    from theworld_core.model.precision import apply_precision, resolve_precision
     from theworld_core.model.theworld import TheWorld
     from theworld_core.training.evaluation import evaluate_model
 
     started = time.perf_counter()
     cfg = StageConfig(**stage_config)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(cfg.mixed_precision, device)
     model = TheWorld.from_pretrained(stage_output_uri, **cfg.model_part().model_dump())
+    apply_precision(model, precision, trainable=())  # nothing trains here: all in the compute dtype
+    model.requires_grad_(False)
+    model.to(device).eval()
     data = prepare_stage_data(cfg)
     report = evaluate_model(model, data.eval, batch_size=cfg.batch_size, loss_samples=cfg.eval_max_samples,
-                            task_samples=task_samples, generations=generations)
+                            task_samples=task_samples, generations=generations, device=device, precision=precision)
     c = lineage.client()
     c.log_metric(run_id, "eval/final_loss", report.eval_loss)
     c.log_metric(run_id, "eval/task_accuracy", report.task_accuracy)

@@ -231,30 +231,63 @@ class TheWorld(nn.Module):
     @torch.no_grad()
     def generate(self, image: Image.Image, prompt: str, max_new_tokens: int = 32) -> str:
         """Greedy answer to `prompt` about `image` (sample generations: docs/stages.md#steps-and-evaluation)."""
+        return self.generate_batch([image], [prompt], max_new_tokens=max_new_tokens)[0]
+
+    @torch.no_grad()
+    def generate_batch(self, images: list[Image.Image], prompts: list[str], max_new_tokens: int = 32) -> list[str]:
+        """Greedy answers to several (image, prompt) pairs at once, one string per pair.
+
+        Prompts are left-padded to a common length with explicit position ids (each row counts its
+        positions from its first real token, as it would alone) and every row stops at its own end
+        of turn; the batch stops when all rows have. Runs in the model's dtypes on its device, under
+        any autocast the caller opened (`PrecisionPolicy.autocast_context`).
+        """
+        if len(images) != len(prompts):
+            raise ValueError(f"generate_batch: {len(images)} images but {len(prompts)} prompts")
+        if not images:
+            return []
         device = next(self.parameters()).device
-        batch = self.builder.collate([self.builder.encode(image, prompt)])
+        batch = self._left_padded([self.builder.encode(image, prompt) for image, prompt in zip(images, prompts)])
         batch = {k: v.to(device) for k, v in batch.items()}
         embeds = self.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["world_pixel_values"])
         tokenizer = self.processor.tokenizer
         # Gemma 3's generate() does not take inputs_embeds, so decode greedily with its KV cache.
-        stop = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}
+        stop = torch.tensor(sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}), device=device)
         never = torch.tensor([self.token_ids.start, self.token_ids.end, self.token_ids.soft], device=device)
-        mask, token_types, cache, generated = batch["attention_mask"], batch["token_type_ids"], None, []
-        step_embeds = embeds
+        mask, token_types = batch["attention_mask"], batch["token_type_ids"]
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+        rows = mask.shape[0]
+        done = torch.zeros(rows, dtype=torch.bool, device=device)
+        generated = torch.zeros(rows, 0, dtype=torch.long, device=device)
+        cache, step_embeds = None, embeds
         for _ in range(max_new_tokens):
             out = self.gemma.model(inputs_embeds=step_embeds, attention_mask=mask, token_type_ids=token_types,
-                                   cache=cache, use_cache=True)
+                                   position_ids=positions, cache=cache, use_cache=True)
             cache = out.cache
-            logits = self._logits(out.last_hidden_state[:, -1:])[0, -1].float()  # the last position only
-            logits[never] = float("-inf")  # world markers are inputs only
-            next_id = int(logits.argmax())
-            if next_id in stop:
+            logits = self._logits(out.last_hidden_state[:, -1]).float()  # the last position only
+            logits[:, never] = float("-inf")  # world markers are inputs only
+            next_ids = logits.argmax(dim=-1)
+            done |= torch.isin(next_ids, stop)
+            if bool(done.all()):
                 break
-            generated.append(next_id)
-            step_embeds = self.gemma.get_input_embeddings()(torch.tensor([[next_id]], device=device))
-            mask = torch.cat([mask, mask.new_ones(1, 1)], dim=1)
-            token_types = torch.cat([token_types, token_types.new_zeros(1, 1)], dim=1)
-        return tokenizer.decode(generated, skip_special_tokens=True).strip()
+            # A finished row keeps decoding a pad (masked out of what it returns).
+            next_ids = torch.where(done, torch.full_like(next_ids, tokenizer.pad_token_id), next_ids)
+            generated = torch.cat([generated, torch.where(done, -1, next_ids)[:, None]], dim=1)
+            step_embeds = self.gemma.get_input_embeddings()(next_ids[:, None])
+            mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
+            token_types = torch.cat([token_types, token_types.new_zeros(rows, 1)], dim=1)
+            positions = positions[:, -1:] + 1
+        return [tokenizer.decode([t for t in row if t >= 0], skip_special_tokens=True).strip() for row in generated.tolist()]
+
+    def _left_padded(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """`InputBuilder.encode` outputs (no answer) as a left-padded batch: every row ends at the
+        generation prompt, where the next token goes."""
+        width = max(len(s["input_ids"]) for s in samples)
+        pad = {"input_ids": self.processor.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
+        batch = {k: torch.stack([F.pad(s[k], (width - len(s[k]), 0), value=v) for s in samples]) for k, v in pad.items()}
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+        batch["world_pixel_values"] = torch.stack([s["world_pixel_values"] for s in samples])
+        return batch
 
     # ---------------------------------------------------------------- identity and persistence
 

@@ -7,9 +7,9 @@ and never asks which rank it is on to decide whether to log.
 What lands in MLflow:
 - params: the stage config keys that mean something for this stage (`stage_params`: no key of a
   feature that is off, no unset key; values cut to 500 characters), `trainable/<component>`
-  (trainable parameter counts), `total_steps`, and the sample counts `data/train`, `data/eval`,
-  `data/total` (`data/bad` and `data/bad/<reason>` only when non-zero); tags `data_fingerprint`,
-  `config_hash` (the resume key), `started_from`;
+  (trainable parameter counts), `total_steps`, the precision policy (`precision/...`), and the
+  sample counts `data/train`, `data/eval`, `data/total` (`data/bad` and `data/bad/<reason>` only
+  when non-zero); tags `data_fingerprint`, `config_hash` (the resume key), `started_from`;
 - inputs: the training and evaluation data as MLflow datasets (`stage_datasets`: source, digest =
   the data fingerprint's first 16 hex digits, profile with the full fingerprint and the counts),
   contexts `training` and `eval`;
@@ -154,6 +154,12 @@ class StageLogger:
                                              for dataset, context in stage_datasets(self.cfg, data)])
         self.outbox.set_tags(self.run_id, {"data_fingerprint": data.fingerprint, "config_hash": resume_key,
                                            "started_from": started_from[:500]})
+
+    def log_precision(self, params: Mapping[str, str]) -> None:
+        """The precision policy of a new run (`PrecisionPolicy.as_params()`: `precision/...`)."""
+        import mlflow
+
+        mlflow.log_params(dict(params))
 
     # ------------------------------------------------------------------ during the stage
 
@@ -448,6 +454,9 @@ class NullStageLogger:
 
     def log_params(self, model: TheWorld, *, total_steps: int, data: PreparedData, resume_key: str,
                    started_from: str) -> None:
+        pass
+
+    def log_precision(self, params: Mapping[str, str]) -> None:
         pass
 
     def log_metrics(self, metrics: Mapping[str, float], stage_step: int) -> None:

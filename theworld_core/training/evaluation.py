@@ -5,46 +5,55 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
 
+from theworld_core.model.inputs import answer_positions
+
 if TYPE_CHECKING:
+    from theworld_core.model.precision import PrecisionPolicy
     from theworld_core.model.theworld import TheWorld
 
 _WORD = re.compile(r"[a-z0-9]+")
 
 
 @torch.no_grad()
-def evaluate_loss(model: TheWorld, rows, batch_size: int, device) -> float:
-    """Token-weighted mean answer loss of `model` over `rows` (dicts with image, prompt, text)."""
+def evaluate_loss(model: TheWorld, rows, batch_size: int, device, precision: PrecisionPolicy | None = None) -> float:
+    """Mean answer-token loss of `model` over `rows` (dicts with image, prompt, text): the sum of every
+    answer token's loss over the count of answer tokens, the estimator training optimises and logs.
+    `precision`: its autocast runs around the forward passes (None: as the model is)."""
     was_training = model.training
     model.eval()
-    total, tokens = 0.0, 0
-    batch_rows: list[dict] = []
-
-    def flush():
-        nonlocal total, tokens
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.long, device=device)
+    autocast = precision.autocast_context if precision is not None else contextlib.nullcontext
+    for batch_rows in _chunks(rows, batch_size):
         batch = model.builder.collate([model.builder.encode(r["image"], r["prompt"], r["text"]) for r in batch_rows])
         batch = {k: v.to(device) for k, v in batch.items()}
-        _, loss = model(**batch)
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        total += float(loss) * n
-        tokens += n
-
-    for row in rows:
-        batch_rows.append(row)
-        if len(batch_rows) == batch_size:
-            flush()
-            batch_rows = []
-    if batch_rows:
-        flush()
+        with autocast():
+            _, loss_sum = model(**batch, loss_reduction="sum")
+        total += loss_sum.double()
+        tokens += answer_positions(batch["labels"]).sum()
     model.train(was_training)
-    return total / max(tokens, 1)
+    return float(total) / max(int(tokens), 1)  # one read-back for the whole evaluation
+
+
+def _chunks(rows: Iterable, size: int) -> Iterator[list]:
+    chunk: list = []
+    for row in rows:
+        chunk.append(row)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 def word_f1(generated: str, reference: str) -> float:
@@ -73,19 +82,26 @@ class EvalReport:
 
 
 def evaluate_model(model, eval_rows, *, batch_size: int, loss_samples: int | None, task_samples: int,
-                   generations: int, max_new_tokens: int = 32, device="cpu") -> EvalReport:
-    """Evaluate a loaded TheWorld on held-out rows (dicts with id, image, prompt, text)."""
+                   generations: int, max_new_tokens: int = 32, device="cpu",
+                   precision: PrecisionPolicy | None = None) -> EvalReport:
+    """Evaluate a loaded TheWorld (on `device`, in `precision`) on held-out rows (dicts with id, image,
+    prompt, text); the task metric's answers are generated `batch_size` at a time."""
     count = len(eval_rows)
     loss_rows = eval_rows.select(range(min(count, loss_samples))) if loss_samples else eval_rows
-    loss = evaluate_loss(model, loss_rows, batch_size, device)
+    loss = evaluate_loss(model, loss_rows, batch_size, device, precision=precision)
+    autocast = precision.autocast_context if precision is not None else contextlib.nullcontext
+    task_rows = eval_rows.select(range(min(count, task_samples)))
     scores, exact, samples = [], 0, []
-    for index in range(min(count, task_samples)):
-        row = eval_rows[index]
-        generated = model.generate(row["image"], row["prompt"], max_new_tokens=max_new_tokens)
-        scores.append(word_f1(generated, row["text"]))
-        exact += " ".join(_WORD.findall(generated.lower())) == " ".join(_WORD.findall(row["text"].lower()))
-        if len(samples) < generations:
-            samples.append({"id": row["id"], "prompt": row["prompt"], "reference": row["text"], "generated": generated})
+    for rows in _chunks(task_rows, batch_size):
+        with autocast():
+            answers = model.generate_batch([r["image"] for r in rows], [r["prompt"] for r in rows],
+                                           max_new_tokens=max_new_tokens)
+        for row, generated in zip(rows, answers):
+            scores.append(word_f1(generated, row["text"]))
+            exact += " ".join(_WORD.findall(generated.lower())) == " ".join(_WORD.findall(row["text"].lower()))
+            if len(samples) < generations:
+                samples.append({"id": row["id"], "prompt": row["prompt"], "reference": row["text"],
+                                "generated": generated})
     n = max(len(scores), 1)
     return EvalReport(
         eval_loss=loss,

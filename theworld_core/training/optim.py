@@ -1,8 +1,14 @@
-"""Optimizer construction and optimizer state keyed by parameter *name*.
+"""Optimizer construction, the learning-rate schedule, and optimizer state keyed by parameter *name*.
 
 Keying by name (not by position in the parameter list) is what makes a resume state survive a
 change in which parameters are trainable: a stage transition that carries optimizer moments
 picks up exactly the parameters that stay trainable, and nothing else.
+
+Two optimizers (the stage key `optimizer`):
+- `adamw`: `torch.optim.AdamW`, fused kernels on CUDA, the multi-tensor (foreach) path elsewhere;
+- `adamw_8bit`: torchao's `AdamW8bit` (8-bit block-quantised moments, the `gpu` extra), CUDA only.
+  Its moments are torchao tensor subclasses (`OptimState8bit`); they go through `torch.save` /
+  `torch.load` and `Optimizer.load_state_dict` as they are, so name-keyed state works unchanged.
 """
 
 from __future__ import annotations
@@ -12,12 +18,42 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from theworld_core.config.errors import ConfigError
 from theworld_core.model.components import parameters_by_component
 
+OPTIMIZERS = ("adamw", "adamw_8bit")
+# nn.Parameters that are embeddings without being an nn.Embedding's weight.
+EMBEDDING_PARAMETERS = ("world.marker_embeddings",)
 
-def no_weight_decay(name: str, param: nn.Parameter) -> bool:
-    """Biases and norm scales (all 1-D tensors) are not decayed, by the usual convention."""
-    return param.ndim < 2 or "norm" in name.lower()
+
+def check_optimizer_available(name: str, *, cuda: bool, source: str = "stage config") -> None:
+    """Raise `ConfigError` naming the key `optimizer` when `name` cannot run here (before any work)."""
+    if name not in OPTIMIZERS:
+        raise ConfigError([f"optimizer: {name!r} is not allowed: use one of {list(OPTIMIZERS)}"], source)
+    if name != "adamw_8bit":
+        return
+    if not cuda:
+        problem = (f"optimizer: {name!r} is not allowed on a machine without a CUDA GPU: torchao's 8-bit AdamW "
+                   "is a GPU optimizer; use 'adamw' here")
+        raise ConfigError([problem], source)
+    try:
+        import torchao.optim  # noqa: F401
+    except ImportError as error:
+        problem = (f"optimizer: {name!r} is not allowed without torchao ({error}): install the `gpu` extra "
+                   "(pip install 'theworld-multistage[gpu]') or use 'adamw'")
+        raise ConfigError([problem], source) from None
+
+
+def no_weight_decay_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters AdamW must not decay: biases and norm scales (1-D, or named `norm`) and
+    every embedding (token, position and temporal embeddings, the world marker embeddings): decay
+    pulls rarely seen rows towards zero between their updates."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    exempt = set()
+    for name, param in model.named_parameters():
+        if param.ndim < 2 or "norm" in name.lower() or id(param) in embeddings or name in EMBEDDING_PARAMETERS:
+            exempt.add(id(param))
+    return exempt
 
 
 def build_optimizer(
@@ -25,18 +61,23 @@ def build_optimizer(
     learning_rate: float,
     weight_decay: float,
     component_learning_rates: Mapping[str, float] | None = None,
-) -> tuple[torch.optim.AdamW, list[list[str]]]:
-    """AdamW over trainable parameters only, one group per (component, decay or not).
+    *,
+    optimizer: str = "adamw",
+    device_type: str = "cpu",
+) -> tuple[torch.optim.Optimizer, list[list[str]]]:
+    """The stage's optimizer over trainable parameters only, one group per (component, decay or not).
 
     Returns the optimizer and, per group, the parameter names in order (what name-keyed state needs).
     Groups carry a `name` (e.g. `gemma_vision/decay`) used to label per-group learning rates.
+    `device_type`: where the parameters will be stepped (`fused` AdamW on `cuda`).
     """
     component_learning_rates = component_learning_rates or {}
+    exempt = no_weight_decay_parameters(model)
     groups, names = [], []
     for component, params in parameters_by_component(model).items():
         trainable = [(n, p) for n, p in params if p.requires_grad]
         for decayed in (True, False):
-            chosen = [(n, p) for n, p in trainable if no_weight_decay(n, p) != decayed]
+            chosen = [(n, p) for n, p in trainable if (id(p) not in exempt) == decayed]
             if not chosen:
                 continue
             groups.append({
@@ -48,7 +89,33 @@ def build_optimizer(
             names.append([n for n, _ in chosen])
     if not groups:
         raise ValueError("no trainable parameters: every component is frozen")
-    return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay), names
+    if optimizer == "adamw":
+        fast = {"fused": True} if device_type == "cuda" else {"foreach": True}
+        return torch.optim.AdamW(groups, lr=learning_rate, weight_decay=weight_decay, **fast), names
+    if optimizer == "adamw_8bit":
+        from torchao.optim import AdamW8bit
+
+        # Its learning rates are 0-d tensors (no recompile per value); the scheduler fills them in place.
+        return AdamW8bit(groups, lr=learning_rate, weight_decay=weight_decay), names
+    raise ValueError(f"optimizer={optimizer!r} is not allowed: use one of {list(OPTIMIZERS)}")
+
+
+def build_schedule(name: str, optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int):
+    """`transformers.get_scheduler(name)` shifted by one step, so optimizer step k (1-based) uses the
+    schedule's value at k: the first step of a stage trains at `lr / warmup_steps` instead of 0, and
+    the schedule is one step longer so the last step is not at 0 either (linear, cosine)."""
+    from torch.optim.lr_scheduler import LambdaLR
+    from transformers import get_scheduler
+
+    base = get_scheduler(name, optimizer, num_warmup_steps=warmup_steps, num_training_steps=total_steps + 1)
+    # Closures, not objects: LambdaLR leaves plain functions out of its state_dict (nothing to pickle).
+    shifted = [(lambda step, f=f: f(step + 1)) for f in base.lr_lambdas]
+    return LambdaLR(optimizer, shifted)
+
+
+def group_learning_rate(group: Mapping) -> float:
+    """A param group's current learning rate as a float (torchao keeps it as a 0-d tensor)."""
+    return float(group["lr"])
 
 
 def optimizer_state_by_name(optimizer: torch.optim.Optimizer, group_names: list[list[str]]) -> dict:
@@ -72,18 +139,37 @@ def load_optimizer_state_by_name(
     """Load name-keyed state into `optimizer`; parameters without saved state start fresh.
 
     `restore_groups=False` keeps the current group hyperparameters (a stage transition keeps its
-    own learning rates). Returns the names whose moments were restored.
+    own learning rates). Moments saved by `adamw_8bit` are dequantised when loaded into `adamw`
+    (a transition that changes the optimizer); `adamw_8bit` steps fp32 moments as they are.
+    Returns the names whose moments were restored.
     """
     current = optimizer.state_dict()
     name_to_index = {}
     for group, names in zip(current["param_groups"], group_names):
         name_to_index.update(zip(names, group["params"]))
     restored = [n for n in saved["state"] if n in name_to_index]
-    current["state"] = {name_to_index[n]: saved["state"][n] for n in restored}
+    plain = isinstance(optimizer, torch.optim.AdamW)
+    current["state"] = {name_to_index[n]: _plain_state(saved["state"][n]) if plain else saved["state"][n]
+                        for n in restored}
     if restore_groups:
         saved_groups = {g["name"]: g for g in saved["groups"]}
         for group in current["param_groups"]:
             if group["name"] in saved_groups:
-                group.update({k: v for k, v in saved_groups[group["name"]].items() if k != "params"})
+                group.update({k: _like(group.get(k), v) for k, v in saved_groups[group["name"]].items() if k != "params"})
     optimizer.load_state_dict(current)
     return restored
+
+
+def _plain_state(state: Mapping) -> dict:
+    """Per-parameter state with quantised moments (torchao subclasses) turned into fp32 tensors."""
+    return {k: v.dequantize() if hasattr(v, "dequantize") and type(v) is not torch.Tensor else v
+            for k, v in state.items()}
+
+
+def _like(current, saved):
+    """A saved group value in the form the optimizer keeps it (torchao: 0-d tensor learning rates)."""
+    if isinstance(current, torch.Tensor) and not isinstance(saved, torch.Tensor):
+        return torch.tensor(saved, dtype=current.dtype)
+    if isinstance(saved, torch.Tensor) and not isinstance(current, torch.Tensor) and saved.ndim == 0:
+        return float(saved)
+    return saved

@@ -34,8 +34,8 @@ from theworld_core.model.components import (
     snapshot,
     trainable_components,
 )
-from theworld_core.model.inputs import prepare_stage_data
-from theworld_core.model.precision import resolve_precision
+from theworld_core.model.inputs import answer_positions, prepare_stage_data
+from theworld_core.model.precision import PrecisionPolicy, apply_precision, check_precision, resolve_precision
 from theworld_core.model.stage_output import (
     apply_stage_output,
     is_intact_stage_output,
@@ -54,6 +54,9 @@ from theworld_core.training import checkpoint as ckpt
 from theworld_core.training.evaluation import evaluate_loss
 from theworld_core.training.optim import (
     build_optimizer,
+    build_schedule,
+    check_optimizer_available,
+    group_learning_rate,
     load_optimizer_state_by_name,
     optimizer_state_by_name,
 )
@@ -108,7 +111,8 @@ class StageTrainer:
         self.builder: InputBuilder | None = None  # encodes and collates rows
         # Components the stage trains, from the config's freeze flags (what the freeze audit expects).
         self.trainable: tuple[str, ...] = cfg.trainable_component_names
-        self.optimizer: torch.optim.Optimizer | None = None  # accelerate's wrapper around AdamW
+        self.optimizer: torch.optim.Optimizer | None = None  # accelerate's wrapper around AdamW / AdamW8bit
+        self.precision: PrecisionPolicy | None = None  # dtypes of trainable/frozen parameters, autocast
         self.group_names: list[list[str]] = []  # parameter names of each optimizer group (state is saved by name)
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.tracker: PlateauTracker = PlateauTracker(cfg.plateau)
@@ -122,6 +126,7 @@ class StageTrainer:
         self.progress: tqdm | None = None  # the step progress bar (shown on rank 0)
         self._bad_loss: dict[str, Any] | None = None  # first non-finite loss on this rank, as divergence evidence
         self._last_train_loss: float | None = None  # mean train loss (all ranks) of the last logging window
+        self._step_tokens: torch.Tensor | None = None  # answer tokens of this rank's micro-batches since the last step
 
     def run(self) -> StageResult:
         """Set up, train to the end (max steps, epochs or plateau), evaluate, save; report throughout."""
@@ -136,6 +141,7 @@ class StageTrainer:
             if self.state.step == 0 or previous_run != run_id:
                 self.logger.log_params(self.accelerator.unwrap_model(self.model), total_steps=self.total_steps,
                                        data=self.data, resume_key=self.state.config_hash, started_from=self.started_from)
+                self.logger.log_precision(self.precision.as_params())
             try:
                 started = time.perf_counter()
                 status, reason, evidence = self._train()
@@ -151,11 +157,10 @@ class StageTrainer:
         """Devices, logger, data, model (from where the stage starts), optimizer and schedule."""
         from accelerate import Accelerator
         from accelerate.utils import DistributedDataParallelKwargs, set_seed
-        from transformers import get_scheduler
-
 
         cfg = self.cfg
         on_gpu = torch.cuda.is_available()
+        refuse_unavailable_options(cfg, cuda=on_gpu)  # before any work: no data read, no model loaded
         self.precision = resolve_precision(
             cfg.mixed_precision, "cuda" if on_gpu else "cpu", bf16_supported=on_gpu and torch.cuda.is_bf16_supported()
         )
@@ -175,6 +180,9 @@ class StageTrainer:
             self.data = prepare_stage_data(cfg)
         self.state = ckpt.TrainerState(config_hash=resume_key(cfg))
         self.model = TheWorld.from_base(cfg.model_part())
+        # Before any saved weights go in: a trained fp32 weight loaded into a bf16 parameter would be
+        # rounded, and an exact resume would not be exact.
+        apply_precision(self.model, self.precision, cfg.trainable_component_names)
         resume_dir, transition_dir = self._choose_start()
         if transition_dir is not None:
             apply_stage_output(self.model, transition_dir, read_manifest(transition_dir))
@@ -185,17 +193,17 @@ class StageTrainer:
         # broken unfreeze cannot make the audit agree with it.
         self.model.set_trainable(trainable_components(cfg.freeze_flags))
         self.trainable = cfg.trainable_component_names
+        check_precision(self.model, self.precision)  # trainable fp32, frozen in the compute dtype
         if cfg.use_gradient_checkpointing:
-            self.model.gemma.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.gemma.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
         optimizer, self.group_names = build_optimizer(
-            self.model, cfg.learning_rate, cfg.weight_decay, cfg.component_learning_rates
+            self.model, cfg.learning_rate, cfg.weight_decay, cfg.component_learning_rates,
+            optimizer=cfg.optimizer, device_type=self.accelerator.device.type,
         )
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
-        self.scheduler = get_scheduler(
-            cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps, num_training_steps=self.total_steps
-        )
+        self.scheduler = build_schedule(cfg.lr_scheduler, optimizer, cfg.warmup_steps, self.total_steps)
         self.tracker = PlateauTracker(cfg.plateau)
         if resume_dir is not None:
             self._restore(resume_dir, optimizer)
@@ -303,25 +311,25 @@ class StageTrainer:
                     loader = acc.skip_first_batches(loader, state.batches_in_epoch)
                 for batch in loader:
                     with acc.accumulate(self.model):
-                        loss = self._forward_backward(batch)
+                        loss_sum, tokens = self._forward_backward(batch)
                     state.batches_in_epoch += 1
-                    window.add(loss, batch, acc.num_processes)
+                    window.add(loss_sum, tokens, batch, acc.num_processes)
                     if not acc.sync_gradients:
                         continue
                     self._stop_if_any_rank_diverged()
+                    self._scale_gradients_to_token_mean(params)
                     grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
                     limit = cfg.divergence_grad_norm
                     if not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit):
                         raise _Stop("diverged", f"gradient norm {grad_norm:.4g} at step {state.step + 1} (limit {limit})",
                                     {"step": state.step + 1, "grad_norm": grad_norm, "limit": limit})
-                    # Warmup gives the very first step a learning rate of 0, which changes nothing:
-                    # the audit runs after the first step that could change the weights.
-                    audit_now = audit_pending and any(g["lr"] > 0 for g in self.optimizer.param_groups)
-                    had_grad = gradient_presence(acc.unwrap_model(self.model)) if audit_now else None
+                    # The schedule gives step 1 a learning rate above 0 (optim.build_schedule), so the
+                    # first step of a stage is the one the freeze audit checks.
+                    had_grad = gradient_presence(acc.unwrap_model(self.model)) if audit_pending else None
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                    if audit_now:
+                    if audit_pending:
                         audit_step(acc.unwrap_model(self.model), before, had_grad, self.trainable)
                         audit_pending = False
                     state.step += 1
@@ -338,13 +346,18 @@ class StageTrainer:
         reason = f"reached {self.total_steps} steps" + ("" if cfg.max_steps else f" ({cfg.num_epochs:g} epochs)")
         return "completed", reason, {}
 
-    def _forward_backward(self, batch) -> float:
+    def _forward_backward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """Backward of the micro-batch's *summed* answer-token loss; returns (that sum, its answer
+        tokens), both detached on the device (no host read-back). The gradients become the mean over
+        every answer token of the optimizer step at the step (`_scale_gradients_to_token_mean`)."""
         try:
-            _, loss = self.model(**batch)
+            tokens = answer_positions(batch["labels"]).sum()
+            self._step_tokens = tokens if self._step_tokens is None else self._step_tokens + tokens
+            _, loss = self.model(**batch, loss_reduction="sum")
             if self.loss_hook is not None:
                 loss = self.loss_hook(self.state.step + 1, loss)
             if not torch.isfinite(loss) and self._bad_loss is None:
-                self._bad_loss = {"step": self.state.step + 1, "loss": float(loss.detach()),
+                self._bad_loss = {"step": self.state.step + 1, "loss": float(loss.detach() / tokens.clamp(min=1)),
                                   "last_train_loss": self._last_train_loss}
             # Backward even on a bad loss: every rank must join the gradient all-reduce; the stage
             # stops at the optimizer step, on every rank at once.
@@ -352,7 +365,21 @@ class StageTrainer:
         except torch.OutOfMemoryError as exc:
             raise _Stop("oom", f"out of memory at step {self.state.step + 1} with batch_size {self.cfg.batch_size}",
                         {"step": self.state.step + 1, "batch_size": self.cfg.batch_size, "error": str(exc)[:300]}) from None
-        return float(loss.detach())
+        return loss.detach(), tokens
+
+    def _scale_gradients_to_token_mean(self, params: list[torch.nn.Parameter]) -> None:
+        """Turn the accumulated gradients into those of (sum of answer-token losses) / (answer tokens
+        of the whole step, all micro-batches, all ranks), so every token weighs the same however the
+        step is split. Each micro-batch backpropagated its summed loss, which `accelerator.backward`
+        divided by the accumulation steps, and DDP averaged the ranks' gradients: the gradients hold
+        sum / (accumulation x ranks). One all-reduce of a token count per step, no host read-back."""
+        acc = self.accelerator
+        tokens = acc.reduce(self._step_tokens, reduction="sum") if acc.num_processes > 1 else self._step_tokens
+        self._step_tokens = None
+        factor = (acc.gradient_accumulation_steps * acc.num_processes) / tokens.clamp(min=1).to(torch.float32)
+        grads = [p.grad for p in params if p.grad is not None]
+        if grads:
+            torch._foreach_mul_(grads, factor.to(grads[0].device))
 
     def _stop_if_any_rank_diverged(self) -> None:
         """A NaN/inf loss on any rank ends the stage on all ranks (before the optimizer step)."""
@@ -367,12 +394,15 @@ class StageTrainer:
         self.progress.update(1)
         if state.step % cfg.logging_steps == 0:
             metrics = window.metrics()
-            if self.accelerator.num_processes > 1 and "train/loss" in metrics:  # the mean over all ranks
-                local = torch.tensor([metrics["train/loss"]], device=self.accelerator.device)
-                metrics["train/loss"] = float(self.accelerator.reduce(local, reduction="mean"))
+            if window.loss_tokens is not None:  # token-weighted over the window, all ranks
+                sums = torch.stack([window.loss_sum.float(), window.loss_tokens.float()])
+                if self.accelerator.num_processes > 1:
+                    sums = self.accelerator.reduce(sums, reduction="sum")
+                loss_sum, tokens = sums.tolist()
+                metrics["train/loss"] = loss_sum / max(tokens, 1.0)
             metrics["train/grad_norm"] = grad_norm
             for group in self.optimizer.param_groups:
-                metrics[f"lr/{group['name']}"] = group["lr"]
+                metrics[f"lr/{group['name']}"] = group_learning_rate(group)
             self._last_train_loss = metrics.get("train/loss", self._last_train_loss)
             self.progress.set_postfix(loss=f"{self._last_train_loss:.4f}", refresh=False)
             self.logger.log_metrics(metrics, state.step)
@@ -404,7 +434,7 @@ class StageTrainer:
         value = [float("nan")]
         if self.accelerator.is_main_process:
             value[0] = evaluate_loss(self.accelerator.unwrap_model(self.model), self._eval_rows(), self.cfg.batch_size,
-                                     self.accelerator.device)
+                                     self.accelerator.device, precision=self.precision)
         if self.accelerator.num_processes > 1:
             broadcast_object_list(value)
         return value[0]
@@ -518,22 +548,40 @@ class _Window:
         self.reset()
 
     def reset(self) -> None:
-        self.losses: list[float] = []
+        # This rank's summed answer-token loss and answer tokens, on the device (read at log time):
+        # train/loss is their ratio over all ranks, the estimator the gradients follow.
+        self.loss_sum: torch.Tensor | None = None
+        self.loss_tokens: torch.Tensor | None = None
         self.samples = 0
         self.tokens = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: float, batch: dict, processes: int) -> None:
-        self.losses.append(loss)
+    def add(self, loss_sum: torch.Tensor, loss_tokens: torch.Tensor, batch: dict, processes: int) -> None:
+        self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
+        self.loss_tokens = loss_tokens if self.loss_tokens is None else self.loss_tokens + loss_tokens
         self.samples += batch["input_ids"].shape[0] * processes
         self.tokens += int(batch["attention_mask"].sum()) * processes
 
     def metrics(self) -> dict[str, float]:
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        out = {"train/samples_per_s": self.samples / elapsed, "train/tokens_per_s": self.tokens / elapsed}
-        if self.losses:
-            out["train/loss"] = sum(self.losses) / len(self.losses)
-        return out
+        return {"train/samples_per_s": self.samples / elapsed, "train/tokens_per_s": self.tokens / elapsed}
+
+
+def refuse_unavailable_options(cfg: StageConfig, *, cuda: bool) -> None:
+    """Raise `ConfigError` for a stage option this machine cannot run, before any work.
+
+    `optimizer: adamw_8bit` needs CUDA and torchao; `mixed_precision: fp16` needs CUDA (fp16 without
+    a GradScaler on a GPU is not a setting to fall back from silently). `bf16` without bf16 support
+    runs in fp32 by design (docs/stages.md#precision-and-optimizer), so stage files run on a laptop.
+    """
+    from theworld_core.config.errors import ConfigError
+
+    source = f"stage {cfg.name or cfg.output_dir}"
+    check_optimizer_available(cfg.optimizer, cuda=cuda, source=source)
+    if cfg.mixed_precision == "fp16" and not cuda:
+        problem = ("mixed_precision: 'fp16' is not allowed on a machine without a CUDA GPU: use 'bf16' (fp32 "
+                   "where bf16 is not supported) or 'no'")
+        raise ConfigError([problem], source)
 
 
 def _injected_fault(cfg: StageConfig) -> LossHook:
