@@ -157,9 +157,7 @@ class StageLogger:
 
     def log_precision(self, params: Mapping[str, str]) -> None:
         """The precision policy of a new run (`PrecisionPolicy.as_params()`: `precision/...`)."""
-        import mlflow
-
-        mlflow.log_params(dict(params))
+        self.outbox.log_params(self.run_id, params)
 
     # ------------------------------------------------------------------ during the stage
 
