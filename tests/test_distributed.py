@@ -218,8 +218,13 @@ class Job:
                     self.tree[pid] = started
                     todo.append(pid)
         for pid in self.tree:
-            if pid not in self.ranks and (info := _rank_env(pid)) is not None:
+            if pid not in self.ranks and (info := _rank_env(pid)) is not None and not self._in_a_rank(pid):
                 self.ranks[pid] = info
+
+    def _in_a_rank(self, pid: int) -> bool:
+        """A rank's DataLoader worker: it inherits the rank's environment but is no rank."""
+        stat = _stat(pid)
+        return stat is not None and stat[0] in self.tree and _rank_env(stat[0]) is not None
 
     def alive(self, pids=None) -> list[int]:
         """Processes of the job still running (zombies count as gone)."""

@@ -312,7 +312,7 @@ def test_unfrozen_vision_gets_sane_gradients(tiny_paths, tmp_path):
         "the tiny Gemma's multi_modal_projector.mm_input_projection_weight is all zeros: image features "
         "are zero, the vision tower gets no gradient"
     )
-    batch = next(iter(trainer._train_loader(0)))
+    batch = trainer.encoders.fill(next(iter(trainer._train_loader(0))))  # as the loop does (feature cache)
     _, loss = trainer.model(**batch)
     loss.backward()
     tower = [(n, p.grad) for n, p in model.named_parameters() if n.startswith("gemma.model.vision_tower.")]

@@ -49,6 +49,7 @@ from theworld_core.data.reading import (
     needs_read_for_side,
     read_or_problem,
     sample_of,
+    shard_records,
     split_group,
     with_reads,
 )
@@ -338,8 +339,9 @@ class _StreamProgress:
 class _StreamRun:
     """Counts of one pass over the train stream; fails it once the bad share is over the limit."""
 
-    def __init__(self, progress: _StreamProgress) -> None:
+    def __init__(self, progress: _StreamProgress, share: float = 1.0) -> None:
         self.progress = progress
+        self.share = share  # this pass reads 1/count of the records (a shard): weigh eval's counts alike
         self.seen = 0
         self.good = 0
         self.bad: Counter[str] = Counter()
@@ -354,8 +356,8 @@ class _StreamRun:
             if len(self.examples) < EXAMPLE_COUNT:
                 self.examples.append(example_of(row))
         self._publish(final=False)
-        bad = self.progress.eval_bad.total() + self.bad.total()
-        certain = bad > self.progress.limit * self.progress.stats.total  # over the limit whatever follows
+        bad = self.progress.eval_bad.total() * self.share + self.bad.total()
+        certain = bad > self.progress.limit * self.progress.stats.total * self.share  # over the limit whatever follows
         if self.seen >= STREAM_CHECK_AFTER or certain:
             self._check()
 
@@ -366,8 +368,8 @@ class _StreamRun:
     def _check(self) -> None:
         progress = self.progress
         _check_bad_share(
-            progress.eval_bad.total() + self.bad.total(),
-            progress.eval_records + self.seen,
+            round(progress.eval_bad.total() * self.share) + self.bad.total(),
+            round(progress.eval_records * self.share) + self.seen,
             progress.limit,
             dict(progress.eval_bad + self.bad),
             progress.eval_examples + self.examples,
@@ -393,9 +395,16 @@ def _stream_train(
     default_prompt: str,
     forced_score: float | None,
     progress: _StreamProgress,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[dict[str, Any]]:
-    """The train samples in source order, images read and checked as they come."""
-    run = _StreamRun(progress)
+    """The train samples in source order, images read and checked as they come.
+
+    `shard` (index, count): only the records at positions index, index + count, ... (of the first
+    `num_samples`) are measured and read, so `count` readers (DataLoader workers x processes) that
+    take one index each read every record exactly once.
+    """
+    index, count = shard
+    run = _StreamRun(progress, share=1.0 / count)
 
     def is_train(score: float) -> bool:
         return not (is_eval(score, cfg.eval_fraction) or score == forced_score)
@@ -403,7 +412,7 @@ def _stream_train(
     def maybe_train(record: SourceRecord) -> bool:
         return needs_read_for_side(record) or is_train(split_score(record.group))
 
-    for record, read in with_reads(source, _limited(source, cfg), maybe_train):
+    for record, read in with_reads(source, shard_records(source, cfg.num_samples, index, count), maybe_train):
         if read is None or not is_train(split_score(split_group(record, read))):
             continue
         row = make_row(record, default_prompt, read)
@@ -531,15 +540,14 @@ def _prepare_streaming(
         complete=False,
     )
     progress = _StreamProgress(stats, eval_records, cfg.max_bad_fraction)
-    train = IterableDataset.from_generator(
-        _stream_train,
-        features=SAMPLE_FEATURES,
-        gen_kwargs={
-            "source": source,
-            "cfg": cfg,
-            "default_prompt": default_prompt,
-            "forced_score": forced_score,
-            "progress": progress,
-        },
-    )
-    return PreparedData(train=train, eval=eval_split, fingerprint=fingerprint, stats=stats, source=source.description)
+    stream_kwargs = {"source": source, "cfg": cfg, "default_prompt": default_prompt, "forced_score": forced_score,
+                     "progress": progress}
+    train = IterableDataset.from_generator(_stream_train, features=SAMPLE_FEATURES, gen_kwargs=stream_kwargs)
+    return PreparedData(train=train, eval=eval_split, fingerprint=fingerprint, stats=stats, source=source.description,
+                        train_shard=partial(_train_shard, **stream_kwargs))
+
+
+def _train_shard(index: int, count: int, **stream_kwargs: Any) -> Iterator[dict[str, Any]]:
+    """`PreparedData.train_shard`: the train samples of one shard, images decoded (PIL RGB)."""
+    for sample in _stream_train(**stream_kwargs, shard=(index, count)):
+        yield SAMPLE_FEATURES.decode_example(sample)

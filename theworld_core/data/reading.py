@@ -8,6 +8,8 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import replace
+from functools import partial
+from itertools import islice
 from typing import Any
 
 from theworld_core.data.images import normalise_image, read_image_bytes
@@ -23,13 +25,30 @@ def measured_records(
     records: Callable[[], Iterator[SourceRecord]], limit: SequenceLimit, default_prompt: str
 ) -> Iterator[SourceRecord]:
     """The records, those that do not fit the model marked `too_long` (before any image is read)."""
-    for record in records():
+    return measure(records(), limit, default_prompt)
+
+
+def measure(records: Iterable[SourceRecord], limit: SequenceLimit, default_prompt: str) -> Iterator[SourceRecord]:
+    for record in records:
         if record.problem is None:
             problem = limit.problem(record.prompt or default_prompt, record.text or "")
             if problem is not None:
                 detail = f"{record.where}: {problem}" if record.where else problem
                 record = replace(record, problem="too_long", detail=detail, load=None)
         yield record
+
+
+def shard_records(source: Source, num_samples: int | None, index: int, count: int) -> Iterator[SourceRecord]:
+    """The records at positions index, index + count, ... of the source's first `num_samples`.
+
+    Only these are measured against the sequence limit (a measured source lists its raw records
+    and measures the picked ones), so a shard costs 1/count of the tokenizing, besides the listing.
+    """
+    records = source.records
+    if isinstance(records, partial) and records.func is measured_records:
+        raw, limit, default_prompt = records.args
+        return measure(islice(raw(), index, num_samples, count), limit, default_prompt)
+    return islice(records(), index, num_samples, count)
 
 
 def split_group(record: SourceRecord, read: Read) -> str:

@@ -175,3 +175,7 @@ class PreparedData:
     stats: DataStats
     source: str
     """Human-readable description of where the samples came from."""
+    train_shard: Callable[[int, int], Iterator[dict[str, Any]]] | None = None
+    """Streaming only: `train_shard(index, count)` gives the train samples (images decoded) of the
+    records at positions index, index + count, ...; `count` readers taking one index each read every
+    record once (what `data.loading.ShardedStream` hands DataLoader workers and processes). Picklable."""

@@ -63,17 +63,14 @@ class CachedEncoders:
         """The kinds this stage caches (none when the cache is off or both encoders train)."""
         return tuple(self.namespaces) if self.cache.enabled else ()
 
-    # The two encoders exactly as `TheWorld.embed_inputs` runs them (keep in step with it).
+    # The model's own encoder methods, the ones its forward runs on pixels: cached = fresh features.
     def encode_vision(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        gemma = self.model.gemma
         with torch.no_grad(), self.autocast():
-            dtype = gemma.get_input_embeddings().weight.dtype
-            return gemma.model.get_image_features(pixel_values=pixel_values.to(dtype)).pooler_output
+            return self.model.encode_images(pixel_values)
 
     def encode_world(self, world_pixel_values: torch.Tensor) -> torch.Tensor:
-        vae = self.model.vae
         with torch.no_grad(), self.autocast():
-            return vae(world_pixel_values.unsqueeze(2).to(vae.latents_std.dtype))
+            return self.model.encode_world(world_pixel_values)
 
     def vision_features(self, pixel_values: torch.Tensor, image_keys) -> torch.Tensor:
         return self.cache.get_or_encode(self.namespaces["vision"], image_keys, pixel_values, self.encode_vision,

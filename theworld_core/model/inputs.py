@@ -148,7 +148,27 @@ class InputBuilder:
             batch[key] = torch.stack(rows)
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
         batch["world_pixel_values"] = torch.stack([s["world_pixel_values"] for s in samples])
+        self.check_placeholders(batch["input_ids"])
         return batch
+
+    def check_placeholders(self, input_ids: torch.Tensor) -> None:
+        """Every row holds one image's and one world block's placeholder tokens, as the model writes
+        them. Checked here, on the host where the batch is built (in a DataLoader worker), so the
+        model's forward never reads a count back from the device."""
+        per_image = getattr(self.processor, "image_seq_length", None)
+        expected = {"image": (self.image_token_id, per_image),
+                    "world": (self.ids.soft, self.world_tokens if self.enable_world else 0)}
+        for what, (token_id, wanted) in expected.items():
+            if wanted is None:
+                continue
+            counts = (input_ids == token_id).sum(dim=1)
+            wrong = torch.nonzero(counts != wanted).flatten().tolist()
+            if wrong:
+                row = wrong[0]
+                raise ValueError(
+                    f"batch row {row} holds {int(counts[row])} {what} placeholder tokens where the model writes "
+                    f"{wanted} {what} embeddings; inputs must be built with the model's InputBuilder"
+                )
 
 
 INPUTS_VERSION = 1

@@ -157,27 +157,49 @@ class TheWorld(nn.Module):
 
     # ---------------------------------------------------------------- forward
 
-    def embed_inputs(self, input_ids, pixel_values=None, world_pixel_values=None) -> torch.Tensor:
-        """Token embeddings with image features and world embeddings written into their placeholders."""
+    def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """SigLIP + multi-modal projector: (B, mm_tokens_per_image, text hidden) image features.
+
+        Runs without autograd when the vision component is frozen. The feature cache
+        (`features.encoders.CachedEncoders`) calls this very method, so cached and fresh features agree.
+        """
+        vision = self.gemma.model.vision_tower
+        with self._grad_if_trainable(vision):
+            return self.gemma.model.get_image_features(pixel_values=pixel_values.to(_dtype_of(vision))).pooler_output
+
+    def encode_world(self, world_pixel_values: torch.Tensor) -> torch.Tensor:
+        """The Cosmos VAE encoder on one frame: normalised latents (B, z_dim, 1, S/8, S/8)."""
+        with self._grad_if_trainable(self.vae):
+            return self.vae(world_pixel_values.unsqueeze(2).to(_dtype_of(self.vae)))
+
+    def embed_inputs(self, input_ids, pixel_values=None, world_pixel_values=None, *, image_features=None,
+                     world_latents=None) -> torch.Tensor:
+        """Token embeddings with image features and world embeddings written into their placeholders.
+
+        `image_features` / `world_latents`: what `encode_images` / `encode_world` return, precomputed
+        (the feature cache); each replaces the matching pixels. Placeholder counts are checked when the
+        batch is built (`InputBuilder.collate`), not here: that check would read a value back from the
+        device on every step.
+        """
         embeds = self.gemma.get_input_embeddings()(input_ids)
-        if pixel_values is not None:
-            vision = self.gemma.model.vision_tower
-            with self._grad_if_trainable(vision):
-                features = self.gemma.model.get_image_features(pixel_values=pixel_values.to(_dtype_of(vision))).pooler_output
-            embeds = _scatter(embeds, input_ids == self.gemma.config.image_token_index, features, "image")
-        if self.config.enable_world and world_pixel_values is not None:
-            with self._grad_if_trainable(self.vae):
-                latent = self.vae(world_pixel_values.unsqueeze(2).to(_dtype_of(self.vae)))
-            world = self.world(latent)  # casts the latent to the projector's dtype
-            embeds = _scatter(embeds, input_ids == self.token_ids.soft, world, "world")
+        if image_features is None and pixel_values is not None:
+            image_features = self.encode_images(pixel_values)
+        if image_features is not None:
+            embeds = _scatter(embeds, input_ids == self.gemma.config.image_token_index, image_features)
+        if self.config.enable_world and world_latents is None and world_pixel_values is not None:
+            world_latents = self.encode_world(world_pixel_values)
+        if self.config.enable_world and world_latents is not None:
+            world = self.world(world_latents)  # casts the latent to the projector's dtype
+            embeds = _scatter(embeds, input_ids == self.token_ids.soft, world)
             markers = self.world.marker_embeddings.to(embeds.dtype)
             embeds = torch.where((input_ids == self.token_ids.start)[..., None], markers[0], embeds)
             embeds = torch.where((input_ids == self.token_ids.end)[..., None], markers[1], embeds)
         return embeds
 
     def forward(self, input_ids, attention_mask, token_type_ids, pixel_values=None, world_pixel_values=None,
-                labels=None, loss_reduction: str = "mean"):
-        """Returns `(logits, loss)`.
+                labels=None, loss_reduction: str = "mean", *, image_features=None, world_latents=None):
+        """Returns `(logits, loss)`. `image_features` / `world_latents`: precomputed encoder outputs
+        (the feature cache) in place of `pixel_values` / `world_pixel_values` (see `embed_inputs`).
 
         Without labels: the (B, T, V) logits and None. With labels: None and the cross entropy (fp32) of
         the answer tokens, their mean (`loss_reduction="mean"`) or their sum (`"sum"`; divide by
@@ -186,7 +208,8 @@ class TheWorld(nn.Module):
         """
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction={loss_reduction!r} is not allowed: use one of {list(LOSS_REDUCTIONS)}")
-        embeds = self.embed_inputs(input_ids, pixel_values, world_pixel_values)
+        embeds = self.embed_inputs(input_ids, pixel_values, world_pixel_values, image_features=image_features,
+                                   world_latents=world_latents)
         out = self.gemma.model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids, use_cache=False)
         if labels is None:
             return self._logits(out.last_hidden_state), None
@@ -320,13 +343,13 @@ def _dtype_of(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor, what: str) -> torch.Tensor:
-    """Write `values` (B, n, H) into the positions of `mask`, checking the counts agree."""
-    if int(mask.sum()) != values.shape[0] * values.shape[1]:
-        raise ValueError(
-            f"{int(mask.sum())} {what} placeholder tokens in the input but {values.shape[0]}x{values.shape[1]} "
-            f"{what} embeddings; inputs must be built with the model's InputBuilder"
-        )
+def _scatter(embeds: torch.Tensor, mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Write `values` (B, n, H) into the positions of `mask`, in order.
+
+    The counts must agree; `InputBuilder.collate` checks them on the host when it builds the batch
+    (a count check here would stall the device every step). A mismatch that slips through makes
+    `masked_scatter` fail when there are fewer values than positions.
+    """
     return embeds.masked_scatter(mask[..., None].expand_as(embeds), values.to(embeds.dtype))
 
 

@@ -15,7 +15,9 @@ What lands in MLflow:
   contexts `training` and `eval`;
 - metrics at step `global_step_offset + stage step`, each with `stage_step` (learning rates as
   `train/lr/<group>`: the UI orders chart sections by name, eval/ and train/ first); system metrics
-  (`system/...`, MLflow's sampler) when the run's `theworld.log_system_metrics` tag is "true";
+  (`system/...`, MLflow's sampler) when the run's `theworld.log_system_metrics` tag is "true"; with
+  the feature cache on, its counters `feature_cache/...` (hits, misses, bytes, encode seconds saved;
+  summed over ranks) at every logging step;
 - the stage output folder as the `stage_output` artifact;
 - at the end: tags `stage_status`, `stage_reason`, `hub_<key>` (the hub pusher's report, when
   pushing), metrics `walltime/setup_s`, `walltime/train_s`, `walltime/finish_s`; a streamed source's counts
@@ -167,6 +169,18 @@ class StageLogger:
         named = {f"train/{k}" if k.startswith("lr/") else k: v for k, v in metrics.items()}
         self.outbox.log_metrics(self.run_id, {**named, "stage_step": stage_step},
                                 step=self.global_step_offset + stage_step)
+
+    def log_feature_cache(self, stats: Mapping[str, float], disabled_reason: str | None) -> None:
+        """Once per stage, a console line on the feature cache (its `feature_cache/...` counters, summed
+        over ranks, go to MLflow with the train metrics)."""
+        if getattr(self, "_feature_cache_noted", False):
+            return
+        self._feature_cache_noted = True
+        if disabled_reason is not None:
+            log.info("feature cache off (%s): frozen encoders run on every step", disabled_reason)
+        else:
+            log.info("feature cache: %d hits, %d misses so far (%.0f%% hit rate)", stats.get("feature_cache/hits", 0),
+                     stats.get("feature_cache/misses", 0), 100 * stats.get("feature_cache/hit_rate", 0.0))
 
     def on_resume_state_saved(self, path: Path | None, step: int, metrics: Mapping[str, float]) -> None:
         """Queue the hub push of a resume state (`every_save`); the upload runs in the background."""
@@ -458,6 +472,9 @@ class NullStageLogger:
         pass
 
     def log_metrics(self, metrics: Mapping[str, float], stage_step: int) -> None:
+        pass
+
+    def log_feature_cache(self, stats: Mapping[str, float], disabled_reason: str | None) -> None:
         pass
 
     def on_resume_state_saved(self, path: Path | None, step: int, metrics: Mapping[str, float]) -> None:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -27,6 +28,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from theworld_core.config import StageConfig
+from theworld_core.data.loading import EpochBatches, ShardedStream, default_num_workers, even_batches
+from theworld_core.features.cache import FeatureCache
+from theworld_core.features.encoders import CachedEncoders
+from theworld_core.features.keys import image_key
 from theworld_core.model.components import (
     audit_step,
     gradient_presence,
@@ -109,6 +114,10 @@ class StageTrainer:
         self.state: ckpt.TrainerState = ckpt.TrainerState(config_hash=resume_key(cfg))  # what a resume state restores
         self.model: TheWorld | None = None  # wrapped by accelerate once set up (DDP with several ranks)
         self.builder: InputBuilder | None = None  # encodes and collates rows
+        self.encoders: CachedEncoders | None = None  # the frozen encoders behind the feature cache
+        self.num_workers: int = 0  # DataLoader workers per process (cfg.num_workers or the CPU default)
+        self._loader = None  # the train DataLoader, kept across epochs (persistent workers)
+        self._even_group = None  # CPU process group that ends streamed epochs together
         # Components the stage trains, from the config's freeze flags (what the freeze audit expects).
         self.trainable: tuple[str, ...] = cfg.trainable_component_names
         self.optimizer: torch.optim.Optimizer | None = None  # accelerate's wrapper around AdamW / AdamW8bit
@@ -212,6 +221,10 @@ class StageTrainer:
                 optimizer, self.group_names, ckpt.load_torch(transition_dir, "optimizer.pt"), restore_groups=False
             )
             log.info("carried optimizer moments for %d parameters that stay trainable", len(carried))
+        # Feature cache: built on the unwrapped model, after the freeze flags (a trainable encoder is never cached).
+        cache = FeatureCache(cfg.feature_cache_dir, max_gb=cfg.feature_cache_max_gb, mode=cfg.feature_cache)
+        self.encoders = CachedEncoders(self.model, cache, precision=self.accelerator.mixed_precision,
+                                       autocast=self.accelerator.autocast)
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
 
     def _choose_start(self) -> tuple[Path | None, Path | None]:
@@ -272,24 +285,61 @@ class StageTrainer:
 
     # ================================================================== train
 
-    def _collate(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def _collate(self, rows: list[dict]) -> dict[str, Any]:
+        """Rows -> a CPU batch (runs in the DataLoader workers); with the feature cache on, plus the
+        rows' `image_keys` for `CachedEncoders.fill`."""
         builder = self.builder
-        return builder.collate([builder.encode(r["image"], r["prompt"], r["text"]) for r in rows])
+        batch = builder.collate([builder.encode(r["image"], r["prompt"], r["text"]) for r in rows])
+        if self.encoders is not None and self.encoders.kinds:
+            batch["image_keys"] = [image_key(r["image"]) for r in rows]
+        return batch
 
-    def _train_loader(self, epoch: int):
-        """This epoch's batches in a seeded order (same order on resume), sharded across ranks."""
-        from torch.utils.data import DataLoader
+    def _train_loader(self, epoch: int, skip_batches: int = 0):
+        """This epoch's batches on the device, in a seeded order (the same on a resume), each process
+        reading its own part; the first `skip_batches` left out (a resumed epoch).
 
+        Workers decode and preprocess beside the step (`num_workers`); on CUDA into pinned memory,
+        copied without blocking. The loader lives across epochs (persistent workers).
+        """
+        acc = self.accelerator
+        if self._loader is None:
+            self._loader = self._build_train_loader()
+        loader = self._loader
+        loader.set_epoch(epoch)
+        if isinstance(loader.batch_sampler, EpochBatches):
+            loader.batch_sampler.skip = skip_batches  # skipped batches are never read
+        else:
+            loader.skip_batches = skip_batches  # a stream is read up to where it stopped
+        if acc.num_processes == 1 or isinstance(loader.batch_sampler, EpochBatches):
+            return loader
+        if self._even_group is None:
+            import torch.distributed as dist
+
+            self._even_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
+        return even_batches(loader, self._even_group)
+
+    def _build_train_loader(self):
+        from accelerate.data_loader import DataLoaderShard
+
+        cfg, acc = self.cfg, self.accelerator
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))  # share this machine's cores
+        self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(local_processes)
+        on_cuda = acc.device.type == "cuda"
+        workers = {"num_workers": self.num_workers, "pin_memory": on_cuda}
+        if self.num_workers:
+            workers.update(persistent_workers=True, prefetch_factor=4)
         dataset = self.data.train
         if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-            dataset = dataset.shuffle(seed=self.cfg.seed, buffer_size=1000)
-            dataset.set_epoch(epoch)
-            loader = DataLoader(dataset, batch_size=self.cfg.batch_size, collate_fn=self._collate)
-        else:
-            generator = torch.Generator().manual_seed(self.cfg.seed + epoch)
-            order = torch.randperm(len(dataset), generator=generator).tolist()
-            loader = DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=order, collate_fn=self._collate)
-        return self.accelerator.prepare(loader)
+            if self.data.train_shard is None:
+                raise ValueError("a streamed train split needs PreparedData.train_shard (prepare_data streaming=True)")
+            stream = ShardedStream(self.data.train_shard, seed=cfg.seed, rank=acc.process_index,
+                                   processes=acc.num_processes, workers=self.num_workers)
+            return DataLoaderShard(stream, device=acc.device, _non_blocking=on_cuda, batch_size=cfg.batch_size,
+                                   collate_fn=self._collate, **workers)
+        batches = EpochBatches(len(dataset), cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
+                               processes=acc.num_processes)
+        return DataLoaderShard(dataset, device=acc.device, _non_blocking=on_cuda, batch_sampler=batches,
+                               collate_fn=self._collate, **workers)
 
     def _train(self) -> tuple[str, str, dict]:
         cfg, acc, state = self.cfg, self.accelerator, self.state
@@ -306,10 +356,9 @@ class StageTrainer:
                              unit="step", disable=not acc.is_main_process, dynamic_ncols=True)
         try:
             while state.step < self.total_steps:
-                loader = self._train_loader(state.epoch)
-                if state.batches_in_epoch:
-                    loader = acc.skip_first_batches(loader, state.batches_in_epoch)
+                loader = self._train_loader(state.epoch, skip_batches=state.batches_in_epoch)
                 for batch in loader:
+                    batch = self.encoders.fill(batch)  # cached features in place of frozen encoders' pixels
                     with acc.accumulate(self.model):
                         loss_sum, tokens = self._forward_backward(batch)
                     state.batches_in_epoch += 1
@@ -393,13 +442,14 @@ class StageTrainer:
         cfg, state = self.cfg, self.state
         self.progress.update(1)
         if state.step % cfg.logging_steps == 0:
-            metrics = window.metrics()
+            metrics = window.metrics()  # the window's device sums are read here, not per micro-step
             if window.loss_tokens is not None:  # token-weighted over the window, all ranks
                 sums = torch.stack([window.loss_sum.float(), window.loss_tokens.float()])
                 if self.accelerator.num_processes > 1:
                     sums = self.accelerator.reduce(sums, reduction="sum")
                 loss_sum, tokens = sums.tolist()
                 metrics["train/loss"] = loss_sum / max(tokens, 1.0)
+            metrics.update(self._feature_cache_metrics())
             metrics["train/grad_norm"] = grad_norm
             for group in self.optimizer.param_groups:
                 metrics[f"lr/{group['name']}"] = group_learning_rate(group)
@@ -411,6 +461,23 @@ class StageTrainer:
             self._evaluate_and_check_plateau()
         if state.step % cfg.save_steps == 0:
             self._save_resume_state()
+
+    def _feature_cache_metrics(self) -> dict[str, float]:
+        """The cache's counters summed over ranks (`feature_cache/...`); empty when the stage caches nothing."""
+        if self.encoders is None or self.cfg.feature_cache == "off":  # the same on every rank: a collective follows
+            return {}
+        stats = self.encoders.cache.stats()
+        names = [name for name in stats if name not in ("feature_cache/hit_rate", "feature_cache/enabled")]
+        if self.accelerator.num_processes > 1:
+            local = torch.tensor([stats[name] for name in names] + [stats["feature_cache/enabled"]], dtype=torch.float64,
+                                 device=self.accelerator.device)
+            summed = self.accelerator.reduce(local, reduction="sum").tolist()
+            stats = dict(zip(names, summed[:-1]))
+            stats["feature_cache/enabled"] = summed[-1] / self.accelerator.num_processes  # share of ranks with it on
+        hits, misses = stats["feature_cache/hits"], stats["feature_cache/misses"]
+        stats["feature_cache/hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
+        self.logger.log_feature_cache(stats, self.encoders.cache.disabled_reason)
+        return stats
 
     def _end_distributed(self) -> None:
         """Ranks leave together and tear down their process group (else one may crash at exit)."""
@@ -542,7 +609,8 @@ class StageTrainer:
 
 
 class _Window:
-    """Running training statistics between two log lines."""
+    """Running training statistics between two log lines, summed on the device: nothing is read
+    back to the host until `metrics()` (at logging steps), so the micro-step never waits for the GPU."""
 
     def __init__(self):
         self.reset()
@@ -553,18 +621,19 @@ class _Window:
         self.loss_sum: torch.Tensor | None = None
         self.loss_tokens: torch.Tensor | None = None
         self.samples = 0
-        self.tokens = 0
+        self.tokens: torch.Tensor | int = 0
         self.start = time.perf_counter()
 
     def add(self, loss_sum: torch.Tensor, loss_tokens: torch.Tensor, batch: dict, processes: int) -> None:
         self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
         self.loss_tokens = loss_tokens if self.loss_tokens is None else self.loss_tokens + loss_tokens
         self.samples += batch["input_ids"].shape[0] * processes
-        self.tokens += int(batch["attention_mask"].sum()) * processes
+        self.tokens = self.tokens + batch["attention_mask"].sum() * processes
 
     def metrics(self) -> dict[str, float]:
+        """Throughput (the loss sums are read by the caller, reduced over ranks)."""
         elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"train/samples_per_s": self.samples / elapsed, "train/tokens_per_s": self.tokens / elapsed}
+        return {"train/samples_per_s": self.samples / elapsed, "train/tokens_per_s": float(self.tokens) / elapsed}
 
 
 def refuse_unavailable_options(cfg: StageConfig, *, cuda: bool) -> None:

@@ -1,0 +1,296 @@
+"""The data path and the feature cache: what they buy, as ratios measured in one run.
+
+    .venv/bin/python bench/bench_data_path.py --part all --out bench/data_path.json
+
+Parts (`--part`, default all):
+
+- `tiny`: the tiny stage 1 (world projector trains; vision tower and VAE frozen) over `--epochs`
+  epochs of synthetic data, `StageTrainer.run()` with `feature_cache: off`, then `auto` with an
+  empty cache folder (epoch 1 fills it, the others read it). Reported: steps/s of the training loop
+  (`time/train_s`; setup and the final save excluded), the ratio (goal >= 1.4x), and the cache's
+  counters. Both arms use the same worker count (`--workers`, default the trainer's default).
+- `data`: the per-sample CPU work of the data path at the real preprocessing sizes: decode a JPEG
+  (`--source-px`, default 640x480, as web images are), Gemma 3's image processor with the settings
+  of gemma-3-4b-it (896 x 896, bilinear, rescale 1/255, mean = std = 0.5, no pan and scan), the
+  chat template + tokenizer (tiny tokenizer: the same work per token), the 256 px VAE view, the
+  cache key. Images/s through a DataLoader with `num_workers` 0 and the default, and per core;
+  beside what a real-size stage 1 needs on one H100 at 40 % MFU (from FLOPs, part `flops`).
+- `flops`: stage-1 training FLOPs per sample of the reference architecture (meta device, counted
+  with torch's FlopCounterMode through bench_gpu_stages.py), before (frozen encoders run every
+  step, lm_head over the whole sequence) and after (features from the cache, lm_head over the
+  answer tokens only), and the ratio; samples/s at 40 % MFU of an H100 (989 dense bf16 TFLOP/s).
+
+Prints Markdown tables and one JSON line (prefixed `JSON `).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+                     "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false",
+                     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+for _path in (ROOT, ROOT / "bench"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+H100_PEAK_TFLOPS = 989.0  # dense bf16, SXM
+MFU = 0.40
+
+
+# ------------------------------------------------------------------------------------ tiny stage 1
+
+
+def part_tiny(args) -> dict:
+    from theworld_core.config import load_stage_config
+    from theworld_core.model.tiny import ensure_tiny_models
+    from theworld_core.training.trainer import StageTrainer
+
+    tiny = ensure_tiny_models()
+    work = Path(tempfile.mkdtemp(prefix="bench-data-path-"))
+    os.environ["THEWORLD_PROJECT_DIR"] = str(work / "project")
+    train_samples_guess = int(args.samples * 0.9)
+    steps = max(1, args.epochs * train_samples_guess // args.batch)
+    results = {}
+    try:
+        for arm, mode in (("off", "off"), ("auto", "auto"), ("warm", "auto")):  # warm: every image already cached
+            cfg = load_stage_config(ROOT / "configs" / "seed" / "stage1_projection.json").with_changes(
+                model_name=str(tiny.gemma), cosmos_model_name=str(tiny.cosmos), world_tokens=4, world_image_size=32,
+                dataset_name="synthetic", synthetic_samples=args.samples, synthetic_image_size=32, streaming=False,
+                output_dir=str(work / arm), push_to_hub=False, resume_from_checkpoint=None, batch_size=args.batch,
+                gradient_accumulation_steps=1, max_steps=steps, warmup_steps=2, do_eval=False, save_steps=10 * steps,
+                logging_steps=max(1, steps // 10), num_workers=args.workers, feature_cache=mode,
+                feature_cache_dir=str(work / "features"))
+            torch.manual_seed(0)
+            trainer = StageTrainer(cfg)
+            result = trainer.run()
+            train_s = trainer.timings["time/train_s"]
+            results[arm] = {"steps": result.steps, "train_s": train_s, "steps_per_s": result.steps / train_s,
+                             "epochs": result.steps / trainer.steps_per_epoch, "num_workers": trainer.num_workers,
+                            "cache": trainer.encoders.cache.stats() if mode == "auto" else None}
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    results["ratio"] = results["auto"]["steps_per_s"] / results["off"]["steps_per_s"]
+    results["ratio_warm"] = results["warm"]["steps_per_s"] / results["off"]["steps_per_s"]
+    return results
+
+
+# ------------------------------------------------------------------------------------ data path
+
+
+class _JpegRows(torch.utils.data.Dataset):
+    """Rows as the trainer's collate gets them: a JPEG decoded to PIL RGB, a prompt, a caption."""
+
+    def __init__(self, count: int, size: tuple[int, int]):
+        from PIL import Image
+
+        generator = torch.Generator().manual_seed(0)
+        self.count = count
+        self.jpegs = []
+        for index in range(8):
+            pixels = (torch.rand(size[1] // 8, size[0] // 8, 3, generator=generator) * 255).to(torch.uint8)
+            image = Image.fromarray(pixels.numpy()).resize(size)  # smooth: compresses like a photo
+            buffer = io.BytesIO()
+            image.save(buffer, format="JPEG", quality=90)
+            self.jpegs.append(buffer.getvalue())
+
+    def __len__(self):
+        return self.count
+
+    def __getitem__(self, index):
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(self.jpegs[index % len(self.jpegs)])).convert("RGB")
+        return {"image": image, "prompt": "Describe this image.", "text": f"a photo number {index} of a scene"}
+
+
+def real_size_builder():
+    """The tiny model's InputBuilder with gemma-3-4b-it's image processor settings and 256 px VAE images."""
+    import importlib.util
+
+    from transformers import AutoProcessor
+    from transformers.models import gemma3
+
+    # The torchvision backend where installed (as in the GPU images), else the PIL one (this box).
+    Gemma3ImageProcessor = (gemma3.Gemma3ImageProcessor if importlib.util.find_spec("torchvision")
+                            else gemma3.Gemma3ImageProcessorPil)
+
+    from theworld_core.model.inputs import InputBuilder, WorldTokenIds
+    from theworld_core.model.tiny import ensure_tiny_models
+
+    tiny = ensure_tiny_models()
+    processor = AutoProcessor.from_pretrained(str(tiny.gemma))
+    processor.image_processor = Gemma3ImageProcessor(
+        size={"height": 896, "width": 896}, resample=2, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True, do_pan_and_scan=False)
+    tokenizer = processor.tokenizer
+    tokenizer.add_tokens(["<start_of_world>", "<end_of_world>", "<world_soft_token>"], special_tokens=True)
+    ids = WorldTokenIds(*tokenizer.convert_tokens_to_ids(["<start_of_world>", "<end_of_world>", "<world_soft_token>"]))
+    return InputBuilder(processor, ids, world_tokens=64, world_image_size=256, enable_world=True, max_seq_length=4096)
+
+
+class _Collate:
+    def __init__(self, builder):
+        self.builder = builder
+
+    def __call__(self, rows):
+        from theworld_core.features.keys import image_key
+
+        batch = self.builder.collate([self.builder.encode(r["image"], r["prompt"], r["text"]) for r in rows])
+        batch["image_keys"] = [image_key(r["image"]) for r in rows]
+        return batch
+
+
+def part_data(args) -> dict:
+    from theworld_core.data.loading import default_num_workers, usable_cores
+
+    builder = real_size_builder()
+    size = tuple(int(side) for side in args.source_px.split("x"))
+    rows = _JpegRows(args.images, size)
+    collate = _Collate(builder)
+    sample = collate([rows[0]])
+    assert sample["pixel_values"].shape[-2:] == (896, 896) and sample["world_pixel_values"].shape[-2:] == (256, 256)
+    default = default_num_workers(1)
+    out = {"cores": usable_cores(), "default_workers": default, "source_px": args.source_px, "runs": {},
+           "image_processor": type(builder.processor.image_processor).__name__}
+    for workers in sorted({0, default, usable_cores()}):
+        loader = torch.utils.data.DataLoader(rows, batch_size=args.batch, collate_fn=collate, num_workers=workers,
+                                             persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+        iterator = iter(loader)
+        next(iterator)  # worker start-up and the first batch are not the steady state
+        started, images = time.perf_counter(), 0
+        for batch in iterator:
+            images += batch["input_ids"].shape[0]
+        elapsed = time.perf_counter() - started
+        out["runs"][workers] = {"images_per_s": images / elapsed, "images": images}
+        del iterator, loader
+    base = out["runs"][0]["images_per_s"]
+    for run in out["runs"].values():
+        run["ratio_vs_0"] = run["images_per_s"] / base
+    out["per_core_images_per_s"] = base  # num_workers=0: one core does everything
+    return out
+
+
+# ------------------------------------------------------------------------------------ FLOPs
+
+
+def part_flops(args) -> dict:
+    import bench_gpu_stages as gpu
+    from torch.utils.flop_counter import FlopCounterMode
+
+    reference = Path(args.reference) if args.reference else next(
+        (p for p in (gpu.REFERENCE, Path("/work/shared/reference")) if p.is_dir()), gpu.REFERENCE)
+    parser_args = gpu.parse_args(["--meta", "--gemma", str(reference / "gemma-3-4b-it.config.json"),
+                                  "--cosmos", str(reference / "cosmos-predict2-vae.config.json")])
+    work = Path(tempfile.mkdtemp(prefix="bench-flops-"))
+    try:
+        sources = gpu.resolve_sources(parser_args, work)
+        model = gpu.build_meta(sources)
+        layout = gpu.sequence_layout(model.gemma.config, parser_args)
+        fwd = gpu.forward_flops(sources, layout)
+        hidden = model.gemma.config.get_text_config().hidden_size
+        counter = FlopCounterMode(display=False)
+        with torch.device("meta"), counter, torch.no_grad():
+            model.gemma.lm_head(torch.randn(1, layout.seq_len, hidden))
+        lm_head_all = int(counter.get_total_flops())
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    lm_head_answer = lm_head_all * layout.labelled // layout.seq_len
+    stage1 = ("world_projector",)
+    before = gpu.training_flops_per_sample(fwd, stage1)
+    cached = before - fwd["gemma_vision"] - fwd["cosmos_vae"]
+    answer_only = dict(fwd, gemma_language=fwd["gemma_language"] - lm_head_all + lm_head_answer)
+    after = gpu.training_flops_per_sample(answer_only, stage1) - fwd["gemma_vision"] - fwd["cosmos_vae"]
+    need = {name: MFU * H100_PEAK_TFLOPS * 1e12 / flops for name, flops in
+            (("before", before), ("cache", cached), ("cache_and_answer_loss", after))}
+    return {"layout": {"seq_len": layout.seq_len, "answer_tokens": layout.labelled, "image_px": layout.image_size,
+                       "world_px": layout.world_image_size, "world_tokens": layout.world_tokens},
+            "forward_flops": fwd, "lm_head_flops_whole_sequence": lm_head_all,
+            "train_flops_per_sample": {"before": before, "cache": cached, "cache_and_answer_loss": after},
+            "speedup": {"cache": before / cached, "cache_and_answer_loss": before / after},
+            "h100_40pct_mfu_samples_per_s": need}
+
+
+# ------------------------------------------------------------------------------------ report
+
+
+def machine() -> dict:
+    from theworld_core.data.loading import usable_cores
+
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    return {"cpu": cpu, "cores": usable_cores(), "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+
+
+def report(result: dict) -> str:
+    lines = [f"machine: {result['machine']}"]
+    if "flops" in result:
+        f = result["flops"]
+        t, n = f["train_flops_per_sample"], f["h100_40pct_mfu_samples_per_s"]
+        lines += ["", "| stage 1, reference architecture | training TFLOP / sample | speed-up | H100 samples/s at 40 % MFU |",
+                  "|---|---:|---:|---:|"]
+        for key, label in (("before", "before (encoders every step, lm_head over the sequence)"),
+                           ("cache", "feature cache"), ("cache_and_answer_loss", "cache + loss on answer tokens only")):
+            speed = 1.0 if key == "before" else f["speedup"][key]
+            lines.append(f"| {label} | {t[key] / 1e12:.2f} | {speed:.2f}x | {n[key]:.1f} |")
+    if "data" in result:
+        d = result["data"]
+        lines += ["", f"| num_workers ({d['cores']} cores) | images/s | vs num_workers=0 |", "|---|---:|---:|"]
+        for workers, run in d["runs"].items():
+            lines.append(f"| {workers}{' (default)' if int(workers) == d['default_workers'] else ''} | "
+                         f"{run['images_per_s']:.1f} | {run['ratio_vs_0']:.2f}x |")
+    if "tiny" in result:
+        tiny = result["tiny"]
+        lines += ["", "| tiny stage 1 | steps | epochs | steps/s |", "|---|---:|---:|---:|"]
+        for arm, label in (("off", "feature_cache: off"), ("auto", "feature_cache: auto, empty folder"),
+                           ("warm", "feature_cache: auto, every image cached")):
+            run = tiny[arm]
+            lines.append(f"| {label} | {run['steps']} | {run['epochs']:.1f} | {run['steps_per_s']:.2f} |")
+        lines.append(f"| ratio auto / off (warm / off) | | | {tiny['ratio']:.2f}x ({tiny['ratio_warm']:.2f}x) |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("all", "tiny", "data", "flops"), default="all")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--samples", type=int, default=64, help="tiny: synthetic samples")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--workers", type=int, help="tiny: num_workers for both arms (default: the trainer's)")
+    parser.add_argument("--images", type=int, default=96, help="data: images through each loader")
+    parser.add_argument("--source-px", default="640x480", help="data: size of the JPEGs decoded")
+    parser.add_argument("--reference", help="flops: folder of the reference configs (default: bench_gpu_stages')")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    parser.add_argument("--out", help="JSON file to write")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    result = {"machine": machine()}
+    for part, run in (("flops", part_flops), ("data", part_data), ("tiny", part_tiny)):
+        if args.part in ("all", part):
+            result[part] = run(args)
+    print(report(result))
+    print("JSON " + json.dumps(result, default=str))
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
