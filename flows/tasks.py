@@ -1,8 +1,10 @@
 """Prefect tasks: thin wrappers of `theworld_core.pipeline`'s plain step functions.
 
 Training and evaluation are cached by what determines their result (stage config, upstream stage
-output, data fingerprint, code version), never by run ids, so a rerun after a crash skips the
-stages that finished and the interrupted one resumes from its own resume state. Their results
+output by content, data fingerprint, code version), never by run ids, so a rerun after a crash skips
+the stages that finished and the interrupted one resumes from its own resume state. A cached stage
+record is used only when the MLflow run it names, with its stage output, exists in the current
+tracking store (`usable_record_key`); otherwise the stage is recorded again. Their results
 (a `StageRecord`, an `EvalReport`) are persisted as JSON by `RECORD_SERIALIZER` and come back from
 the cache as the same types.
 """
@@ -19,6 +21,7 @@ from prefect.serializers import JSONSerializer
 
 from theworld_core import pipeline
 from theworld_core.records import StageRecord
+from theworld_core.tracking import lineage
 
 if TYPE_CHECKING:
     from theworld_core.training.evaluation import EvalReport  # imports torch
@@ -28,10 +31,52 @@ RECORD_SERIALIZER = JSONSerializer(object_encoder="theworld_core.records.json_de
 """Persists the pipeline's records through their `to_dict()` / `from_dict()`, readable on disk."""
 
 
+MAX_STALE_RECORDS = 20
+"""How many unusable cached records in a row a train-stage key may step over."""
+
+
 def _train_cache_key(context, parameters) -> str:
-    return "train-" + pipeline.stage_content_key(
-        parameters["stage_config"], parameters["upstream_uri"], parameters["data_fingerprint"], parameters["code_version"]
+    key = "train-" + pipeline.stage_content_key(
+        parameters["stage_config"], pipeline.upstream_content_id(parameters["upstream_uri"]),
+        parameters["data_fingerprint"], parameters["code_version"]
     )
+    return usable_record_key(key)
+
+
+def usable_record_key(key: str) -> str:
+    """`key`, unless the stage record cached under it cannot be used with the current tracking store
+    (its run is in another store or was deleted, or lacks its stage output): then the key after it,
+    `<key>-after-<run id>`, and so on. A new key has no record, so the task runs again: the stage is
+    recorded anew from its finished stage folder (or trained), and that record is the one a later
+    run finds."""
+    from prefect.results import get_result_store
+
+    store = get_result_store()
+    for _ in range(MAX_STALE_RECORDS):
+        if not store.exists(key):
+            return key
+        record = store.read(key).result
+        if not isinstance(record, StageRecord):
+            return key
+        problem = lineage.recorded_stage_problem(record.run_id, record.stage_output_uri)
+        if problem is None:
+            return key
+        _log().warning("cached record of stage %s (key %s) is not used: %s; the stage is recorded again",
+                       record.stage, key[:24], problem)
+        key = f"{key.split('-after-')[0]}-after-{record.run_id}"
+    return key
+
+
+def _log():
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        import logging
+
+        return logging.getLogger("theworld.pipeline")
 
 
 def _evaluate_cache_key(context, parameters) -> str:

@@ -536,7 +536,7 @@ def test_crash_in_stage_two_then_rerun_resumes(project, mlflow_client):
     assert len(stage1_runs) == 1, "stage 1 trained again on the rerun:\n" + describe(children)
     assert len(stage2_runs) == 2, describe(children)
     killed, resumed = stage2_runs
-    assert killed.info.status == "RUNNING"  # nobody ended it: the process was killed
+    assert killed.info.status == "KILLED"  # its process was killed; the rerun of the same config ended it
     assert resumed.info.status == "FINISHED"
     assert resumed.data.tags["mlflow.parentRunId"] == parents[1].info.run_id
     assert "Cached" in rerun.output or "cached" in rerun.output.lower(), rerun.output[-3000:]

@@ -77,9 +77,10 @@ def _cmd_train(args) -> int:
         Path(args.result_file).write_text(json.dumps(result.to_dict()))
         return 0
     print(json.dumps(result.to_dict(), indent=2) if args.json else
-          f"{result.status}: {result.reason}\nstage output: {result.stage_output}\nMLflow run: {result.mlflow_run_id}")
-    if result.status not in ("completed", "plateaued"):
-        return 1
+          f"{result.status}: {result.reason}\nstage output: {result.stage_output}\nMLflow run: {result.mlflow_run_id}"
+          + (f"\ntracking incomplete: {result.tracking_incomplete}" if result.tracking_incomplete else ""))
+    if result.exit_status:  # failed (1), or trained but its output not in MLflow (4)
+        return result.exit_status
     failure = push_failure(result.evidence.get(HUB_EVIDENCE_KEY))
     if failure:  # trained and saved, but not on the hub: not a silent success
         print(f"theworld train: error: {failure}", file=sys.stderr)
@@ -187,7 +188,8 @@ def build_parser(extend: Callable | None = None, argv: Sequence[str] = ()) -> ar
     train = sub.add_parser("train", help="train one stage from a stage JSON file (e.g. configs/seed/*.json)",
                            epilog="exit status: 0 trained (completed or plateaued); 1 diverged, out of memory or out of "
                                   "disk space; 2 bad input; 3 trained, but the stage output did not reach the hub "
-                                  "(push_to_hub)")
+                                  "(push_to_hub); 4 trained, but the stage output did not reach its MLflow run "
+                                  "(rerun once the tracking server is back)")
     train.add_argument("--config", required=True, help="stage config JSON (// comments and _comment keys allowed)")
     train.add_argument("--fresh", action="store_true",
                        help="ignore resume states in output_dir and start the stage afresh (default: continue the newest)")

@@ -30,16 +30,55 @@ SUCCESS = ("completed", "plateaued")
 log = logging.getLogger("theworld.pipeline")
 
 
-def stage_content_key(stage_config: dict[str, Any], upstream_uri: str | None, data_fingerprint: str,
+def stage_content_key(stage_config: dict[str, Any], upstream: str | None, data_fingerprint: str,
                       code_version: str) -> str:
-    """The content key of a stage's work: its config (without output_dir), its input, the data, the code.
+    """The content key of a stage's work: its config (without output_dir), its input (`upstream`:
+    `upstream_content_id` of the stage output it starts from), the data, the code.
 
-    Run ids are deliberately not part of it, so a rerun after a crash finds the same key, the same
-    output folder (and resume state) and the same cached result.
+    Run ids are deliberately not part of it, so a rerun after a crash, or a second pipeline run that
+    waited for the first on a stage lock, finds the same key, the same output folder (and resume
+    state) and the same cached result.
     """
     relevant = {k: v for k, v in stage_config.items() if k not in ("output_dir",)}
-    payload = json.dumps([relevant, upstream_uri, data_fingerprint, code_version], sort_keys=True, default=str)
+    payload = json.dumps([relevant, upstream, data_fingerprint, code_version], sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()
+
+
+_content_ids: dict[tuple[str, str], str] = {}
+
+
+def upstream_content_id(upstream_uri: str | None) -> str | None:
+    """The stage output at `upstream_uri` by content: `files-sha256:<digest>` of its manifest's
+    per-file checksums (`files`), whatever run or folder holds it; the URI itself where no manifest
+    can be read cheaply (a hub repo id). None for no upstream."""
+    if upstream_uri is None:
+        return None
+    from theworld_core.model.stage_output import MANIFEST_FILE, read_manifest, resolve_source
+    from theworld_core.tracking.mlflow_runs import configure_tracking
+
+    cache_key = (configure_tracking(), upstream_uri)
+    if cache_key in _content_ids:
+        return _content_ids[cache_key]
+    if upstream_uri.startswith("runs:/"):
+        import tempfile
+
+        import mlflow
+
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{upstream_uri.rstrip('/')}/{MANIFEST_FILE}",
+                                                       dst_path=tmp)
+            files = read_manifest(Path(path).parent)["files"]
+    elif upstream_uri.startswith(("models:/", "mlflow-artifacts:")) or Path(upstream_uri).expanduser().exists():
+        files = read_manifest(resolve_source(upstream_uri))["files"]
+    else:
+        return upstream_uri
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+    _content_ids[cache_key] = f"files-sha256:{digest}"
+    return _content_ids[cache_key]
+
+
+class StageNotRecorded(RuntimeError):
+    """A stage ended well but its output could not be logged to its MLflow run."""
 
 
 def prepare_data_step(stage_config: dict[str, Any]) -> PreparedData:
@@ -68,7 +107,7 @@ def train_stage_step(
     """Train one stage attempt in its own MLflow child run; returns its record."""
     from theworld_core.training.launch import train_stage
 
-    key = stage_content_key(stage_config, upstream_uri, data_fingerprint, code_version)
+    key = stage_content_key(stage_config, upstream_content_id(upstream_uri), data_fingerprint, code_version)
     name = stage_config["name"]
     cfg = StageConfig(**{**stage_config, "output_dir": str(Path(output_root) / f"{name}-{key[:12]}"),
                          "resume_from_checkpoint": upstream_uri or stage_config.get("resume_from_checkpoint")})
@@ -79,13 +118,20 @@ def train_stage_step(
                                           {**tags, "run_kind": lineage.STAGE_RUN_KIND, "stage_key": key})
         try:
             result = train_stage(cfg, mlflow_run_id=run_id, global_step_offset=global_step_offset)
+            if result.stage_output and not result.stage_output_logged:
+                raise StageNotRecorded(
+                    f"stage {name} {result.status}; its output is in {result.stage_output}, but MLflow could not "
+                    f"record it: {result.tracking_incomplete}. Rerun the pipeline once the tracking server is "
+                    "back: the stage is not trained again (its folder is keyed by content) and its records are sent")
             if result.stage_output and not lineage.has_artifact(run_id, lineage.STAGE_OUTPUT_ARTIFACT):
                 # A stage finished earlier in this folder (by another run): its output goes to this run too,
                 # so the stage output URI below is valid.
                 lineage.log_folder(run_id, Path(result.stage_output), lineage.STAGE_OUTPUT_ARTIFACT)
                 lineage.set_tags(run_id, {"reused_stage_output": result.stage_output})
         except BaseException:
-            lineage.end_run(run_id, "FAILED")
+            # With the tracking server down this fails too; the stage's own error is the one to report.
+            with contextlib.suppress(Exception):
+                lineage.end_run(run_id, "FAILED")
             raise
     train_history = lineage.metric_history(run_id, "train/loss")
     lineage.end_run(run_id, "FINISHED" if result.status in SUCCESS else "FAILED")
@@ -105,6 +151,7 @@ def train_stage_step(
         trainable=dict(result.trainable),
         evidence=dict(result.evidence),
         config=cfg.model_dump(mode="json"),
+        tracking_incomplete=result.tracking_incomplete,
     )
 
 

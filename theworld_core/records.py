@@ -109,6 +109,8 @@ class StageRecord(Record):
     evidence: dict[str, Any]
     config: dict[str, Any]
     """The `StageConfig` it ran with, as JSON (its output_dir and resume_from_checkpoint included)."""
+    tracking_incomplete: str | None = None
+    """None when everything the stage logged reached its MLflow run; else why not (`StageResult`'s field)."""
 
     @property
     def label(self) -> str:

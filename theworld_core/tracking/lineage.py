@@ -10,7 +10,13 @@ import math
 from pathlib import Path
 from typing import Any
 
-from theworld_core.tracking.mlflow_runs import SYSTEM_METRICS_TAG, configure_tracking, ensure_experiment
+from theworld_core.tracking.mlflow_runs import (
+    SYSTEM_METRICS_TAG,
+    configure_tracking,
+    end_stale_runs,
+    ensure_experiment,
+    owner_tags,
+)
 
 STAGE_OUTPUT_ARTIFACT = "stage_output"
 
@@ -23,8 +29,13 @@ def client():
 
 
 def start_parent_run(experiment: str, run_name: str, tags: dict[str, str], params: dict[str, Any]) -> str:
+    """A new pipeline parent run, tagged with its owner process. First, runs of the same `config_hash`
+    left RUNNING by a process that is gone (a killed pipeline) are ended KILLED, with their stage runs."""
     c = client()
-    run = c.create_run(ensure_experiment(experiment), run_name=run_name, tags=tags)
+    experiment_id = ensure_experiment(experiment)
+    if tags.get("config_hash"):
+        end_stale_runs(c, experiment_id, f"tags.config_hash = '{tags['config_hash']}'")
+    run = c.create_run(experiment_id, run_name=run_name, tags={**owner_tags(), **tags})
     for key, value in params.items():
         c.log_param(run.info.run_id, key, str(value)[:6000])
     return run.info.run_id
@@ -45,7 +56,8 @@ def create_child_run(parent_run_id: str, stage: str, attempt: int, tags: dict[st
     run = c.create_run(
         parent.info.experiment_id,
         run_name=f"{stage}" + (f" (attempt {attempt})" if attempt > 1 else ""),
-        tags={"mlflow.parentRunId": parent_run_id, "stage": stage, "attempt": str(attempt), **inherited, **tags},
+        tags={"mlflow.parentRunId": parent_run_id, "stage": stage, "attempt": str(attempt), **owner_tags(), **inherited,
+              **tags},
     )
     return run.info.run_id
 
@@ -247,6 +259,23 @@ def champion_version(name: str, alias: str) -> int | None:
 
 def has_artifact(run_id: str, path: str) -> bool:
     return bool(client().list_artifacts(run_id, path))
+
+
+def recorded_stage_problem(run_id: str, stage_output_uri: str | None) -> str | None:
+    """Why a stage record naming `run_id` (and `stage_output_uri`) cannot be used with the current
+    tracking store: the run is not there (another store, deleted), or lacks its stage output; None
+    when it can."""
+    from theworld_core.tracking.mlflow_runs import run_state
+
+    state = run_state(run_id)
+    store = configure_tracking()
+    if state is None:
+        return f"run {run_id} does not exist in the tracking store {store}"
+    if state["lifecycle_stage"] != "active":
+        return f"run {run_id} is {state['lifecycle_stage']} in the tracking store {store}"
+    if stage_output_uri is not None and not has_artifact(run_id, STAGE_OUTPUT_ARTIFACT):
+        return f"run {run_id} holds no {STAGE_OUTPUT_ARTIFACT} artifact in the tracking store {store}"
+    return None
 
 
 def log_folder(run_id: str, folder: Path, artifact_path: str) -> None:

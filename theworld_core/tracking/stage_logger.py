@@ -21,7 +21,15 @@ What lands in MLflow:
 - the stage output folder as the `stage_output` artifact;
 - at the end: tags `stage_status`, `stage_reason`, `hub_<key>` (the hub pusher's report, when
   pushing), metrics `walltime/setup_s`, `walltime/train_s`, `walltime/finish_s`; a streamed source's counts
-  (known only once read) as the `data/...` params then.
+  (known only once read) as the `data/...` params then; `tracking_status` (complete | incomplete) and
+  `tracking_issue`.
+
+How it lands there: through the stage's `TrackingOutbox` (tracking/outbox.py), never from the
+training thread: each record is appended to `OUTPUT_DIR/tracking-outbox.jsonl` and a background
+thread delivers it, so a slow or dead tracking server never stalls training. At the end the stage
+waits for delivery (at most TRACKING_CLOSE_TIMEOUT_S, and only while the server answers); what is
+left is sent by the next run in the output folder. A stage that had already finished checks that
+its run holds the stage output and its eval metrics, and logs what is missing.
 """
 
 from __future__ import annotations
@@ -29,12 +37,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from theworld_core.model.components import parameter_report
 from theworld_core.tracking.hub_push import card_info_from_result, check_hub_ready, pusher_for
+from theworld_core.tracking.outbox import TrackingOutbox, TrackingReport
 
 if TYPE_CHECKING:
     from theworld_core.config import StageConfig
@@ -49,6 +59,16 @@ HUB_CLOSE_TIMEOUT_S = 600.0
 """How long the end of a stage waits for its pushes to finish."""
 HUB_ABORT_TIMEOUT_S = 5.0
 """How long a stage that crashed waits for them (the upload thread must not outlive the stage)."""
+TRACKING_CLOSE_TIMEOUT_S = 900.0
+"""How long the end of a stage waits for its records (the stage output upload above all) to reach
+MLflow while the server answers; an unreachable server ends the wait after one more attempt."""
+TRACKING_ABORT_TIMEOUT_S = 10.0
+"""The same for a stage that crashed."""
+STAGE_OUTPUT_ARTIFACT = "stage_output"
+
+
+class TrackingUnavailable(RuntimeError):
+    """The stage's MLflow run cannot be opened: nothing was trained."""
 
 
 def stage_logger_for(cfg: StageConfig, *, is_main_process: bool, global_step_offset: int = 0,
@@ -71,6 +91,11 @@ class StageLogger:
         self.stage_name: str = stage_name or cfg.name or Path(cfg.output_dir).name
         self.global_step_offset: int = global_step_offset  # MLflow step = offset + stage step
         self.hub = pusher_for(cfg, stage_name=self.stage_name)  # a HubPusher when push_to_hub, else None
+        self.outbox: TrackingOutbox | None = None  # open inside open_run
+        self.run_id: str | None = None
+        self._owns_run = False  # open_run started the run (it ends it)
+        self._counts_logged = False  # log_params logged the data counts
+        self.tracking: TrackingReport | None = None  # set by finish_tracking
 
     # ------------------------------------------------------------------ start
 
@@ -80,13 +105,36 @@ class StageLogger:
         or the pipeline's child run), else a new run in the config's experiment. Yields its id.
 
         System metrics are sampled while it is active when the run's `theworld.log_system_metrics`
-        tag (the pipeline's `mlflow.log_system_metrics`) is "true"."""
-        from theworld_core.tracking.mlflow_runs import stage_run
+        tag (the pipeline's `mlflow.log_system_metrics`) is "true".
+
+        Opens the output folder's tracking outbox first, which sends what an earlier run there left
+        undelivered. The run is ended FINISHED (FAILED on an exception) when the block ends, directly
+        when MLflow has everything, else through the outbox."""
+        from theworld_core.tracking.mlflow_runs import configure_tracking, release_stage_run, start_stage_run
 
         names = self.cfg.mlflow_names(default_run_name=self.cfg.name)
-        with stage_run(run_id, names.experiment, names.run_name,
-                       log_system_metrics=system_metrics_setting(run_id)) as run:
-            yield run.info.run_id
+        uri = configure_tracking()
+        self.outbox = TrackingOutbox(self.cfg.output_dir)
+        try:
+            run, owned = start_stage_run(run_id, names.experiment, names.run_name,
+                                         log_system_metrics=system_metrics_setting(run_id))
+        except Exception as error:
+            self.outbox.close(timeout=0)
+            raise TrackingUnavailable(
+                f"stage {self.stage_name}: cannot open its MLflow run at {uri} ({type(error).__name__}: "
+                f"{str(error)[:300]}); nothing was trained. Start the tracking server (or unset MLFLOW_TRACKING_URI "
+                "for the local store) and run again") from error
+        self.run_id, self._owns_run = run.info.run_id, owned
+        status = "FAILED"
+        try:
+            yield self.run_id
+            status = "FINISHED"
+        finally:
+            if self.tracking is None:  # a crash: finish_tracking was not reached
+                self.finish_tracking(end_status=status, timeout=TRACKING_ABORT_TIMEOUT_S)
+            if owned:
+                # With records still waiting, the end waits with them (in the outbox file).
+                release_stage_run(self.run_id, None if self.tracking.pending else status)
 
     def log_stage_start(self, started_from: str, trainable: tuple[str, ...]) -> None:
         notice = self.cfg.wandb_notice(default_run_name=self.cfg.name)
@@ -97,35 +145,30 @@ class StageLogger:
     def log_params(self, model: TheWorld, *, total_steps: int, data: PreparedData, resume_key: str,
                    started_from: str) -> None:
         """The params, tags and first data statistics of a new run (`model` unwrapped)."""
-        import mlflow
-
         params: dict[str, Any] = {k: str(v)[:500] for k, v in stage_params(self.cfg.model_dump(mode="json")).items()}
         params.update({f"trainable/{c}": n.trainable for c, n in parameter_report(model).items()})
         params["total_steps"] = total_steps
         if data.stats.complete:  # a stream's counts grow while it is read: logged at the end
             params.update(data_count_params(data.stats))
-        mlflow.log_params(params)
-        for dataset, context in stage_datasets(self.cfg, data):
-            mlflow.log_input(dataset, context=context)
-        mlflow.set_tags({"data_fingerprint": data.fingerprint, "config_hash": resume_key,
-                         "started_from": started_from[:500]})
+            self._counts_logged = True
+        self.outbox.log_params(self.run_id, params)
+        self.outbox.log_inputs(self.run_id, [(dataset._to_mlflow_entity(), context)
+                                             for dataset, context in stage_datasets(self.cfg, data)])
+        self.outbox.set_tags(self.run_id, {"data_fingerprint": data.fingerprint, "config_hash": resume_key,
+                                           "started_from": started_from[:500]})
 
     def log_precision(self, params: Mapping[str, str]) -> None:
         """The precision policy of a new run (`PrecisionPolicy.as_params()`: `precision/...`)."""
-        import mlflow
-
-        mlflow.log_params(dict(params))
+        self.outbox.log_params(self.run_id, params)
 
     # ------------------------------------------------------------------ during the stage
 
     def log_metrics(self, metrics: Mapping[str, float], stage_step: int) -> None:
         """Metrics at the pipeline-global step; learning rates (`lr/<group>`) as `train/lr/<group>`,
         so the MLflow UI's chart sections (alphabetical by prefix) start with eval/ and train/."""
-        import mlflow
-
         named = {f"train/{k}" if k.startswith("lr/") else k: v for k, v in metrics.items()}
-        mlflow.log_metrics({**named, "stage_step": stage_step}, step=self.global_step_offset + stage_step,
-                           synchronous=False)
+        self.outbox.log_metrics(self.run_id, {**named, "stage_step": stage_step},
+                                step=self.global_step_offset + stage_step)
 
     def log_feature_cache(self, stats: Mapping[str, float], disabled_reason: str | None) -> None:
         """Once per stage, a console line on the feature cache (its `feature_cache/...` counters, summed
@@ -147,36 +190,115 @@ class StageLogger:
     # ------------------------------------------------------------------ end
 
     def log_stage_output(self, final: Path) -> None:
-        import mlflow
+        self.outbox.log_artifacts(self.run_id, final, STAGE_OUTPUT_ARTIFACT)
 
-        mlflow.log_artifacts(str(final), artifact_path="stage_output")
+    def complete_finished_stage(self, final: Path, eval_history: list[list[float]]) -> None:
+        """For a stage that had already finished: log the stage output unless the run holds this very
+        one (its manifest's per-file sha256), and every `eval/loss` point the run lacks."""
+        from mlflow.tracking import MlflowClient
+
+        self.outbox.flush(TRACKING_CLOSE_TIMEOUT_S)  # what an earlier run left undelivered goes first
+        client = MlflowClient()
+        local_files = json.loads((Path(final) / "manifest.json").read_text()).get("files")
+        try:
+            logged = _logged_manifest_files(client, self.run_id)
+            have = {int(m.step) for m in client.get_metric_history(self.run_id, "eval/loss")}
+        except Exception as error:  # noqa: BLE001 - unreachable: log it all, the outbox keeps it
+            log.warning("cannot check what MLflow run %s holds (%s): logging the stage output again",
+                        self.run_id, error)
+            logged, have = None, set()
+        if "artifacts" not in self.outbox.pending_ops(self.run_id) and logged != local_files:
+            log.info("MLflow run %s lacks this stage output (%s): logging %s", self.run_id,
+                     "none logged" if logged is None else "another one logged", final)
+            self.log_stage_output(final)
+        for step, loss in eval_history:
+            if self.global_step_offset + int(step) not in have and math.isfinite(loss):
+                self.log_metrics({"eval/loss": loss}, int(step))
 
     def log_stage_end(self, result: StageResult, *, timings: Mapping[str, float], data_stats: DataStats,
                       push_final: Path | None) -> None:
         """Status tags, timings, final data statistics; pushes `push_final` (a new stage output) and
         waits for the pushes (at most HUB_CLOSE_TIMEOUT_S), tagging the pusher's report."""
-        import mlflow
-
-        mlflow.set_tags({"stage_status": result.status, "stage_reason": result.reason[:500]})
+        self.outbox.set_tags(self.run_id, {"stage_status": result.status, "stage_reason": result.reason[:500]})
         # Where a stage's time went: building/loading (setup), the loop, the final save + upload;
         # `walltime/` sorts after train/ in the UI's chart sections (the trainer names them time/...).
-        mlflow.log_metrics({walltime_name(k): v for k, v in timings.items()})
+        self.outbox.log_metrics(self.run_id, {walltime_name(k): v for k, v in timings.items()}, step=0)
         # Streamed sources know their counts only once read (a resumed stage logged them before).
-        logged = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-        counts = {k: v for k, v in data_count_params(data_stats).items() if k not in logged}
+        counts = {} if self._counts_logged else data_count_params(data_stats)
         if counts:
-            mlflow.log_params(counts)
+            counts = {k: v for k, v in counts.items() if k not in self._logged_params()}
+        if counts:
+            self.outbox.log_params(self.run_id, counts)
         if self.hub is not None:
             if push_final is not None:
                 self.hub.on_end(push_final, card_info_from_result(result, self.stage_name))
             report = self.hub.close(timeout=HUB_CLOSE_TIMEOUT_S)
-            mlflow.set_tags({f"hub_{k}": str(v)[:500] for k, v in report.items()})
+            self.outbox.set_tags(self.run_id, {f"hub_{k}": str(v)[:500] for k, v in report.items()})
         log.info("stage %s %s after %d steps: %s", self.stage_name, result.status, result.steps, result.reason)
+
+    def _logged_params(self) -> dict[str, str]:
+        """The run's params as MLflow has them (after what waits in the outbox); {} when it cannot say."""
+        from mlflow.tracking import MlflowClient
+
+        self.outbox.flush(TRACKING_ABORT_TIMEOUT_S)
+        try:
+            return MlflowClient().get_run(self.run_id).data.params
+        except Exception:  # noqa: BLE001 - unreachable: the counts go to the outbox and wait there
+            return {}
+
+    def finish_tracking(self, end_status: str | None = None, timeout: float = TRACKING_CLOSE_TIMEOUT_S
+                        ) -> TrackingReport:
+        """Wait (at most `timeout`, and only while MLflow answers) for the stage's records to arrive;
+        tag `tracking_status`. When some cannot be delivered they stay in the outbox file, with the
+        run's end (`end_status`, when this logger opened the run) after them. Returns what reached MLflow."""
+        if self.tracking is not None:
+            return self.tracking
+        end_status = end_status if self._owns_run else None
+        if self.outbox.flush(timeout):
+            self.outbox.set_tags(self.run_id, {"tracking_status": "complete", "tracking_issue": ""})
+        self.tracking = self.outbox.close(timeout=min(timeout, 60.0))
+        if not self.tracking.complete:
+            log.warning("stage %s: tracking incomplete: %s", self.stage_name, self.tracking.issue)
+            tags = {"tracking_status": "incomplete", "tracking_issue": self.tracking.issue[:4000]}
+            if self.tracking.pending:  # after the records still waiting in the file (the outbox has stopped)
+                self.outbox.set_tags(self.run_id, tags)
+                if end_status is not None:
+                    self.outbox.end_run(self.run_id, end_status)
+            else:  # MLflow answers but refused some records
+                with contextlib.suppress(Exception):
+                    from mlflow.tracking import MlflowClient
+
+                    MlflowClient().log_batch(self.run_id, tags=[_tag(k, v) for k, v in tags.items()])
+        return self.tracking
 
     def close(self) -> None:
         """Always called when the stage ends, also on a crash: no upload thread outlives the stage."""
         if self.hub is not None:
             self.hub.close(timeout=HUB_ABORT_TIMEOUT_S)
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
+
+
+def _logged_manifest_files(client, run_id: str) -> dict | None:
+    """The `files` field (per-file sha256 and size) of the stage output manifest logged to `run_id`,
+    None when the run holds none."""
+    import tempfile
+
+    if not client.list_artifacts(run_id, STAGE_OUTPUT_ARTIFACT):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            path = client.download_artifacts(run_id, f"{STAGE_OUTPUT_ARTIFACT}/manifest.json", tmp)
+        except OSError:
+            return None
+        try:
+            return json.loads(Path(path).read_text()).get("files")
+        except (OSError, ValueError):
+            return None
 
 
 def walltime_name(key: str) -> str:
@@ -361,9 +483,15 @@ class NullStageLogger:
     def log_stage_output(self, final: Path) -> None:
         pass
 
+    def complete_finished_stage(self, final: Path, eval_history: list[list[float]]) -> None:
+        pass
+
     def log_stage_end(self, result: StageResult, *, timings: Mapping[str, float], data_stats: DataStats,
                       push_final: Path | None) -> None:
         pass
+
+    def finish_tracking(self, end_status: str | None = None, timeout: float = 0.0) -> None:
+        return None
 
     def close(self) -> None:
         pass

@@ -12,6 +12,7 @@ from typing import Any
 
 from theworld_core.config import RESUME_COMPATIBLE_KEYS, StageConfig
 
+
 def resume_key(cfg: StageConfig) -> str:
     """Hash of every key that changes what a stage trains: a resume state saved under another key is
     refused. Stored in the resume state's `TrainerState.config_hash` (the field keeps its name, so
@@ -24,6 +25,10 @@ def changed_training_keys(before: dict[str, Any], now: dict[str, Any]) -> list[s
     """`key: old -> new` for every key that differs and changes what is trained (for the refusal message)."""
     return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
             if k not in RESUME_COMPATIBLE_KEYS and before.get(k) != now.get(k)]
+
+
+EXIT_NOT_IN_MLFLOW = 4
+"""`theworld train`'s exit status when the stage ended well but its output did not reach its MLflow run."""
 
 
 @dataclass(frozen=True)
@@ -46,6 +51,21 @@ class StageResult:
     mlflow_run_id: str | None
     started_from: str
     evidence: dict[str, Any] = field(default_factory=dict)
+    tracking_incomplete: str | None = None
+    """None when every record of the stage reached MLflow; else why not, in plain words (the rest
+    waits in `OUTPUT_DIR/tracking-outbox.jsonl` and is sent by the next run in this output folder)."""
+    stage_output_logged: bool = False
+    """The stage output is in the stage's MLflow run (artifact `stage_output`), where a pipeline finds it."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    @property
+    def exit_status(self) -> int:
+        """`theworld train`'s exit status as far as training and tracking go: 0 the stage ended well
+        and its output is in MLflow; 1 it failed (diverged, oom, disk full); EXIT_NOT_IN_MLFLOW (4) it
+        ended well but its output could not be logged to MLflow (it is in `stage_output`; rerun the
+        same command once the tracking server is back)."""
+        if self.status not in ("completed", "plateaued"):
+            return 1
+        return 0 if self.stage_output_logged else EXIT_NOT_IN_MLFLOW

@@ -586,6 +586,10 @@ class StageTrainer:
                 if acc.is_main_process:  # rank 0 writes
                     save_stage_output(acc.unwrap_model(self.model), final, stage_config=cfg.model_dump(mode="json"))
                 self.logger.log_stage_output(final)
+            else:
+                # A kill before the upload, or a tracking server that was down, can leave the run without
+                # the output or metrics: log what it lacks.
+                self.logger.complete_finished_stage(final, state.eval_history)
         losses = [loss for _, loss in state.eval_history if math.isfinite(loss)]
         result = StageResult(
             status=status,
@@ -607,6 +611,10 @@ class StageTrainer:
         self.timings["time/finish_s"] = time.perf_counter() - finish_started
         self.logger.log_stage_end(result, timings=self.timings, data_stats=self.data.stats,
                                   push_final=final if final is not None and not already_final else None)
+        tracking = self.logger.finish_tracking(end_status="FINISHED")  # None on ranks other than 0
+        if tracking is not None:
+            result = replace(result, tracking_incomplete=tracking.issue,
+                             stage_output_logged=final is not None and not tracking.stage_output_missing)
         hub = getattr(self.logger, "hub", None)  # rank 0 with push_to_hub: the pushes are done (or abandoned)
         if hub is not None:
             report = hub.report()
