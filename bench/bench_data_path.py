@@ -42,7 +42,7 @@ for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFO
                      "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
     os.environ.setdefault(_key, _value)
 
-import torch
+import torch  # noqa: E402  (after the environment it reads at import)
 
 ROOT = Path(__file__).resolve().parents[1]
 for _path in (ROOT, ROOT / "bench"):
@@ -102,7 +102,7 @@ class _JpegRows(torch.utils.data.Dataset):
         generator = torch.Generator().manual_seed(0)
         self.count = count
         self.jpegs = []
-        for index in range(8):
+        for _ in range(8):
             pixels = (torch.rand(size[1] // 8, size[0] // 8, 3, generator=generator) * 255).to(torch.uint8)
             image = Image.fromarray(pixels.numpy()).resize(size)  # smooth: compresses like a photo
             buffer = io.BytesIO()

@@ -42,7 +42,7 @@ import tempfile
 import time
 import urllib.request
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -245,7 +245,7 @@ def main() -> int:
         return f"{statistics.median(values):.1f} s" + (f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else "")
 
     keys = ["created", "running", "stage 1", "first step", "done"]
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
         SECTION, "",
         f"`bench/bench_deploy.py --runs {args.runs} --reruns {args.reruns}` on {date}: {machine()}; load average "

@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
           "| vision tower without autograd |")
     print("|---|---|---:|---:|---:|---:|---|---:|---:|---|---|")
     for r in rows:
-        def branch(key: str, component: str) -> str:
+        def branch(key: str, component: str, r=r) -> str:
             seen = r["branches"].get(key)
             if not seen:
                 return "not run"

@@ -15,6 +15,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest
 
+# Files whose every test is end to end: they start servers, train in subprocesses or run the whole
+# pipeline. `scripts/test.sh -m "not e2e"` leaves them out (the quick loop); CI runs everything.
+E2E_FILES = {
+    "test_console.py", "test_deploy.py", "test_distributed.py", "test_integrity.py", "test_mlflow_view.py",
+    "test_pipeline.py", "test_postgres_stack.py", "test_real_size.py", "test_tracking_failures.py",
+    "test_data_path.py", "test_trainer.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in E2E_FILES:
+            item.add_marker(pytest.mark.e2e)
+
 
 @pytest.fixture(scope="session")
 def tiny_paths(tmp_path_factory):

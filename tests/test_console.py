@@ -92,7 +92,7 @@ def short_tiny_profile(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_run_console_has_one_line_per_event(tmp_path):
     from theworld_core.model.tiny import ensure_tiny_models
 

@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from datasets import Dataset, Features, Image as ImageFeature, Value, disable_progress_bars
+from datasets import Dataset, Features, Value, disable_progress_bars
+from datasets import Image as ImageFeature
 from PIL import Image
 
 from theworld_core.config import DataConfig

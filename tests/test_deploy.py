@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 import uuid
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -86,7 +86,7 @@ def pipeline_doc(images: Path, output_root: Path, experiment: str, cron: str | N
 
 def far_cron() -> str:
     """A daily cron 12 hours from now (UTC): it never fires while the test runs."""
-    return f"17 {(datetime.now(timezone.utc).hour + 12) % 24} * * *"
+    return f"17 {(datetime.now(UTC).hour + 12) % 24} * * *"
 
 
 def base_env(**extra: str) -> dict[str, str]:
@@ -379,7 +379,7 @@ def test_serve_and_notify_need_prefect_api_url(tmp_path, capsys, monkeypatch):
 # --- slow: the deployment, served and from prefect.yaml ---------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_prefect_yaml_deploys_to_a_process_pool(prefect_api, tmp_path):
     """`prefect --no-prompt deploy --name full` from the repository root (the work-pool route):
     the deployment's pool, entrypoint, parameters, schedule, trigger and concurrency limit."""
@@ -408,7 +408,7 @@ def test_prefect_yaml_deploys_to_a_process_pool(prefect_api, tmp_path):
         prefect.close()
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_home, tmp_path):
     """`theworld serve` + `prefect deployment run`: a run trains; a rerun ends at once with "no new
     data"; `theworld data add --notify` starts a run through the event trigger, which trains (warm
@@ -551,7 +551,7 @@ open(out, "w").write(json.dumps({k: v for k, v in record.to_dict().items() if k 
 """
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_runs_of_the_same_stage_do_not_clobber(theworld_home, tmp_path):
     """Two pipeline processes reach the same content-keyed stage folder at once: one trains, the other
     waits on `<folder>.lock`, then finds the stage finished and reuses its output (logged to its own

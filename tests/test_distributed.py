@@ -59,7 +59,6 @@ import signal
 import subprocess
 import sys
 import time
-import warnings
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -253,7 +252,7 @@ class Job:
         except OSError:
             pass
 
-    def wait(self, stop_when=None, kill=None) -> "Launch":
+    def wait(self, stop_when=None, kill=None) -> Launch:
         """Until the CLI exits (or, with `stop_when`, until it returns true, then `kill()`), scanning
         the process tree twice a second. Past LAUNCH_TIMEOUT the job is killed and the test fails.
         Every process of the job must be gone afterwards."""
@@ -491,7 +490,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(setting, runs):
         assert {"gemma.model.language_model", "gemma.model.vision_tower", "world"} <= set(moved), sorted(moved)
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_processes_weight_every_answer_token_once(runs, tiny_paths, tmp_path):
     """2 processes x (batch 2 x accumulation 2) train what 1 process x batch 8 trains, on captions of
     10 to 40 answer tokens: the loss of a step is the sum of its token losses over the answer

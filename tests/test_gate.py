@@ -8,7 +8,7 @@ import math
 import types
 
 import pytest
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from theworld_core.config import TrainingConfig

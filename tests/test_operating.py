@@ -295,7 +295,7 @@ def wait_for(what: str, check, timeout: float, proc: subprocess.Popen, log: Path
     raise AssertionError(f"no {what} after {timeout:.0f} s:\n{tail(log)}")
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_readme_operating_lines_run_as_written(tmp_path):
     lines = readme_operating_lines()
     roles = {

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from servers import (  # noqa: F401  (fixtures)
     CliResult,
     client_env,
@@ -39,7 +38,7 @@ from servers import (  # noqa: F401  (fixtures)
     stop_process_group,
 )
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 EVAL_STEPS = 10

@@ -29,7 +29,16 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
-from servers import LOCALHOST, Server, _base_env, _bin, free_port, prefect_server_spec, start_theworld, stop_process_group  # noqa: E402
+from servers import (  # noqa: E402
+    LOCALHOST,
+    Server,
+    _base_env,
+    _bin,
+    free_port,
+    prefect_server_spec,
+    start_theworld,
+    stop_process_group,
+)
 from test_deploy import base_env, deployment_run, far_cron, make_images, pipeline_doc, tail  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -164,7 +173,7 @@ class AuthedPrefect:
 # --- the test ------------------------------------------------------------------------------------------
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_stack_on_postgres_serves_two_overlapping_runs(pg_databases, tmp_path, monkeypatch):
     """Both servers on Postgres with basic auth; `theworld serve` + two `prefect deployment run` at
     once: the concurrency limit (1, ENQUEUE) makes the second wait for the first, which trains and

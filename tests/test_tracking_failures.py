@@ -381,7 +381,7 @@ def child_runs(client, experiment: str) -> list:
     return [r for r in runs if "mlflow.parentRunId" in r.data.tags]
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_two_runs_together_on_a_fresh_store_share_every_stage(tmp_path, mlflow_server, prefect_server, theworld_home):
     """Two `theworld run` of one config started together on a fresh SQLite store: both succeed; the
     second waits on each stage's lock and reuses it, so every stage has one folder and both runs'
@@ -411,7 +411,7 @@ def test_two_runs_together_on_a_fresh_store_share_every_stage(tmp_path, mlflow_s
         assert len(runs) == 2 and len(keys) == 1, f"stage {stage}: keys {keys}"
 
 
-@pytest.mark.slow
+@pytest.mark.e2e
 def test_cached_stage_records_of_another_store_or_deleted_runs_are_recorded_again(
         tmp_path, mlflow_server, prefect_server, theworld_home):
     """One PREFECT_HOME (so one task cache): `theworld run` on the project's SQLite store, then on the

@@ -72,7 +72,7 @@ class TheWorld(nn.Module):
     # ---------------------------------------------------------------- construction
 
     @classmethod
-    def from_base(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> "TheWorld":
+    def from_base(cls, config: ModelConfig, dtype: torch.dtype | None = None) -> TheWorld:
         """Load the pretrained Gemma 3 and Cosmos VAE (encoder only) and add a fresh world branch.
 
         `dtype` None loads each base as its library does by default: Gemma in the dtype its config
@@ -90,7 +90,7 @@ class TheWorld(nn.Module):
         return model
 
     @classmethod
-    def on_meta(cls, config: ModelConfig) -> "TheWorld":
+    def on_meta(cls, config: ModelConfig) -> TheWorld:
         """The architecture without weights (no memory, no download of weights): for planning."""
         from diffusers import AutoencoderKLWan
         from transformers import Gemma3ForConditionalGeneration
@@ -328,7 +328,7 @@ class TheWorld(nn.Module):
         return save_stage_output(self, Path(directory), stage_config=stage_config)
 
     @classmethod
-    def from_pretrained(cls, source: str | Path, dtype: torch.dtype | None = None, **overrides) -> "TheWorld":
+    def from_pretrained(cls, source: str | Path, dtype: torch.dtype | None = None, **overrides) -> TheWorld:
         """Load a stage output from a folder, `runs:/...` or `models:/...`: bases rebuilt, trained weights applied.
 
         `overrides` replace model config keys (e.g. `model_name` pointing at a local copy of the base).

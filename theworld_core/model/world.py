@@ -27,7 +27,7 @@ class VaeEncoder(nn.Module):
         self.register_buffer("latents_std", torch.tensor(latents_std).view(1, z_dim, 1, 1, 1), persistent=False)
 
     @classmethod
-    def from_autoencoder(cls, vae: nn.Module) -> "VaeEncoder":
+    def from_autoencoder(cls, vae: nn.Module) -> VaeEncoder:
         """Take the encoder out of a loaded `AutoencoderKLWan`; its decoder is left to be freed."""
         cfg = vae.config
         return cls(vae.encoder, vae.quant_conv, cfg.latents_mean, cfg.latents_std, cfg.z_dim)
