@@ -37,9 +37,15 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-for _key, _value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                     "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false",
-                     "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}.items():
+for _key, _value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
+}.items():
     os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402  (after the environment it reads at import)
@@ -70,19 +76,40 @@ def part_tiny(args) -> dict:
     try:
         for arm, mode in (("off", "off"), ("auto", "auto"), ("warm", "auto")):  # warm: every image already cached
             cfg = load_stage_config(ROOT / "configs" / "seed" / "stage1_projection.json").with_changes(
-                model_name=str(tiny.gemma), cosmos_model_name=str(tiny.cosmos), world_tokens=4, world_image_size=32,
-                dataset_name="synthetic", synthetic_samples=args.samples, synthetic_image_size=32, streaming=False,
-                output_dir=str(work / arm), push_to_hub=False, resume_from_checkpoint=None, batch_size=args.batch,
-                gradient_accumulation_steps=1, max_steps=steps, warmup_steps=2, do_eval=False, save_steps=10 * steps,
-                logging_steps=max(1, steps // 10), num_workers=args.workers, feature_cache=mode,
-                feature_cache_dir=str(work / "features"))
+                model_name=str(tiny.gemma),
+                cosmos_model_name=str(tiny.cosmos),
+                world_tokens=4,
+                world_image_size=32,
+                dataset_name="synthetic",
+                synthetic_samples=args.samples,
+                synthetic_image_size=32,
+                streaming=False,
+                output_dir=str(work / arm),
+                push_to_hub=False,
+                resume_from_checkpoint=None,
+                batch_size=args.batch,
+                gradient_accumulation_steps=1,
+                max_steps=steps,
+                warmup_steps=2,
+                do_eval=False,
+                save_steps=10 * steps,
+                logging_steps=max(1, steps // 10),
+                num_workers=args.workers,
+                feature_cache=mode,
+                feature_cache_dir=str(work / "features"),
+            )
             torch.manual_seed(0)
             trainer = StageTrainer(cfg)
             result = trainer.run()
             train_s = trainer.timings["time/train_s"]
-            results[arm] = {"steps": result.steps, "train_s": train_s, "steps_per_s": result.steps / train_s,
-                             "epochs": result.steps / trainer.steps_per_epoch, "num_workers": trainer.num_workers,
-                            "cache": trainer.encoders.cache.stats() if mode == "auto" else None}
+            results[arm] = {
+                "steps": result.steps,
+                "train_s": train_s,
+                "steps_per_s": result.steps / train_s,
+                "epochs": result.steps / trainer.steps_per_epoch,
+                "num_workers": trainer.num_workers,
+                "cache": trainer.encoders.cache.stats() if mode == "auto" else None,
+            }
     finally:
         shutil.rmtree(work, ignore_errors=True)
     results["ratio"] = results["auto"]["steps_per_s"] / results["off"]["steps_per_s"]
@@ -127,8 +154,9 @@ def real_size_builder():
     from transformers.models import gemma3
 
     # The torchvision backend where installed (as in the GPU images), else the PIL one (this box).
-    Gemma3ImageProcessor = (gemma3.Gemma3ImageProcessor if importlib.util.find_spec("torchvision")
-                            else gemma3.Gemma3ImageProcessorPil)
+    Gemma3ImageProcessor = (
+        gemma3.Gemma3ImageProcessor if importlib.util.find_spec("torchvision") else gemma3.Gemma3ImageProcessorPil
+    )
 
     from theworld_core.model.inputs import InputBuilder, WorldTokenIds
     from theworld_core.model.tiny import ensure_tiny_models
@@ -136,8 +164,16 @@ def real_size_builder():
     tiny = ensure_tiny_models()
     processor = AutoProcessor.from_pretrained(str(tiny.gemma))
     processor.image_processor = Gemma3ImageProcessor(
-        size={"height": 896, "width": 896}, resample=2, do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
-        image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5], do_convert_rgb=True, do_pan_and_scan=False)
+        size={"height": 896, "width": 896},
+        resample=2,
+        do_rescale=True,
+        rescale_factor=1 / 255,
+        do_normalize=True,
+        image_mean=[0.5, 0.5, 0.5],
+        image_std=[0.5, 0.5, 0.5],
+        do_convert_rgb=True,
+        do_pan_and_scan=False,
+    )
     tokenizer = processor.tokenizer
     tokenizer.add_tokens(["<start_of_world>", "<end_of_world>", "<world_soft_token>"], special_tokens=True)
     ids = WorldTokenIds(*tokenizer.convert_tokens_to_ids(["<start_of_world>", "<end_of_world>", "<world_soft_token>"]))
@@ -166,11 +202,22 @@ def part_data(args) -> dict:
     sample = collate([rows[0]])
     assert sample["pixel_values"].shape[-2:] == (896, 896) and sample["world_pixel_values"].shape[-2:] == (256, 256)
     default = default_num_workers(1)
-    out = {"cores": usable_cores(), "default_workers": default, "source_px": args.source_px, "runs": {},
-           "image_processor": type(builder.processor.image_processor).__name__}
+    out = {
+        "cores": usable_cores(),
+        "default_workers": default,
+        "source_px": args.source_px,
+        "runs": {},
+        "image_processor": type(builder.processor.image_processor).__name__,
+    }
     for workers in sorted({0, default, usable_cores()}):
-        loader = torch.utils.data.DataLoader(rows, batch_size=args.batch, collate_fn=collate, num_workers=workers,
-                                             persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+        loader = torch.utils.data.DataLoader(
+            rows,
+            batch_size=args.batch,
+            collate_fn=collate,
+            num_workers=workers,
+            persistent_workers=workers > 0,
+            prefetch_factor=4 if workers else None,
+        )
         iterator = iter(loader)
         next(iterator)  # worker start-up and the first batch are not the steady state
         started, images = time.perf_counter(), 0
@@ -193,10 +240,20 @@ def part_flops(args) -> dict:
     import bench_gpu_stages as gpu
     from torch.utils.flop_counter import FlopCounterMode
 
-    reference = Path(args.reference) if args.reference else next(
-        (p for p in (gpu.REFERENCE, Path("/work/shared/reference")) if p.is_dir()), gpu.REFERENCE)
-    parser_args = gpu.parse_args(["--meta", "--gemma", str(reference / "gemma-3-4b-it.config.json"),
-                                  "--cosmos", str(reference / "cosmos-predict2-vae.config.json")])
+    reference = (
+        Path(args.reference)
+        if args.reference
+        else next((p for p in (gpu.REFERENCE, Path("/work/shared/reference")) if p.is_dir()), gpu.REFERENCE)
+    )
+    parser_args = gpu.parse_args(
+        [
+            "--meta",
+            "--gemma",
+            str(reference / "gemma-3-4b-it.config.json"),
+            "--cosmos",
+            str(reference / "cosmos-predict2-vae.config.json"),
+        ]
+    )
     work = Path(tempfile.mkdtemp(prefix="bench-flops-"))
     try:
         sources = gpu.resolve_sources(parser_args, work)
@@ -216,14 +273,24 @@ def part_flops(args) -> dict:
     cached = before - fwd["gemma_vision"] - fwd["cosmos_vae"]
     answer_only = dict(fwd, gemma_language=fwd["gemma_language"] - lm_head_all + lm_head_answer)
     after = gpu.training_flops_per_sample(answer_only, stage1) - fwd["gemma_vision"] - fwd["cosmos_vae"]
-    need = {name: MFU * H100_PEAK_TFLOPS * 1e12 / flops for name, flops in
-            (("before", before), ("cache", cached), ("cache_and_answer_loss", after))}
-    return {"layout": {"seq_len": layout.seq_len, "answer_tokens": layout.labelled, "image_px": layout.image_size,
-                       "world_px": layout.world_image_size, "world_tokens": layout.world_tokens},
-            "forward_flops": fwd, "lm_head_flops_whole_sequence": lm_head_all,
-            "train_flops_per_sample": {"before": before, "cache": cached, "cache_and_answer_loss": after},
-            "speedup": {"cache": before / cached, "cache_and_answer_loss": before / after},
-            "h100_40pct_mfu_samples_per_s": need}
+    need = {
+        name: MFU * H100_PEAK_TFLOPS * 1e12 / flops
+        for name, flops in (("before", before), ("cache", cached), ("cache_and_answer_loss", after))
+    }
+    return {
+        "layout": {
+            "seq_len": layout.seq_len,
+            "answer_tokens": layout.labelled,
+            "image_px": layout.image_size,
+            "world_px": layout.world_image_size,
+            "world_tokens": layout.world_tokens,
+        },
+        "forward_flops": fwd,
+        "lm_head_flops_whole_sequence": lm_head_all,
+        "train_flops_per_sample": {"before": before, "cache": cached, "cache_and_answer_loss": after},
+        "speedup": {"cache": before / cached, "cache_and_answer_loss": before / after},
+        "h100_40pct_mfu_samples_per_s": need,
+    }
 
 
 # ------------------------------------------------------------------------------------ report
@@ -232,11 +299,26 @@ def part_flops(args) -> dict:
 def machine() -> dict:
     from theworld_core.data.loading import usable_cores
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
-    return {"cpu": cpu, "cores": usable_cores(), "torch": torch.__version__, "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")}
+    cpu = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
+    return {
+        "cpu": cpu,
+        "cores": usable_cores(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    }
 
 
 def report(result: dict) -> str:
@@ -244,23 +326,34 @@ def report(result: dict) -> str:
     if "flops" in result:
         f = result["flops"]
         t, n = f["train_flops_per_sample"], f["h100_40pct_mfu_samples_per_s"]
-        lines += ["", "| stage 1, reference architecture | training TFLOP / sample | speed-up | H100 samples/s at 40 % MFU |",
-                  "|---|---:|---:|---:|"]
-        for key, label in (("before", "before (encoders every step, lm_head over the sequence)"),
-                           ("cache", "feature cache"), ("cache_and_answer_loss", "cache + loss on answer tokens only")):
+        lines += [
+            "",
+            "| stage 1, reference architecture | training TFLOP / sample | speed-up | H100 samples/s at 40 % MFU |",
+            "|---|---:|---:|---:|",
+        ]
+        for key, label in (
+            ("before", "before (encoders every step, lm_head over the sequence)"),
+            ("cache", "feature cache"),
+            ("cache_and_answer_loss", "cache + loss on answer tokens only"),
+        ):
             speed = 1.0 if key == "before" else f["speedup"][key]
             lines.append(f"| {label} | {t[key] / 1e12:.2f} | {speed:.2f}x | {n[key]:.1f} |")
     if "data" in result:
         d = result["data"]
         lines += ["", f"| num_workers ({d['cores']} cores) | images/s | vs num_workers=0 |", "|---|---:|---:|"]
         for workers, run in d["runs"].items():
-            lines.append(f"| {workers}{' (default)' if int(workers) == d['default_workers'] else ''} | "
-                         f"{run['images_per_s']:.1f} | {run['ratio_vs_0']:.2f}x |")
+            lines.append(
+                f"| {workers}{' (default)' if int(workers) == d['default_workers'] else ''} | "
+                f"{run['images_per_s']:.1f} | {run['ratio_vs_0']:.2f}x |"
+            )
     if "tiny" in result:
         tiny = result["tiny"]
         lines += ["", "| tiny stage 1 | steps | epochs | steps/s |", "|---|---:|---:|---:|"]
-        for arm, label in (("off", "feature_cache: off"), ("auto", "feature_cache: auto, empty folder"),
-                           ("warm", "feature_cache: auto, every image cached")):
+        for arm, label in (
+            ("off", "feature_cache: off"),
+            ("auto", "feature_cache: auto, empty folder"),
+            ("warm", "feature_cache: auto, every image cached"),
+        ):
             run = tiny[arm]
             lines.append(f"| {label} | {run['steps']} | {run['epochs']:.1f} | {run['steps_per_s']:.2f} |")
         lines.append(f"| ratio auto / off (warm / off) | | | {tiny['ratio']:.2f}x ({tiny['ratio_warm']:.2f}x) |")

@@ -71,22 +71,46 @@ def stop(proc: subprocess.Popen, grace: float = 10) -> None:
 
 def env_for(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "DO_NOT_TRACK": "true",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
 def pipeline_doc(images: Path, output_root: Path) -> dict:
     return {
-        "model": {"model_name": "tiny", "cosmos_model_name": "tiny", "world_tokens": 4, "world_image_size": 32,
-                  "max_seq_length": 128},
+        "model": {
+            "model_name": "tiny",
+            "cosmos_model_name": "tiny",
+            "world_tokens": 4,
+            "world_image_size": 32,
+            "max_seq_length": 128,
+        },
         "data": {"dataset_name": str(images), "streaming": False, "eval_fraction": 0.1},
-        "defaults": {"batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 20, "eval_steps": 10,
-                     "save_steps": 10, "logging_steps": 1, "mixed_precision": "no", "eval_max_samples": 8,
-                     "divergence_grad_norm": None, "warmup_steps": 5},
+        "defaults": {
+            "batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 20,
+            "eval_steps": 10,
+            "save_steps": 10,
+            "logging_steps": 1,
+            "mixed_precision": "no",
+            "eval_max_samples": 8,
+            "divergence_grad_norm": None,
+            "warmup_steps": 5,
+        },
         "stages": [
             {"name": "projection", "learning_rate": 3.0e-2},
             {"name": "vision", "freeze_gemma_vision": False, "learning_rate": 5.0e-3},
@@ -114,8 +138,14 @@ def add_image(images: Path, index: int, caption: str | None = None) -> None:
 
 
 def deployment_run(env: dict[str, str], cwd: Path) -> str:
-    out = subprocess.run([str(BIN / "prefect"), "deployment", "run", "multistage/full"], env=env, cwd=cwd,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [str(BIN / "prefect"), "deployment", "run", "multistage/full"],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     found = re.search(r"UUID:\s*([0-9a-f-]{36})", out.stdout)
     if out.returncode != 0 or not found:
         raise RuntimeError(out.stdout + out.stderr)
@@ -123,10 +153,22 @@ def deployment_run(env: dict[str, str], cwd: Path) -> str:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or "unknown CPU")
-    mem = next((int(line.split()[1]) / 2**20 for line in Path("/proc/meminfo").read_text().splitlines()
-                if line.startswith("MemTotal")), 0)
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor() or "unknown CPU",
+    )
+    mem = next(
+        (
+            int(line.split()[1]) / 2**20
+            for line in Path("/proc/meminfo").read_text().splitlines()
+            if line.startswith("MemTotal")
+        ),
+        0,
+    )
     return f"{os.cpu_count()} cores ({cpu}), {mem:.0f} GiB, Python {platform.python_version()}, no GPU used"
 
 
@@ -160,12 +202,31 @@ def main() -> int:
     api = f"http://127.0.0.1:{port}/api"
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     (root / "server-home").mkdir()
-    server = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                               "--no-ui", "--analytics-off"], cwd=root, start_new_session=True,
-                              env=env_for(PREFECT_HOME=str(root / "server-home"), PREFECT_SERVER_UI_ENABLED="false"),
-                              stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
-    client_env = env_for(PREFECT_API_URL=api, PREFECT_HOME=str(root / "client-home"), PREFECT_RUNNER_POLL_FREQUENCY="1",
-                         MLFLOW_TRACKING_URI=tracking, THEWORLD_PROJECT_DIR=str(root / "project"))
+    server = subprocess.Popen(
+        [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--no-ui",
+            "--analytics-off",
+        ],
+        cwd=root,
+        start_new_session=True,
+        env=env_for(PREFECT_HOME=str(root / "server-home"), PREFECT_SERVER_UI_ENABLED="false"),
+        stdout=open(root / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
+    client_env = env_for(
+        PREFECT_API_URL=api,
+        PREFECT_HOME=str(root / "client-home"),
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        MLFLOW_TRACKING_URI=tracking,
+        THEWORLD_PROJECT_DIR=str(root / "project"),
+    )
     serve = None
     load_start = os.getloadavg()
     try:
@@ -177,9 +238,14 @@ def main() -> int:
             if time.monotonic() > deadline:
                 raise RuntimeError("Prefect server did not start:\n" + (root / "server.log").read_text()[-3000:])
             time.sleep(0.3)
-        serve = subprocess.Popen([str(BIN / "theworld"), "serve", str(stages_yaml), "--profile", "tiny"], cwd=root,
-                                 env=client_env, start_new_session=True, stdout=open(root / "serve.log", "wb"),
-                                 stderr=subprocess.STDOUT)
+        serve = subprocess.Popen(
+            [str(BIN / "theworld"), "serve", str(stages_yaml), "--profile", "tiny"],
+            cwd=root,
+            env=client_env,
+            start_new_session=True,
+            stdout=open(root / "serve.log", "wb"),
+            stderr=subprocess.STDOUT,
+        )
         os.environ["MLFLOW_TRACKING_URI"] = tracking
         from mlflow.tracking import MlflowClient
 
@@ -192,8 +258,10 @@ def main() -> int:
                     break
                 except Exception:  # noqa: BLE001 - not registered yet
                     if time.monotonic() > deadline or serve.poll() is not None:
-                        raise RuntimeError("theworld serve did not register the deployment:\n"
-                                           + (root / "serve.log").read_text()[-3000:]) from None
+                        raise RuntimeError(
+                            "theworld serve did not register the deployment:\n"
+                            + (root / "serve.log").read_text()[-3000:]
+                        ) from None
                     time.sleep(0.5)
 
             def wait(run_id: str, timeout: float = 600):
@@ -214,14 +282,22 @@ def main() -> int:
                 created = time.time()
                 flow_run, _ = wait(run_id)
                 experiment = mlflow.get_experiment_by_name("bench-deploy").experiment_id
-                parent = mlflow.search_runs([experiment], filter_string=(
-                    f"tags.prefect_flow_run_id = '{run_id}' and tags.run_kind = 'pipeline'"))[0]
-                child = mlflow.search_runs([experiment], filter_string=(
-                    f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'projection'"))[0]
+                parent = mlflow.search_runs(
+                    [experiment],
+                    filter_string=(f"tags.prefect_flow_run_id = '{run_id}' and tags.run_kind = 'pipeline'"),
+                )[0]
+                child = mlflow.search_runs(
+                    [experiment],
+                    filter_string=(f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.stage = 'projection'"),
+                )[0]
                 first = min(m.timestamp for m in mlflow.get_metric_history(child.info.run_id, "train/loss")) / 1000
-                return {"created": created - t0, "running": flow_run.start_time.timestamp() - t0,
-                        "stage 1": child.info.start_time / 1000 - t0, "first step": first - t0,
-                        "done": flow_run.end_time.timestamp() - t0}
+                return {
+                    "created": created - t0,
+                    "running": flow_run.start_time.timestamp() - t0,
+                    "stage 1": child.info.start_time / 1000 - t0,
+                    "first step": first - t0,
+                    "done": flow_run.end_time.timestamp() - t0,
+                }
 
             def rerun() -> dict[str, float]:
                 t0 = time.time()
@@ -229,8 +305,11 @@ def main() -> int:
                 flow_run, seen = wait(run_id)
                 if not (flow_run.state.message or "").startswith("no new data"):
                     raise RuntimeError(f"expected 'no new data', got {flow_run.state}")
-                return {"wall": seen - t0, "prefect run time": flow_run.total_run_time.total_seconds(),
-                        "start to end": (flow_run.end_time - flow_run.start_time).total_seconds()}
+                return {
+                    "wall": seen - t0,
+                    "prefect run time": flow_run.total_run_time.total_seconds(),
+                    "start to end": (flow_run.end_time - flow_run.start_time).total_seconds(),
+                }
 
             warmup = training_run(0)
             runs = [training_run(i + 1) for i in range(args.runs)]
@@ -242,12 +321,15 @@ def main() -> int:
     load_end = os.getloadavg()
 
     def med(values: list[float]) -> str:
-        return f"{statistics.median(values):.1f} s" + (f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else "")
+        return f"{statistics.median(values):.1f} s" + (
+            f" ({min(values):.1f}-{max(values):.1f})" if len(values) > 1 else ""
+        )
 
     keys = ["created", "running", "stage 1", "first step", "done"]
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [
-        SECTION, "",
+        SECTION,
+        "",
         f"`bench/bench_deploy.py --runs {args.runs} --reruns {args.reruns}` on {date}: {machine()}; load average "
         f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end (a shared box: other jobs ran beside it). "
         "`theworld serve` (runner polling every 1 s) against a local Prefect server, MLflow on SQLite, a two-stage "
@@ -258,23 +340,38 @@ def main() -> int:
         "| point | timed runs | warm-up run |",
         "|---|---:|---:|",
     ]
-    labels = {"created": "flow run created (the CLI's start-up)", "running": "flow run Running (runner picked it up)",
-              "stage 1": "stage 1 MLflow run started (fingerprint + new-data check done)",
-              "first step": "**first training step** (first `train/loss`, step 1)", "done": "flow run Completed (2 stages)"}
+    labels = {
+        "created": "flow run created (the CLI's start-up)",
+        "running": "flow run Running (runner picked it up)",
+        "stage 1": "stage 1 MLflow run started (fingerprint + new-data check done)",
+        "first step": "**first training step** (first `train/loss`, step 1)",
+        "done": "flow run Completed (2 stages)",
+    }
     for key in keys:
         lines.append(f"| {labels[key]} | {med([r[key] for r in runs])} | {warmup[key]:.1f} s |")
     lines += [
         "",
         f'"No new data" rerun (unchanged data, {args.reruns} reruns): **{med([r["wall"] for r in reruns])}** from invoking '
-        f'`prefect deployment run` until the client sees it Completed; the flow run itself '
-        f'{med([r["start to end"] for r in reruns])} from Running to Completed (data fingerprint, one MLflow search, '
+        f"`prefect deployment run` until the client sees it Completed; the flow run itself "
+        f"{med([r['start to end'] for r in reruns])} from Running to Completed (data fingerprint, one MLflow search, "
         "the markdown artifact).",
         "",
     ]
     text = "\n".join(lines)
     print(text)
-    print("JSON " + json.dumps({"date": date, "machine": machine(), "load": [load_start[0], load_end[0]],
-                                "warmup": warmup, "runs": runs, "reruns": reruns}))
+    print(
+        "JSON "
+        + json.dumps(
+            {
+                "date": date,
+                "machine": machine(),
+                "load": [load_start[0], load_end[0]],
+                "warmup": warmup,
+                "runs": runs,
+                "reruns": reruns,
+            }
+        )
+    )
     if args.write:
         results = REPO / "bench" / "RESULTS.md"
         old = results.read_text() if results.exists() else "# Benchmark results\n"

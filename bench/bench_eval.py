@@ -31,8 +31,14 @@ import tempfile
 import time
 from pathlib import Path
 
-for key, value in {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                   "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true", "TOKENIZERS_PARALLELISM": "false"}.items():
+for key, value in {
+    "HF_HUB_OFFLINE": "1",
+    "HF_DATASETS_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "DO_NOT_TRACK": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+}.items():
     os.environ.setdefault(key, value)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -46,12 +52,27 @@ SEED = Path(__file__).resolve().parents[1] / "configs" / "seed"
 
 def stage_config(tiny, root: Path, args):
     return load_stage_config(SEED / "stage1_projection.json").with_changes(
-        model_name=str(tiny.gemma), cosmos_model_name=str(tiny.cosmos), world_tokens=4, world_image_size=32,
-        dataset_name="synthetic", synthetic_samples=int((args.eval_samples + 64) / 0.1) + 200,
-        synthetic_image_size=32, eval_fraction=0.1, streaming=False, output_dir=str(root / "stage"),
-        push_to_hub=False, resume_from_checkpoint=None, batch_size=4, gradient_accumulation_steps=4,
-        max_steps=args.steps + 2, warmup_steps=1, do_eval=False, save_steps=10_000, logging_steps=1,
-        eval_max_samples=args.eval_samples, mixed_precision="bf16",
+        model_name=str(tiny.gemma),
+        cosmos_model_name=str(tiny.cosmos),
+        world_tokens=4,
+        world_image_size=32,
+        dataset_name="synthetic",
+        synthetic_samples=int((args.eval_samples + 64) / 0.1) + 200,
+        synthetic_image_size=32,
+        eval_fraction=0.1,
+        streaming=False,
+        output_dir=str(root / "stage"),
+        push_to_hub=False,
+        resume_from_checkpoint=None,
+        batch_size=4,
+        gradient_accumulation_steps=4,
+        max_steps=args.steps + 2,
+        warmup_steps=1,
+        do_eval=False,
+        save_steps=10_000,
+        logging_steps=1,
+        eval_max_samples=args.eval_samples,
+        mixed_precision="bf16",
     )
 
 
@@ -81,9 +102,15 @@ def measure_share(cfg, args) -> dict:
     shares = {cadence: eval_s / (cadence * step_s + eval_s) for cadence in (5000, 1000)}
     # Contrast: no eval_max_samples on DataComp-1B (5% held out = ~70M samples), at cadence 5000.
     whole = 70_000_000 / eval_rows * eval_s
-    return {"step_s": step_s, "eval_s": eval_s, "eval_rows": eval_rows, "eval_loss": loss,
-            "share_at_5000": shares[5000], "share_at_1000": shares[1000],
-            "share_whole_datacomp_eval_at_5000": whole / (5000 * step_s + whole)}
+    return {
+        "step_s": step_s,
+        "eval_s": eval_s,
+        "eval_rows": eval_rows,
+        "eval_loss": loss,
+        "share_at_5000": shares[5000],
+        "share_at_1000": shares[1000],
+        "share_whole_datacomp_eval_at_5000": whole / (5000 * step_s + whole),
+    }
 
 
 def measure_generation(cfg, args) -> dict:
@@ -101,8 +128,9 @@ def measure_generation(cfg, args) -> dict:
         started = time.perf_counter()
         answers = []
         for at in range(0, len(images), batch):
-            answers += model.generate_batch(images[at:at + batch], prompts[at:at + batch],
-                                            max_new_tokens=args.max_new_tokens)
+            answers += model.generate_batch(
+                images[at : at + batch], prompts[at : at + batch], max_new_tokens=args.max_new_tokens
+            )
         out[f"batch_{batch}_s"] = time.perf_counter() - started
         out[f"batch_{batch}_speedup"] = out["one_at_a_time_s"] / out[f"batch_{batch}_s"]
         out[f"batch_{batch}_same_answers"] = sum(a == b for a, b in zip(answers, alone)) / len(alone)
@@ -135,15 +163,24 @@ def main() -> None:
     print(f"| s / in-loop evaluation ({share['eval_rows']} samples) | {share['eval_s']:.2f} |")
     print(f"| evaluation share, eval_steps 5000 | {100 * share['share_at_5000']:.2f} % |")
     print(f"| evaluation share, eval_steps 1000 | {100 * share['share_at_1000']:.2f} % |")
-    print(f"| share without eval_max_samples (DataComp 5 % held out), eval_steps 5000 | "
-          f"{100 * share['share_whole_datacomp_eval_at_5000']:.1f} % |")
+    print(
+        f"| share without eval_max_samples (DataComp 5 % held out), eval_steps 5000 | "
+        f"{100 * share['share_whole_datacomp_eval_at_5000']:.1f} % |"
+    )
     print(f"| generation, {args.gen_samples} answers one at a time | {generation['one_at_a_time_s']:.2f} s |")
     for batch in (4, 16):
-        print(f"| generation, batch {batch} | {generation[f'batch_{batch}_s']:.2f} s "
-              f"({generation[f'batch_{batch}_speedup']:.2f}x; same answers "
-              f"{100 * generation[f'batch_{batch}_same_answers']:.0f} %) |")
-    record = {"args": {k: str(v) for k, v in vars(args).items()}, "share": share, "generation": generation,
-              "torch": torch.__version__, "cuda": torch.cuda.is_available()}
+        print(
+            f"| generation, batch {batch} | {generation[f'batch_{batch}_s']:.2f} s "
+            f"({generation[f'batch_{batch}_speedup']:.2f}x; same answers "
+            f"{100 * generation[f'batch_{batch}_same_answers']:.0f} %) |"
+        )
+    record = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "share": share,
+        "generation": generation,
+        "torch": torch.__version__,
+        "cuda": torch.cuda.is_available(),
+    }
     print("JSON " + json.dumps(record))
     if args.out:
         args.out.write_text(json.dumps(record, indent=2) + "\n")

@@ -90,11 +90,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # Offline and quiet, before transformers / diffusers are imported (only config files are read).
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
+for _key, _value in {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}.items():
     os.environ.setdefault(_key, _value)
 
 import torch  # noqa: E402
@@ -115,8 +111,10 @@ from theworld_core.model.components import (  # noqa: E402
 from theworld_core.model.inputs import IGNORE_INDEX, WorldTokenIds  # noqa: E402
 
 # shared/ sits beside the repository (in a git worktree: beside the worktrees).
-REFERENCE = next((p / "shared" / "reference" for p in (ROOT.parent, ROOT.parent.parent)
-                  if (p / "shared" / "reference").is_dir()), ROOT.parent / "shared" / "reference")
+REFERENCE = next(
+    (p / "shared" / "reference" for p in (ROOT.parent, ROOT.parent.parent) if (p / "shared" / "reference").is_dir()),
+    ROOT.parent / "shared" / "reference",
+)
 STAGES_YAML = ROOT / "stages.yaml"
 DEFAULT_GEMMA = REFERENCE / "gemma-3-4b-it.config.json"
 DEFAULT_COSMOS = REFERENCE / "cosmos-predict2-vae.config.json"
@@ -129,7 +127,13 @@ SEED: dict[str, dict] = {
     "stage4_full": {"memory_gb": (80, 84), "s_per_step": (15, 20)},
 }
 assert tuple(SEED) == tuple(SEED_STAGES)
-RECIPE_KEYS = ("batch_size", "gradient_accumulation_steps", "use_gradient_checkpointing", "optimizer", "mixed_precision")
+RECIPE_KEYS = (
+    "batch_size",
+    "gradient_accumulation_steps",
+    "use_gradient_checkpointing",
+    "optimizer",
+    "mixed_precision",
+)
 
 
 def stages_yaml_recipes(path: Path, profile: str | None = None) -> dict[str, dict]:
@@ -141,6 +145,7 @@ def stages_yaml_recipes(path: Path, profile: str | None = None) -> dict[str, dic
         raise ValueError(f"{path}: its stages do not unfreeze as the four stages of docs/stages.md")
     return {name: {k: getattr(s, k) for k in RECIPE_KEYS} for name, s in zip(SEED_STAGES, stages)}
 
+
 # Dense bf16 peak TFLOP/s by device name (first match wins; more specific names first).
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
@@ -151,8 +156,16 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
 )
 
 # Tiny mode: the embedded tiny models at a size that runs in seconds on a CPU.
-TINY_DEFAULTS = {"batch": 2, "accum": 2, "world_tokens": 4, "world_image_size": 32, "prompt_tokens": 8,
-                 "answer_tokens": 8, "warmup": 1, "threads": 1}
+TINY_DEFAULTS = {
+    "batch": 2,
+    "accum": 2,
+    "world_tokens": 4,
+    "world_image_size": 32,
+    "prompt_tokens": 8,
+    "answer_tokens": 8,
+    "warmup": 1,
+    "threads": 1,
+}
 REAL_DEFAULTS = {"world_tokens": 64, "world_image_size": 256, "prompt_tokens": 32, "answer_tokens": 32, "warmup": 2}
 
 GIB = 2**30
@@ -197,8 +210,13 @@ def resolve_sources(args, workdir: Path) -> Sources:
         gemma, cosmos = str(args.gemma), str(args.cosmos)
     if args.layers:
         gemma = _override_layers(gemma, args.layers, workdir)
-    model_config = ModelConfig(model_name=gemma, cosmos_model_name=cosmos, world_tokens=args.world_tokens,
-                               world_image_size=args.world_image_size, max_seq_length=max(2048, 4 * args.world_tokens + 2048))
+    model_config = ModelConfig(
+        model_name=gemma,
+        cosmos_model_name=cosmos,
+        world_tokens=args.world_tokens,
+        world_image_size=args.world_image_size,
+        max_seq_length=max(2048, 4 * args.world_tokens + 2048),
+    )
     return Sources(gemma, cosmos, model_config)
 
 
@@ -267,7 +285,9 @@ def check_weights(model) -> None:
         finite = all(bool(torch.isfinite(p).all()) for _, p in params)
         nonzero = any(bool(p.count_nonzero() > 0) for _, p in params)
         if not (finite and nonzero):
-            raise RuntimeError(f"{component}: weights after initialisation are {'not finite' if not finite else 'all zero'}")
+            raise RuntimeError(
+                f"{component}: weights after initialisation are {'not finite' if not finite else 'all zero'}"
+            )
     for name, buffer in model.named_buffers():
         if buffer.is_floating_point() and not bool(torch.isfinite(buffer).all()):
             raise RuntimeError(f"buffer {name} is not finite after initialisation")
@@ -324,12 +344,20 @@ class BenchInputs:
         mm, side = gemma_config.mm_tokens_per_image, gemma_config.vision_config.image_size
         if processor.image_seq_length != mm or processor.image_processor.size.get("height") != side:
             processor.image_processor.size = {"height": side, "width": side}
-            processor = type(processor)(image_processor=processor.image_processor, tokenizer=tokenizer,
-                                        chat_template=processor.chat_template, image_seq_length=mm)
-        own = {tokenizer.convert_tokens_to_ids(tokenizer.image_token): gemma_config.image_token_index,
-               tokenizer.convert_tokens_to_ids(tokenizer.boi_token): gemma_config.boi_token_index,
-               tokenizer.convert_tokens_to_ids(tokenizer.eoi_token): gemma_config.eoi_token_index,
-               ids.start: model_ids.start, ids.end: model_ids.end, ids.soft: model_ids.soft}
+            processor = type(processor)(
+                image_processor=processor.image_processor,
+                tokenizer=tokenizer,
+                chat_template=processor.chat_template,
+                image_seq_length=mm,
+            )
+        own = {
+            tokenizer.convert_tokens_to_ids(tokenizer.image_token): gemma_config.image_token_index,
+            tokenizer.convert_tokens_to_ids(tokenizer.boi_token): gemma_config.boi_token_index,
+            tokenizer.convert_tokens_to_ids(tokenizer.eoi_token): gemma_config.eoi_token_index,
+            ids.start: model_ids.start,
+            ids.end: model_ids.end,
+            ids.soft: model_ids.soft,
+        }
         self.translate = {a: b for a, b in own.items() if a != b}
         self.builder = InputBuilder(processor, ids, args.world_tokens, args.world_image_size, True, max_seq_length)
         self.prompt = self._text(args.prompt_tokens)
@@ -369,8 +397,14 @@ class BenchInputs:
     def layout(self, args) -> Layout:
         sample = self.batch(1, "cpu", 0)
         labelled = int((sample["labels"] != IGNORE_INDEX).sum())
-        return Layout(sample["input_ids"].shape[1], labelled, int((sample["token_type_ids"] == 1).sum()),
-                      self.image_size, args.world_tokens, args.world_image_size)
+        return Layout(
+            sample["input_ids"].shape[1],
+            labelled,
+            int((sample["token_type_ids"] == 1).sum()),
+            self.image_size,
+            args.world_tokens,
+            args.world_image_size,
+        )
 
 
 # ------------------------------------------------------------------------------------ FLOPs
@@ -398,9 +432,15 @@ def forward_flops(sources: Sources, layout: Layout) -> dict[str, int]:
         count("world_projector", lambda: model.world(latent))
         n = layout.seq_len
         token_types = torch.zeros(1, n, dtype=torch.long)
-        count("gemma_language", lambda: model.gemma(
-            inputs_embeds=torch.randn(1, n, text_cfg.hidden_size), attention_mask=torch.ones(1, n, dtype=torch.long),
-            token_type_ids=token_types, use_cache=False))
+        count(
+            "gemma_language",
+            lambda: model.gemma(
+                inputs_embeds=torch.randn(1, n, text_cfg.hidden_size),
+                attention_mask=torch.ones(1, n, dtype=torch.long),
+                token_type_ids=token_types,
+                use_cache=False,
+            ),
+        )
     return counts
 
 
@@ -422,8 +462,9 @@ def is_oom(exc: BaseException) -> bool:
     if isinstance(exc, torch.OutOfMemoryError):
         return True
     text = str(exc).lower()
-    return isinstance(exc, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text
-                                              or "cannot allocate memory" in text)
+    return isinstance(exc, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -439,8 +480,11 @@ def _memory(device: torch.device) -> dict:
     rss = {"process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     if device.type != "cuda":
         return {"peak_allocated_gib": None, "peak_reserved_gib": None, **rss}
-    return {"peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
-            "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB, **rss}
+    return {
+        "peak_allocated_gib": torch.cuda.max_memory_allocated(device) / GIB,
+        "peak_reserved_gib": torch.cuda.max_memory_reserved(device) / GIB,
+        **rss,
+    }
 
 
 def _optimizer(model, recipe: dict, args):
@@ -479,11 +523,21 @@ def plan_estimate(sources: Sources, stage: str, recipe: dict, seq_len: int) -> d
     model.set_trainable(trainable_components(SEED_STAGES[stage]))
     trainable = {c: r.trainable for c, r in parameter_report(model).items()}
     fields = {k: v for k, v in recipe.items() if k in Recipe.__dataclass_fields__}
-    return stage_memory(Architecture.of(model), totals, trainable, Recipe(**fields), sources.model_config, seq_len)["memory_gib"]
+    return stage_memory(Architecture.of(model), totals, trainable, Recipe(**fields), sources.model_config, seq_len)[
+        "memory_gib"
+    ]
 
 
-def run_stage(stage: str, sources: Sources, inputs: BenchInputs, layout: Layout, fwd: dict[str, int], args,
-              device: torch.device, progress: dict) -> dict:
+def run_stage(
+    stage: str,
+    sources: Sources,
+    inputs: BenchInputs,
+    layout: Layout,
+    fwd: dict[str, int],
+    args,
+    device: torch.device,
+    progress: dict,
+) -> dict:
     """Build, warm up and time one stage with the trainer's step; raises on OOM (the caller reports it).
 
     The step is StageTrainer's: an Accelerator set up as `StageTrainer.setup` sets it up (the
@@ -497,11 +551,22 @@ def run_stage(stage: str, sources: Sources, inputs: BenchInputs, layout: Layout,
     from theworld_core.model.precision import resolve_precision
 
     recipe = _recipe(stage, args)
-    batch, accum, checkpointing = recipe["batch_size"], recipe["gradient_accumulation_steps"], recipe["use_gradient_checkpointing"]
-    progress.update(phase="build", batch_size=batch, accum=accum, gradient_checkpointing=checkpointing,
-                    optimizer=recipe["optimizer"])
+    batch, accum, checkpointing = (
+        recipe["batch_size"],
+        recipe["gradient_accumulation_steps"],
+        recipe["use_gradient_checkpointing"],
+    )
+    progress.update(
+        phase="build",
+        batch_size=batch,
+        accum=accum,
+        gradient_checkpointing=checkpointing,
+        optimizer=recipe["optimizer"],
+    )
     on_gpu = device.type == "cuda"
-    policy = resolve_precision(recipe["mixed_precision"], device, bf16_supported=on_gpu and torch.cuda.is_bf16_supported())
+    policy = resolve_precision(
+        recipe["mixed_precision"], device, bf16_supported=on_gpu and torch.cuda.is_bf16_supported()
+    )
     started = time.perf_counter()
     model, trainable = build_stage_model(sources, stage, device, policy, args.seed)
     _sync(device)
@@ -562,8 +627,10 @@ def run_stage(stage: str, sources: Sources, inputs: BenchInputs, layout: Layout,
     expected = set(trainable)
     gradients_ok = None if gradients is None else all(gradients[c] == (c in expected) for c in COMPONENTS)
     if gradients_ok is False:
-        print(f"# WARNING {stage}: gradients {gradients} do not match the trainable components {sorted(expected)}",
-              file=sys.stderr)
+        print(
+            f"# WARNING {stage}: gradients {gradients} do not match the trainable components {sorted(expected)}",
+            file=sys.stderr,
+        )
     return {
         "status": "ok",
         "trainable_components": list(trainable),
@@ -587,7 +654,9 @@ def run_stage(stage: str, sources: Sources, inputs: BenchInputs, layout: Layout,
         "mfu": flops_per_step / s_per_step / (args.peak_tflops * 1e12) if args.peak_tflops else None,
         "weights_gib": weights_gib,
         **memory,
-        "plan_memory_gib": plan_estimate(sources, stage, {**recipe, "mixed_precision": policy.effective}, layout.seq_len),
+        "plan_memory_gib": plan_estimate(
+            sources, stage, {**recipe, "mixed_precision": policy.effective}, layout.seq_len
+        ),
         "loss_last": losses[-1] if losses else None,
         "loss_finite": all(math.isfinite(x) for x in losses),
         "gradients": gradients,
@@ -609,13 +678,21 @@ def meta_report(sources: Sources, layout: Layout, fwd: dict[str, int], args) -> 
         trainable = model.set_trainable(trainable_components(flags))
         report = parameter_report(model)
         recipe = _recipe(stage, args)
-        rows.append({"stage": stage, "status": "meta", "trainable_components": list(trainable),
-                     "trainable_params": sum(r.trainable for r in report.values()),
-                     "total_params": sum(r.total for r in report.values()),
-                     "train_flops_per_sample": training_flops_per_sample(fwd, trainable),
-                     "batch_size": recipe["batch_size"], "accum": recipe["gradient_accumulation_steps"],
-                     "gradient_checkpointing": recipe["use_gradient_checkpointing"], "optimizer": recipe["optimizer"],
-                     "plan_memory_gib": plan_estimate(sources, stage, recipe, layout.seq_len)})
+        rows.append(
+            {
+                "stage": stage,
+                "status": "meta",
+                "trainable_components": list(trainable),
+                "trainable_params": sum(r.trainable for r in report.values()),
+                "total_params": sum(r.total for r in report.values()),
+                "train_flops_per_sample": training_flops_per_sample(fwd, trainable),
+                "batch_size": recipe["batch_size"],
+                "accum": recipe["gradient_accumulation_steps"],
+                "gradient_checkpointing": recipe["use_gradient_checkpointing"],
+                "optimizer": recipe["optimizer"],
+                "plan_memory_gib": plan_estimate(sources, stage, recipe, layout.seq_len),
+            }
+        )
     return rows
 
 
@@ -623,8 +700,15 @@ def meta_report(sources: Sources, layout: Layout, fwd: dict[str, int], args) -> 
 
 
 def machine() -> dict:
-    info = {"cpu": platform.processor() or None, "cores": os.cpu_count(), "ram_gib": None, "gpu": None,
-            "gpu_memory_gib": None, "torch": torch.__version__, "cuda": torch.version.cuda}
+    info = {
+        "cpu": platform.processor() or None,
+        "cores": os.cpu_count(),
+        "ram_gib": None,
+        "gpu": None,
+        "gpu_memory_gib": None,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+    }
     try:
         out = subprocess.run(["lscpu"], check=False, capture_output=True, text=True, timeout=10).stdout
         for line in out.splitlines():
@@ -660,30 +744,50 @@ def _range(pair) -> str:
 
 
 def format_table(result: dict) -> str:
-    lines = [("| stage | trainable | batch x accum | seed memory (GB) | plan estimate (GiB) | measured peak alloc / "
-              "reserved (GiB) | seed s/step | measured s/optimizer step | samples/s | tokens/s | MFU |"),
-             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        (
+            "| stage | trainable | batch x accum | seed memory (GB) | plan estimate (GiB) | measured peak alloc / "
+            "reserved (GiB) | seed s/step | measured s/optimizer step | samples/s | tokens/s | MFU |"
+        ),
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for row in result["stages"]:
         seed = SEED[row["stage"]]
-        recipe = (f"{row.get('batch_size', '?')} x {row.get('accum', '?')}" + (" + GC" if row.get("gradient_checkpointing") else "")
-                  + (" + 8-bit AdamW" if row.get("optimizer") == "adamw_8bit" else ""))
+        recipe = (
+            f"{row.get('batch_size', '?')} x {row.get('accum', '?')}"
+            + (" + GC" if row.get("gradient_checkpointing") else "")
+            + (" + 8-bit AdamW" if row.get("optimizer") == "adamw_8bit" else "")
+        )
         trainable = f"{row['trainable_params']:,}" if row.get("trainable_params") is not None else "?"
         if row["status"] in ("oom", "error"):
             peak = row.get("peak_allocated_gib")
             what = row["status"].upper()
-            memory = f"{what} in {row['oom_phase']}" + (f" (peak {peak:.1f} / {row['peak_reserved_gib']:.1f})" if peak else "")
+            memory = f"{what} in {row['oom_phase']}" + (
+                f" (peak {peak:.1f} / {row['peak_reserved_gib']:.1f})" if peak else ""
+            )
             cells = [memory, what if what == "OOM" else row["error"][:80], "-", "-", "-"]
         elif row["status"] == "meta":
             cells = ["not run", "not run", "-", "-", f"{row['train_flops_per_sample'] / 1e12:.2f} TFLOP/sample"]
         else:
-            memory = ("n/a (CPU)" if row["peak_allocated_gib"] is None
-                      else f"{row['peak_allocated_gib']:.1f} / {row['peak_reserved_gib']:.1f}")
+            memory = (
+                "n/a (CPU)"
+                if row["peak_allocated_gib"] is None
+                else f"{row['peak_allocated_gib']:.1f} / {row['peak_reserved_gib']:.1f}"
+            )
             mfu = f"{100 * row['mfu']:.1f} %" if row["mfu"] is not None else "n/a"
-            cells = [memory, f"{row['s_per_step']:.3f}", f"{row['samples_per_s']:.2f}", f"{row['tokens_per_s']:,.0f}", mfu]
+            cells = [
+                memory,
+                f"{row['s_per_step']:.3f}",
+                f"{row['samples_per_s']:.2f}",
+                f"{row['tokens_per_s']:,.0f}",
+                mfu,
+            ]
         estimate = row.get("plan_memory_gib", {}).get("total")
-        lines.append(f"| {row['stage']} | {trainable} | {recipe} | {_range(seed['memory_gb'])} | "
-                     f"{'-' if estimate is None else format(estimate, '.1f')} | {cells[0]} "
-                     f"| {_range(seed['s_per_step'])} | {' | '.join(cells[1:])} |")
+        lines.append(
+            f"| {row['stage']} | {trainable} | {recipe} | {_range(seed['memory_gb'])} | "
+            f"{'-' if estimate is None else format(estimate, '.1f')} | {cells[0]} "
+            f"| {_range(seed['s_per_step'])} | {' | '.join(cells[1:])} |"
+        )
     return "\n".join(lines)
 
 
@@ -702,28 +806,47 @@ def _write(out: str | None, result: dict) -> None:
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gemma", default=str(DEFAULT_GEMMA), help="Gemma 3 config.json, model folder or hub id "
-                        "(default: ../shared/reference/gemma-3-4b-it.config.json beside the repository)")
-    parser.add_argument("--cosmos", default=str(DEFAULT_COSMOS), help="Wan VAE config.json, Cosmos/VAE folder or hub id")
+    parser.add_argument(
+        "--gemma",
+        default=str(DEFAULT_GEMMA),
+        help="Gemma 3 config.json, model folder or hub id "
+        "(default: ../shared/reference/gemma-3-4b-it.config.json beside the repository)",
+    )
+    parser.add_argument(
+        "--cosmos", default=str(DEFAULT_COSMOS), help="Wan VAE config.json, Cosmos/VAE folder or hub id"
+    )
     parser.add_argument("--tiny", action="store_true", help="the embedded tiny models, small batch, on the CPU")
     parser.add_argument("--tiny-dir", help="tiny model folder (default: $THEWORLD_HOME/tiny)")
-    parser.add_argument("--processor", help="Gemma 3 processor folder or hub id that makes the batches (default: the "
-                        "tiny model's, its special token ids translated to the real ones)")
+    parser.add_argument(
+        "--processor",
+        help="Gemma 3 processor folder or hub id that makes the batches (default: the "
+        "tiny model's, its special token ids translated to the real ones)",
+    )
     parser.add_argument("--meta", action="store_true", help="no training: parameter and FLOP counts on the meta device")
     parser.add_argument("--layers", type=int, help="override the text and vision layer counts (CPU validation)")
     parser.add_argument("--device", help="cuda or cpu (default: cuda if available; cpu with --tiny)")
     parser.add_argument("--stages", default=",".join(SEED_STAGES), help="comma-separated (default: all four)")
     parser.add_argument("--warmup", type=int, help="untimed optimizer steps (default 2; 1 with --tiny)")
     parser.add_argument("--steps", type=int, default=5, help="timed optimizer steps (default %(default)s)")
-    parser.add_argument("--stages-yaml", default=str(STAGES_YAML),
-                        help="pipeline file whose stages give the recipes (default: the repository's stages.yaml)")
+    parser.add_argument(
+        "--stages-yaml",
+        default=str(STAGES_YAML),
+        help="pipeline file whose stages give the recipes (default: the repository's stages.yaml)",
+    )
     parser.add_argument("--profile", help="profile of --stages-yaml to apply (e.g. multi_gpu)")
     parser.add_argument("--batch", type=int, help="micro-batch size for every stage (default: the recipe's)")
     parser.add_argument("--accum", type=int, help="gradient accumulation for every stage (default: the recipe's)")
-    parser.add_argument("--checkpointing", choices=("recipe", "on", "off"), default="recipe",
-                        help="gradient checkpointing: the recipe's, on or off for all")
-    parser.add_argument("--optimizer", choices=("adamw", "adamw_8bit"),
-                        help="optimizer for every stage (default: the recipe's; --tiny: adamw)")
+    parser.add_argument(
+        "--checkpointing",
+        choices=("recipe", "on", "off"),
+        default="recipe",
+        help="gradient checkpointing: the recipe's, on or off for all",
+    )
+    parser.add_argument(
+        "--optimizer",
+        choices=("adamw", "adamw_8bit"),
+        help="optimizer for every stage (default: the recipe's; --tiny: adamw)",
+    )
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--weight-decay", type=float, default=0.01)
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
@@ -731,11 +854,19 @@ def parse_args(argv):
     parser.add_argument("--world-image-size", type=int)
     parser.add_argument("--prompt-tokens", type=int)
     parser.add_argument("--answer-tokens", type=int)
-    parser.add_argument("--peak-tflops", type=float, help="the card's dense bf16 peak (default by device name: "
-                        + ", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS) + "; none on the CPU)")
+    parser.add_argument(
+        "--peak-tflops",
+        type=float,
+        help="the card's dense bf16 peak (default by device name: "
+        + ", ".join(f"{k} {v:g}" for k, v in PEAK_TFLOPS)
+        + "; none on the CPU)",
+    )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's; 1 with --tiny, where "
-                        "more threads only add overhead)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch.set_num_threads (default: torch's; 1 with --tiny, where more threads only add overhead)",
+    )
     parser.add_argument("--inject-oom", default="", help=argparse.SUPPRESS)  # comma-separated stages (tests)
     parser.add_argument("--out", help="JSON file to write")
     args = parser.parse_args(argv)
@@ -793,9 +924,16 @@ def main(argv: list[str] | None = None) -> int:
             "cosmos": str(args.cosmos) if not args.tiny else "tiny",
             "layers_override": args.layers,
             "settings": {
-                "recipes": {s: _recipe(s, args) for s in SEED_STAGES}, "stages_yaml": args.stages_yaml,
-                "profile": args.profile, "processor": processor, "lr": args.lr, "max_grad_norm": args.max_grad_norm, "warmup": args.warmup,
-                "steps": args.steps, "checkpointing": args.checkpointing, "peak_tflops": args.peak_tflops,
+                "recipes": {s: _recipe(s, args) for s in SEED_STAGES},
+                "stages_yaml": args.stages_yaml,
+                "profile": args.profile,
+                "processor": processor,
+                "lr": args.lr,
+                "max_grad_norm": args.max_grad_norm,
+                "warmup": args.warmup,
+                "steps": args.steps,
+                "checkpointing": args.checkpointing,
+                "peak_tflops": args.peak_tflops,
                 "world_token_ids": [token_ids.start, token_ids.end, token_ids.soft],
                 "pytorch_cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF"),
                 "layout": layout.__dict__,
@@ -816,22 +954,34 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as exc:
                     if not (is_oom(exc) or isinstance(exc, ValueError)):  # ValueError: a recipe this code cannot run
                         raise
-                    row = {"stage": stage, "status": "oom" if is_oom(exc) else "error", "oom_phase": progress.get("phase"),
-                           "error": str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__,
-                           **{k: v for k, v in progress.items() if k != "phase"}, **_memory(device),
-                           "s_per_step": None, "tokens_per_s": None, "mfu": None}
+                    row = {
+                        "stage": stage,
+                        "status": "oom" if is_oom(exc) else "error",
+                        "oom_phase": progress.get("phase"),
+                        "error": str(exc).strip().splitlines()[0][:400] if str(exc).strip() else type(exc).__name__,
+                        **{k: v for k, v in progress.items() if k != "phase"},
+                        **_memory(device),
+                        "s_per_step": None,
+                        "tokens_per_s": None,
+                        "mfu": None,
+                    }
                 _release(device)
                 result["stages"].append(row)
                 _write(args.out, result)  # after every stage: a later crash or time limit keeps these
-                shown = (f"{row['s_per_step']:.4f} s/step, {row['tokens_per_s']:,.0f} tokens/s" if row["status"] == "ok"
-                         else f"{row['status'].upper()} in {row['oom_phase']}: {row['error']}")
+                shown = (
+                    f"{row['s_per_step']:.4f} s/step, {row['tokens_per_s']:,.0f} tokens/s"
+                    if row["status"] == "ok"
+                    else f"{row['status'].upper()} in {row['oom_phase']}: {row['error']}"
+                )
                 print(f"# {stage}: {shown}", file=sys.stderr, flush=True)
     result["elapsed_s"] = round(time.perf_counter() - started, 1)
-    print(f"\n{result['mode']} on {device} ({result['machine']['gpu'] or result['machine']['cpu']}), "
-          f"{args.warmup} warmup + {args.steps} timed optimizer steps (the trainer's step, recipes of "
-          f"{args.stages_yaml}{' --profile ' + args.profile if args.profile else ''}), sequence {layout.seq_len} tokens, "
-          f"image {layout.image_size} px, "
-          f"world {layout.world_tokens} tokens from {layout.world_image_size} px\n")
+    print(
+        f"\n{result['mode']} on {device} ({result['machine']['gpu'] or result['machine']['cpu']}), "
+        f"{args.warmup} warmup + {args.steps} timed optimizer steps (the trainer's step, recipes of "
+        f"{args.stages_yaml}{' --profile ' + args.profile if args.profile else ''}), sequence {layout.seq_len} tokens, "
+        f"image {layout.image_size} px, "
+        f"world {layout.world_tokens} tokens from {layout.world_image_size} px\n"
+    )
     print(format_table(result))
     print("\nFLOPs per sample (forward, counted on meta): " + ", ".join(f"{k} {v / 1e9:.4g} G" for k, v in fwd.items()))
     if args.out:

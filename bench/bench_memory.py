@@ -104,9 +104,13 @@ def measure_stage(stage: str, args) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     tiny = ensure_tiny_models(Path(args.tiny_dir) if args.tiny_dir else None)
     cfg = StageConfig(
-        model_name=str(tiny.gemma), cosmos_model_name=str(tiny.cosmos), world_tokens=args.world_tokens,
-        world_image_size=args.world_image_size, synthetic_samples=max(40, args.batch_size * 3),
-        batch_size=args.batch_size, **SEED_STAGES[stage],
+        model_name=str(tiny.gemma),
+        cosmos_model_name=str(tiny.cosmos),
+        world_tokens=args.world_tokens,
+        world_image_size=args.world_image_size,
+        synthetic_samples=max(40, args.batch_size * 3),
+        batch_size=args.batch_size,
+        **SEED_STAGES[stage],
     )
     set_seed(cfg.seed)
     data = prepare_data(cfg.data_part())
@@ -127,14 +131,24 @@ def measure_stage(stage: str, args) -> dict:
 
     def hook(name):
         def record(module, inputs, output):
-            tensor = output if torch.is_tensor(output) else next(
-                (v for v in (output.values() if hasattr(output, "values") else output) if torch.is_tensor(v)), None)
-            seen[name] = {"grad_mode": torch.is_grad_enabled(),
-                          "output_requires_grad": bool(tensor is not None and tensor.requires_grad)}
+            tensor = (
+                output
+                if torch.is_tensor(output)
+                else next(
+                    (v for v in (output.values() if hasattr(output, "values") else output) if torch.is_tensor(v)), None
+                )
+            )
+            seen[name] = {
+                "grad_mode": torch.is_grad_enabled(),
+                "output_requires_grad": bool(tensor is not None and tensor.requires_grad),
+            }
+
         return record
 
-    handles = [model.vae.register_forward_hook(hook("cosmos_vae")),
-               model.gemma.model.vision_tower.register_forward_hook(hook("gemma_vision_tower"))]
+    handles = [
+        model.vae.register_forward_hook(hook("cosmos_vae")),
+        model.gemma.model.vision_tower.register_forward_hook(hook("gemma_vision_tower")),
+    ]
 
     # What autograd keeps for backward during one forward (unique storages, parameters excluded).
     param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -255,15 +269,26 @@ def main(argv: list[str] | None = None) -> int:
     from theworld_core.model.tiny import ensure_tiny_models
 
     ensure_tiny_models(Path(args.tiny_dir) if args.tiny_dir else None)  # built once, before the children
-    passthrough = ["--batch-size", str(args.batch_size), "--steps", str(args.steps), "--threads", str(args.threads),
-                   "--world-tokens", str(args.world_tokens), "--world-image-size", str(args.world_image_size)]
+    passthrough = [
+        "--batch-size",
+        str(args.batch_size),
+        "--steps",
+        str(args.steps),
+        "--threads",
+        str(args.threads),
+        "--world-tokens",
+        str(args.world_tokens),
+        "--world-image-size",
+        str(args.world_image_size),
+    ]
     if args.tiny_dir:
         passthrough += ["--tiny-dir", args.tiny_dir]
     started = time.perf_counter()
     rows = []
     for stage in stages:
-        proc = subprocess.run([sys.executable, __file__, "--child", stage, *passthrough],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--child", stage, *passthrough], capture_output=True, text=True, check=False
+        )
         lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
             sys.stderr.write(proc.stdout[-3000:] + proc.stderr[-3000:])
@@ -273,14 +298,19 @@ def main(argv: list[str] | None = None) -> int:
     elapsed = time.perf_counter() - started
 
     yes = lambda b: "yes" if b else "NO"  # noqa: E731
-    print(f"\nbatch {args.batch_size}, world tokens {args.world_tokens}, world image {args.world_image_size} px, "
-          f"{args.steps} optimizer steps, one fresh process per stage, device {rows[0]['device']} "
-          f"({elapsed:.0f} s in all); sizes in MiB\n")
-    print("| stage | trains | params trainable / total | trainable param MiB | grad MiB | AdamW state MiB "
-          "| grads & state only trainable | saved for backward MiB | peak MiB | VAE without autograd "
-          "| vision tower without autograd |")
+    print(
+        f"\nbatch {args.batch_size}, world tokens {args.world_tokens}, world image {args.world_image_size} px, "
+        f"{args.steps} optimizer steps, one fresh process per stage, device {rows[0]['device']} "
+        f"({elapsed:.0f} s in all); sizes in MiB\n"
+    )
+    print(
+        "| stage | trains | params trainable / total | trainable param MiB | grad MiB | AdamW state MiB "
+        "| grads & state only trainable | saved for backward MiB | peak MiB | VAE without autograd "
+        "| vision tower without autograd |"
+    )
     print("|---|---|---:|---:|---:|---:|---|---:|---:|---|---|")
     for r in rows:
+
         def branch(key: str, component: str, r=r) -> str:
             seen = r["branches"].get(key)
             if not seen:
@@ -290,21 +320,38 @@ def main(argv: list[str] | None = None) -> int:
                 return "no (trained)" if not without else "yes (TRAINED: wrong)"
             return "yes" if without else "NO (frozen: wrong)"
 
-        print(f"| {r['stage']} | {', '.join(r['trains'])} | {r['params_trainable']:,} / {r['params_total']:,} "
-              f"| {_mib(r['param_bytes_trainable'])} | {_mib(r['grad_bytes'])} | {_mib(r['optimizer_state_bytes'])} "
-              f"| {yes(r['grads_only_trainable'] and r['optimizer_state_only_trainable'])} "
-              f"| {_mib(r['saved_for_backward_bytes'])} | {_mib(r['peak_bytes'])} "
-              f"| {branch('cosmos_vae', 'cosmos_vae')} | {branch('gemma_vision_tower', 'gemma_vision')} |")
-    unused = [f"{r['stage']}: {len(r['trainable_without_grad'])} trainable tensors got no gradient (unused by a "
-              f"one-frame forward: {', '.join(r['trainable_without_grad'][:4])}{', ...' if len(r['trainable_without_grad']) > 4 else ''})"
-              for r in rows if r["trainable_without_grad"]]
+        print(
+            f"| {r['stage']} | {', '.join(r['trains'])} | {r['params_trainable']:,} / {r['params_total']:,} "
+            f"| {_mib(r['param_bytes_trainable'])} | {_mib(r['grad_bytes'])} | {_mib(r['optimizer_state_bytes'])} "
+            f"| {yes(r['grads_only_trainable'] and r['optimizer_state_only_trainable'])} "
+            f"| {_mib(r['saved_for_backward_bytes'])} | {_mib(r['peak_bytes'])} "
+            f"| {branch('cosmos_vae', 'cosmos_vae')} | {branch('gemma_vision_tower', 'gemma_vision')} |"
+        )
+    unused = [
+        f"{r['stage']}: {len(r['trainable_without_grad'])} trainable tensors got no gradient (unused by a "
+        f"one-frame forward: {', '.join(r['trainable_without_grad'][:4])}{', ...' if len(r['trainable_without_grad']) > 4 else ''})"
+        for r in rows
+        if r["trainable_without_grad"]
+    ]
     if unused:
         print("\n" + "; ".join(unused) + "; AdamW keeps no state for them.")
-    print(f"\npeak: {rows[0]['peak_method']}, after one no-grad forward and a heap trim. AdamW state = exp_avg + exp_avg_sq (+ a scalar step) per trainable "
-          "parameter, i.e. about 2x the trainable parameter bytes; gradients = 1x.\n")
-    print("JSON " + json.dumps({"bench": "memory", "batch_size": args.batch_size, "world_tokens": args.world_tokens,
-                                "world_image_size": args.world_image_size, "elapsed_s": round(elapsed, 1),
-                                "stages": rows}))
+    print(
+        f"\npeak: {rows[0]['peak_method']}, after one no-grad forward and a heap trim. AdamW state = exp_avg + exp_avg_sq (+ a scalar step) per trainable "
+        "parameter, i.e. about 2x the trainable parameter bytes; gradients = 1x.\n"
+    )
+    print(
+        "JSON "
+        + json.dumps(
+            {
+                "bench": "memory",
+                "batch_size": args.batch_size,
+                "world_tokens": args.world_tokens,
+                "world_image_size": args.world_image_size,
+                "elapsed_s": round(elapsed, 1),
+                "stages": rows,
+            }
+        )
+    )
     return 0
 
 

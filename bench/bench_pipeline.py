@@ -35,15 +35,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_once(args, project: str, extra: list[str], log: Path) -> dict:
-    env = {**os.environ, "THEWORLD_PROJECT_DIR": project, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-           "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "THEWORLD_PROJECT_DIR": project,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+    }
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME"):
         env.pop(key, None)
     started_at = time.time()
     started = time.perf_counter()
     with open(log, "ab") as out:
-        subprocess.run([sys.executable, "-m", "flows.cli", "run", args.stages_yaml, "--profile", args.profile, *extra],
-                       env=env, check=True, stdout=out, stderr=subprocess.STDOUT, cwd=project)
+        subprocess.run(
+            [sys.executable, "-m", "flows.cli", "run", args.stages_yaml, "--profile", args.profile, *extra],
+            env=env,
+            check=True,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=project,
+        )
     return {"wall_s": time.perf_counter() - started, "started_at": started_at}
 
 
@@ -57,10 +69,18 @@ def prefect_timeline(project: str) -> list[dict]:
     flows = db.execute("select id, name, start_time, end_time, state_name from flow_run order by start_time").fetchall()
     out = []
     for flow_id, name, start, end, state in flows:
-        tasks = db.execute("select name, start_time, end_time from task_run where flow_run_id = ? order by start_time",
-                           (flow_id,)).fetchall()
-        out.append({"name": name, "state": state, "start": _epoch(start), "end": _epoch(end),
-                    "tasks": [(t, _epoch(e) - _epoch(s)) for t, s, e in tasks if s and e]})
+        tasks = db.execute(
+            "select name, start_time, end_time from task_run where flow_run_id = ? order by start_time", (flow_id,)
+        ).fetchall()
+        out.append(
+            {
+                "name": name,
+                "state": state,
+                "start": _epoch(start),
+                "end": _epoch(end),
+                "tasks": [(t, _epoch(e) - _epoch(s)) for t, s, e in tasks if s and e],
+            }
+        )
     return out
 
 
@@ -74,10 +94,16 @@ def stage_timings(tracking_uri: str) -> dict[str, list[dict]]:
     by_parent: dict[str, list[dict]] = {}
     for run in children:
         m = run.data.metrics
-        by_parent.setdefault(run.data.tags["mlflow.parentRunId"], []).append({
-            "stage": run.data.tags.get("stage", run.info.run_name), "setup_s": m.get("walltime/setup_s", 0.0),
-            "train_s": m.get("walltime/train_s", 0.0), "finish_s": m.get("walltime/finish_s", 0.0),
-            "evaluate_s": m.get("walltime/evaluate_s", 0.0), "start": run.info.start_time / 1000})
+        by_parent.setdefault(run.data.tags["mlflow.parentRunId"], []).append(
+            {
+                "stage": run.data.tags.get("stage", run.info.run_name),
+                "setup_s": m.get("walltime/setup_s", 0.0),
+                "train_s": m.get("walltime/train_s", 0.0),
+                "finish_s": m.get("walltime/finish_s", 0.0),
+                "evaluate_s": m.get("walltime/evaluate_s", 0.0),
+                "start": run.info.start_time / 1000,
+            }
+        )
     return by_parent
 
 
@@ -86,12 +112,19 @@ def summarise(label: str, run: dict, flow: dict, stages: list[dict]) -> dict:
     train_tasks = sum(d for name, d in flow["tasks"] if name.startswith("train-"))
     evaluate = sum(d for name, d in flow["tasks"] if name.startswith("evaluate-"))
     startup = flow["start"] - run["started_at"]
-    row = {"run": label, "state": flow["state"], "wall_s": run["wall_s"], "startup_s": startup,
-           "train_loops_s": train_loops, "train_tasks_s": train_tasks, "evaluate_s": evaluate,
-           "rest_s": run["wall_s"] - startup - train_tasks - evaluate,
-           "wall_over_train_loops": run["wall_s"] / train_loops if train_loops else None,
-           "wall_over_train_tasks": run["wall_s"] / train_tasks if train_tasks else None,
-           "tasks": flow["tasks"]}
+    row = {
+        "run": label,
+        "state": flow["state"],
+        "wall_s": run["wall_s"],
+        "startup_s": startup,
+        "train_loops_s": train_loops,
+        "train_tasks_s": train_tasks,
+        "evaluate_s": evaluate,
+        "rest_s": run["wall_s"] - startup - train_tasks - evaluate,
+        "wall_over_train_loops": run["wall_s"] / train_loops if train_loops else None,
+        "wall_over_train_tasks": run["wall_s"] / train_tasks if train_tasks else None,
+        "tasks": flow["tasks"],
+    }
     return row
 
 
@@ -108,24 +141,40 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as project:
         log = Path(args.log) if args.log else Path(project) / "console.log"
-        runs = [("first run", run_once(args, project, [], log)),
-                ("--force", run_once(args, project, ["--force"], log)),
-                ("no new data", run_once(args, project, [], log))]
+        runs = [
+            ("first run", run_once(args, project, [], log)),
+            ("--force", run_once(args, project, ["--force"], log)),
+            ("no new data", run_once(args, project, [], log)),
+        ]
         flows = prefect_timeline(project)
         by_parent = stage_timings(f"sqlite:///{project}/mlflow.db")
     parents = list(by_parent.values())  # the first and the forced run, oldest first
-    rows = [summarise(label, run, flow, parents[i] if i < len(parents) else [])
-            for i, ((label, run), flow) in enumerate(zip(runs, flows))]
+    rows = [
+        summarise(label, run, flow, parents[i] if i < len(parents) else [])
+        for i, ((label, run), flow) in enumerate(zip(runs, flows))
+    ]
 
-    print("| run | state | wall s | start-up s | train loops s | train tasks s | evaluation s | rest s | "
-          "wall / train loops | wall / train tasks |")
+    print(
+        "| run | state | wall s | start-up s | train loops s | train tasks s | evaluation s | rest s | "
+        "wall / train loops | wall / train tasks |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
-        print(f"| {r['run']} | {r['state']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['train_loops_s']:.1f} | "
-              f"{r['train_tasks_s']:.1f} | {r['evaluate_s']:.1f} | {r['rest_s']:.1f} | "
-              f"{_ratio(r['wall_over_train_loops'])} | {_ratio(r['wall_over_train_tasks'])} |")
-    print(json.dumps({"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                      "load_average_at_end": os.getloadavg(), "runs": rows, "stages": parents}))
+        print(
+            f"| {r['run']} | {r['state']} | {r['wall_s']:.1f} | {r['startup_s']:.1f} | {r['train_loops_s']:.1f} | "
+            f"{r['train_tasks_s']:.1f} | {r['evaluate_s']:.1f} | {r['rest_s']:.1f} | "
+            f"{_ratio(r['wall_over_train_loops'])} | {_ratio(r['wall_over_train_tasks'])} |"
+        )
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "load_average_at_end": os.getloadavg(),
+                "runs": rows,
+                "stages": parents,
+            }
+        )
+    )
     return 0
 
 

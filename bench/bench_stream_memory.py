@@ -52,7 +52,11 @@ def _images() -> dict[str, tuple[bytes, str]]:
     from PIL import Image
 
     out = {}
-    for name, fmt, colour in (("a.png", "PNG", (200, 30, 30)), ("b.jpg", "JPEG", (30, 30, 200)), ("c.png", "PNG", (30, 200, 30))):
+    for name, fmt, colour in (
+        ("a.png", "PNG", (200, 30, 30)),
+        ("b.jpg", "JPEG", (30, 30, 200)),
+        ("c.png", "PNG", (30, 200, 30)),
+    ):
         image = Image.new("RGB", (256, 256), colour)
         for y in range(0, 256, 8):  # some structure so the codecs have work to do
             image.paste((y, 255 - y, (y * 3) % 256), (0, y, 256, y + 4))
@@ -178,7 +182,9 @@ def main() -> None:
     server = _Server()
     threading.Thread(target=server.serve_forever, daemon=True).start()
     sizes = {path: len(body) for path, (body, _) in server.images.items()}
-    print(f"images: {sizes} bytes; concurrency {args.concurrency}; python {sys.version.split()[0]}; {os.cpu_count()} CPUs")
+    print(
+        f"images: {sizes} bytes; concurrency {args.concurrency}; python {sys.version.split()[0]}; {os.cpu_count()} CPUs"
+    )
     results = []
     work = Path(tempfile.mkdtemp(prefix="bench-stream-"))
     try:
@@ -187,9 +193,21 @@ def main() -> None:
             cache = work / f"cache-{rows}"
             _write_list(listing, server.server_address[1], rows)
             hits_before = server.hits
-            command = [sys.executable, __file__, "--child", "--list", str(listing), "--cache", str(cache), "--concurrency", str(args.concurrency)]
+            command = [
+                sys.executable,
+                __file__,
+                "--child",
+                "--list",
+                str(listing),
+                "--cache",
+                str(cache),
+                "--concurrency",
+                str(args.concurrency),
+            ]
             output = subprocess.run(command, cwd=ROOT, check=True, capture_output=True, text=True).stdout
-            result = json.loads(next(line for line in output.splitlines() if line.startswith("RESULT "))[len("RESULT ") :])
+            result = json.loads(
+                next(line for line in output.splitlines() if line.startswith("RESULT "))[len("RESULT ") :]
+            )
             result["fetches"] = server.hits - hits_before
             results.append(result)
             shutil.rmtree(cache, ignore_errors=True)

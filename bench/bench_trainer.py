@@ -114,7 +114,9 @@ class BareLoop:
         self.model = TheWorld.from_base(cfg.model_part())
         self.model.set_trainable(trainable_components(cfg.freeze_flags))
         self.model.to(self.device).train()
-        self.optimizer, _ = build_optimizer(self.model, cfg.learning_rate, cfg.weight_decay, cfg.component_learning_rates)
+        self.optimizer, _ = build_optimizer(
+            self.model, cfg.learning_rate, cfg.weight_decay, cfg.component_learning_rates
+        )
         self.scheduler = build_schedule(cfg.lr_scheduler, self.optimizer, cfg.warmup_steps, cfg.max_steps)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.epoch = 0
@@ -130,7 +132,9 @@ class BareLoop:
 
         generator = torch.Generator().manual_seed(self.cfg.seed + self.epoch)
         order = torch.randperm(len(self.data.train), generator=generator).tolist()
-        return iter(DataLoader(self.data.train, batch_size=self.cfg.batch_size, sampler=order, collate_fn=self._collate))
+        return iter(
+            DataLoader(self.data.train, batch_size=self.cfg.batch_size, sampler=order, collate_fn=self._collate)
+        )
 
     def step(self) -> None:
         try:
@@ -152,7 +156,7 @@ class BareLoop:
         """Mean loss of the last complete logging window: what the trainer reports as its train loss."""
         every = self.cfg.logging_steps
         end = len(self.losses) // every * every
-        tail = self.losses[end - every:end] or self.losses[-every:]
+        tail = self.losses[end - every : end] or self.losses[-every:]
         return sum(tail) / len(tail)
 
 
@@ -245,8 +249,14 @@ class TimedTrainer(StageTrainer):
         steps_range = range(warmup + 1, warmup + steps + 1)
         wall = [self.bare_wall[s] for s in steps_range]
         cpu = [self.bare_cpu[s] for s in steps_range]
-        return {"s_per_step": sum(wall) / steps, "cpu_s_per_step": sum(cpu) / steps, "background_cpu_s_per_step": 0.0,
-                "wall_steps": wall, "cpu_steps": cpu, **{f"{k}_{m}": 0.0 for k in CALL_KINDS for m in ("s", "cpu_s", "calls")}}
+        return {
+            "s_per_step": sum(wall) / steps,
+            "cpu_s_per_step": sum(cpu) / steps,
+            "background_cpu_s_per_step": 0.0,
+            "wall_steps": wall,
+            "cpu_steps": cpu,
+            **{f"{k}_{m}": 0.0 for k in CALL_KINDS for m in ("s", "cpu_s", "calls")},
+        }
 
 
 def run_trainer(cfg: StageConfig, warmup: int, steps: int, paired: bool, progress_bar: bool = True) -> dict[str, dict]:
@@ -273,9 +283,15 @@ def run_bare(cfg: StageConfig, warmup: int, steps: int) -> dict:
     wall = [stamps[s][0] - stamps[s - 1][0] for s in range(lo + 1, hi + 1)]
     cpu = [stamps[s][2] - stamps[s - 1][2] for s in range(lo + 1, hi + 1)]
     background = (stamps[hi][1] - stamps[lo][1]) - (stamps[hi][2] - stamps[lo][2])
-    return {"s_per_step": sum(wall) / steps, "cpu_s_per_step": (sum(cpu) + background) / steps,
-            "background_cpu_s_per_step": background / steps, "wall_steps": wall, "cpu_steps": cpu,
-            **{f"{k}_{m}": 0.0 for k in CALL_KINDS for m in ("s", "cpu_s", "calls")}, "final_loss": loop.final_loss()}
+    return {
+        "s_per_step": sum(wall) / steps,
+        "cpu_s_per_step": (sum(cpu) + background) / steps,
+        "background_cpu_s_per_step": background / steps,
+        "wall_steps": wall,
+        "cpu_steps": cpu,
+        **{f"{k}_{m}": 0.0 for k in CALL_KINDS for m in ("s", "cpu_s", "calls")},
+        "final_loss": loop.final_loss(),
+    }
 
 
 # ------------------------------------------------------------------------------------ statistics
@@ -285,7 +301,7 @@ def trimmed_mean(values, cut: float = 0.1) -> float:
     """Mean of the values between the `cut` and `1 - cut` quantiles (drops bursts of outside load)."""
     ordered = sorted(values)
     k = int(len(ordered) * cut)
-    kept = ordered[k:len(ordered) - k] or ordered
+    kept = ordered[k : len(ordered) - k] or ordered
     return sum(kept) / len(kept)
 
 
@@ -313,7 +329,10 @@ def summarise(stage: str, runs: list[dict[str, dict]], steps: int) -> dict:
     full = [(r["trainer"], r["bare"]) for r in runs]
 
     def cpu_extra(t: dict, b: dict, kinds=("save", "log")) -> float:
-        return (sum(t[f"{k}_cpu_s"] for k in kinds) + steps * (t["background_cpu_s_per_step"] - b["background_cpu_s_per_step"])) / steps
+        return (
+            sum(t[f"{k}_cpu_s"] for k in kinds)
+            + steps * (t["background_cpu_s_per_step"] - b["background_cpu_s_per_step"])
+        ) / steps
 
     robust = [overhead(t, b, "wall_steps", (t["save_s"] + t["log_s"]) / steps) for t, b in full]
     cpu = [overhead(t, b, "cpu_steps", cpu_extra(t, b)) for t, b in full]
@@ -331,11 +350,15 @@ def summarise(stage: str, runs: list[dict[str, dict]], steps: int) -> dict:
         "per_step_loop_robust": med(overhead(t, b, "wall_steps", 0.0)[0] for t, b in full),
         "per_step_loop_cpu": med(overhead(t, b, "cpu_steps", 0.0)[0] for t, b in full),
         "background_cpu_share": med(t["background_cpu_s_per_step"] / trimmed_mean(b["cpu_steps"]) for t, b in full),
-        "cpu_s_per_step": {"bare": med(b["cpu_s_per_step"] for _, b in full),
-                           "trainer": med(t["cpu_s_per_step"] for t, _ in full)},
+        "cpu_s_per_step": {
+            "bare": med(b["cpu_s_per_step"] for _, b in full),
+            "trainer": med(t["cpu_s_per_step"] for t, _ in full),
+        },
         "final_loss": {"bare": med(b["final_loss"] for _, b in full), "trainer": med(t["final_loss"] for t, _ in full)},
-        "runs_s_per_step": {"bare": [round(b["s_per_step"], 6) for _, b in full],
-                            "trainer": [round(t["s_per_step"], 6) for t, _ in full]},
+        "runs_s_per_step": {
+            "bare": [round(b["s_per_step"], 6) for _, b in full],
+            "trainer": [round(t["s_per_step"], 6) for t, _ in full],
+        },
     }
     for kind in CALL_KINDS:
         row[f"{kind}_share"] = med(t[f"{kind}_s"] / steps / trimmed_mean(b["wall_steps"]) for t, b in full)
@@ -371,6 +394,7 @@ class _CallClock:
                 return fn(*args, **kwargs)
             finally:
                 self.add(name, time.thread_time() - start)
+
         return timed
 
     def end_step(self, total: float) -> None:
@@ -450,10 +474,14 @@ class _BreakdownTrainer(TimedTrainer):
         if self._step_begin is not None:
             # From the end of the previous step (after the paired bare step) to here: the loader's
             # next batch and entering accumulate().
-            self.clock.add("batch from the loader", now - self._step_begin - self.clock.current.get("accumulate() context", 0.0))
+            self.clock.add(
+                "batch from the loader", now - self._step_begin - self.clock.current.get("accumulate() context", 0.0)
+            )
         backward_before = self.clock.current.get("backward", 0.0)
         result = super()._forward_backward(batch)
-        self.clock.add("forward", time.thread_time() - now - (self.clock.current.get("backward", 0.0) - backward_before))
+        self.clock.add(
+            "forward", time.thread_time() - now - (self.clock.current.get("backward", 0.0) - backward_before)
+        )
         return result
 
     def _after_step(self, window, grad_norm: float) -> None:
@@ -495,14 +523,26 @@ def breakdown(args, tiny, stage: str, workdir: Path) -> dict:
         raise RuntimeError(f"trainer stopped early: {result.status}: {result.reason}")
     skip = args.warmup
     rows = []
-    for name in ("batch from the loader", "accumulate() context", "forward", "backward", "clip_grad_norm_",
-                 "optimizer.step", "scheduler.step", "optimizer.zero_grad", "other loop bookkeeping", "step total"):
+    for name in (
+        "batch from the loader",
+        "accumulate() context",
+        "forward",
+        "backward",
+        "clip_grad_norm_",
+        "optimizer.step",
+        "scheduler.step",
+        "optimizer.zero_grad",
+        "other loop bookkeeping",
+        "step total",
+    ):
         t_vals = trainer.clock.times.get(name, [])[skip:]
         b_vals = bare.clock.times.get(name, [])[skip:]
         n = min(len(t_vals), len(b_vals)) or max(len(t_vals), len(b_vals))
         trainer_s = trimmed_mean(t_vals[:n]) if t_vals else 0.0
         bare_s = trimmed_mean(b_vals[:n]) if b_vals else 0.0
-        extra = trimmed_mean([a - b for a, b in zip(t_vals[:n], b_vals[:n])]) if t_vals and b_vals else trainer_s - bare_s
+        extra = (
+            trimmed_mean([a - b for a, b in zip(t_vals[:n], b_vals[:n])]) if t_vals and b_vals else trainer_s - bare_s
+        )
         rows.append({"call": name, "trainer_s": trainer_s, "bare_s": bare_s, "extra_s": extra})
 
     import mlflow
@@ -510,8 +550,14 @@ def breakdown(args, tiny, stage: str, workdir: Path) -> dict:
     from theworld_core.tracking.mlflow_runs import stage_run
 
     groups = len(trainer.optimizer.param_groups)
-    metrics = {"train/loss": 1.0, "train/grad_norm": 1.0, "train/samples_per_s": 1.0, "train/tokens_per_s": 1.0,
-               **{f"lr/group{i}": 1e-4 for i in range(groups)}, "stage_step": 0}
+    metrics = {
+        "train/loss": 1.0,
+        "train/grad_norm": 1.0,
+        "train/samples_per_s": 1.0,
+        "train/tokens_per_s": 1.0,
+        **{f"lr/group{i}": 1e-4 for i in range(groups)},
+        "stage_step": 0,
+    }
     with stage_run(None, "theworld-bench-breakdown", "log-cost"):
         calls = 30
         process, thread = time.process_time(), time.thread_time()
@@ -522,8 +568,14 @@ def breakdown(args, tiny, stage: str, workdir: Path) -> dict:
         time.sleep(0.2)
         own = (time.thread_time() - thread) / calls
         others = ((time.process_time() - process) - (time.thread_time() - thread)) / calls
-    return {"stage": stage, "steps": len(trainer.clock.times.get("step total", [])) - skip, "calls": rows,
-            "mlflow_metrics": len(metrics), "mlflow_log_caller_s": own, "mlflow_log_threads_s": others}
+    return {
+        "stage": stage,
+        "steps": len(trainer.clock.times.get("step total", [])) - skip,
+        "calls": rows,
+        "mlflow_metrics": len(metrics),
+        "mlflow_log_caller_s": own,
+        "mlflow_log_threads_s": others,
+    }
 
 
 # ------------------------------------------------------------------------------------ driver
@@ -578,17 +630,23 @@ def run_ablation(args, tiny, stage: str, workdir: Path) -> list[dict]:
     steps = args.steps
     for name, runs in results.items():
         pairs = [(r["trainer"], r["bare"]) for r in runs]
-        rows.append({
-            "variant": name,
-            "overhead_robust": statistics.median(overhead(t, b, "wall_steps", t["log_s"] / steps)[0] for t, b in pairs),
-            "overhead_cpu": statistics.median(
-                overhead(t, b, "cpu_steps", (t["log_cpu_s"] + steps * t["background_cpu_s_per_step"]) / steps)[0]
-                for t, b in pairs),
-            "per_step_loop_cpu": statistics.median(overhead(t, b, "cpu_steps", 0.0)[0] for t, b in pairs),
-            "log_call_s": statistics.median(t["log_s"] / max(1, t["log_calls"]) for t, _ in pairs),
-            "background_cpu_share": statistics.median(t["background_cpu_s_per_step"] / trimmed_mean(b["cpu_steps"])
-                                                      for t, b in pairs),
-        })
+        rows.append(
+            {
+                "variant": name,
+                "overhead_robust": statistics.median(
+                    overhead(t, b, "wall_steps", t["log_s"] / steps)[0] for t, b in pairs
+                ),
+                "overhead_cpu": statistics.median(
+                    overhead(t, b, "cpu_steps", (t["log_cpu_s"] + steps * t["background_cpu_s_per_step"]) / steps)[0]
+                    for t, b in pairs
+                ),
+                "per_step_loop_cpu": statistics.median(overhead(t, b, "cpu_steps", 0.0)[0] for t, b in pairs),
+                "log_call_s": statistics.median(t["log_s"] / max(1, t["log_calls"]) for t, _ in pairs),
+                "background_cpu_share": statistics.median(
+                    t["background_cpu_s_per_step"] / trimmed_mean(b["cpu_steps"]) for t, b in pairs
+                ),
+            }
+        )
     return rows
 
 
@@ -611,19 +669,34 @@ def machine() -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--stages", default=",".join(DEFAULT_STAGES),
-                        help=f"comma-separated, from {', '.join(SEED_STAGES)} (default: %(default)s)")
-    parser.add_argument("--mode", choices=("paired", "sequential"), default="paired",
-                        help="paired: bare steps interleaved with the trainer's in one run (default); "
-                             "sequential: separate runs")
-    parser.add_argument("--lean", action="store_true",
-                        help="also run the trainer without eval and saves (a cross-check of the per-call timings)")
-    parser.add_argument("--ablate", action="store_true",
-                        help="also split the lean trainer's overhead (progress bar, MLflow logging, the accelerate "
-                             "loop) on the first stage, paired")
-    parser.add_argument("--breakdown", action="store_true",
-                        help="also time the trainer's per-step calls one by one against the bare loop's (first "
-                             "stage, paired) and one MLflow log call (about half a minute)")
+    parser.add_argument(
+        "--stages",
+        default=",".join(DEFAULT_STAGES),
+        help=f"comma-separated, from {', '.join(SEED_STAGES)} (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("paired", "sequential"),
+        default="paired",
+        help="paired: bare steps interleaved with the trainer's in one run (default); sequential: separate runs",
+    )
+    parser.add_argument(
+        "--lean",
+        action="store_true",
+        help="also run the trainer without eval and saves (a cross-check of the per-call timings)",
+    )
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="also split the lean trainer's overhead (progress bar, MLflow logging, the accelerate "
+        "loop) on the first stage, paired",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also time the trainer's per-step calls one by one against the bare loop's (first "
+        "stage, paired) and one MLflow log call (about half a minute)",
+    )
     parser.add_argument("--steps", type=int, default=300, help="timed optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=10, help="untimed optimizer steps before the window")
     parser.add_argument("--repeats", type=int, default=3)
@@ -665,14 +738,26 @@ def main(argv: list[str] | None = None) -> int:
             for repeat in range(args.repeats):
                 run: dict[str, dict] = {}
                 if not paired:
-                    run["bare"] = run_bare(stage_config(args, tiny, stage, "bare", workdir, repeat), args.warmup, args.steps)
-                run.update(run_trainer(stage_config(args, tiny, stage, "full", workdir, repeat), args.warmup, args.steps, paired))
+                    run["bare"] = run_bare(
+                        stage_config(args, tiny, stage, "bare", workdir, repeat), args.warmup, args.steps
+                    )
+                run.update(
+                    run_trainer(
+                        stage_config(args, tiny, stage, "full", workdir, repeat), args.warmup, args.steps, paired
+                    )
+                )
                 if args.lean:
-                    lean = run_trainer(stage_config(args, tiny, stage, "lean", workdir, repeat), args.warmup, args.steps, paired)
+                    lean = run_trainer(
+                        stage_config(args, tiny, stage, "lean", workdir, repeat), args.warmup, args.steps, paired
+                    )
                     run["lean"], run["lean_bare"] = lean["trainer"], lean.get("bare", run["bare"])
                 runs.append(run)
-                print(f"# {stage} #{repeat + 1}: bare {run['bare']['s_per_step'] * 1e3:.2f} ms/step, "
-                      f"trainer {run['trainer']['s_per_step'] * 1e3:.2f} ms/step", file=sys.stderr, flush=True)
+                print(
+                    f"# {stage} #{repeat + 1}: bare {run['bare']['s_per_step'] * 1e3:.2f} ms/step, "
+                    f"trainer {run['trainer']['s_per_step'] * 1e3:.2f} ms/step",
+                    file=sys.stderr,
+                    flush=True,
+                )
             rows.append(summarise(stage, runs, args.steps))
         ablation = run_ablation(args, tiny, stages[0], workdir) if args.ablate else None
         split = breakdown(args, tiny, stages[0], workdir) if args.breakdown else None
@@ -686,68 +771,123 @@ def main(argv: list[str] | None = None) -> int:
     if ablation:
         pct = lambda x: f"{100 * x:+.1f} %"  # noqa: E731
         print(f"Where the overhead goes ({stages[0]}, paired, median of {args.repeats}; shares of the bare step):\n")
-        print("| variant | overhead: robust | CPU | of which per-step loop (CPU) | background threads (CPU) | log call |")
+        print(
+            "| variant | overhead: robust | CPU | of which per-step loop (CPU) | background threads (CPU) | log call |"
+        )
         print("|---|---:|---:|---:|---:|---:|")
         for a in ablation:
-            print(f"| {a['variant']} | {pct(a['overhead_robust'])} | {pct(a['overhead_cpu'])} "
-                  f"| {pct(a['per_step_loop_cpu'])} | {pct(a['background_cpu_share'])} | {a['log_call_s'] * 1e3:.2f} ms |")
+            print(
+                f"| {a['variant']} | {pct(a['overhead_robust'])} | {pct(a['overhead_cpu'])} "
+                f"| {pct(a['per_step_loop_cpu'])} | {pct(a['background_cpu_share'])} | {a['log_call_s'] * 1e3:.2f} ms |"
+            )
         print()
     if split:
         base = next(r["bare_s"] for r in split["calls"] if r["call"] == "step total")
-        print(f"Per-step CPU by call ({split['stage']}, trainer without eval, saves, logging and progress bar, paired "
-              f"with the bare loop; thread CPU time, trimmed mean over {split['steps']} steps):\n")
+        print(
+            f"Per-step CPU by call ({split['stage']}, trainer without eval, saves, logging and progress bar, paired "
+            f"with the bare loop; thread CPU time, trimmed mean over {split['steps']} steps):\n"
+        )
         print("| call | trainer µs | bare µs | extra µs | extra, share of the bare step |")
         print("|---|---:|---:|---:|---:|")
         for r in split["calls"]:
-            print(f"| {r['call']} | {r['trainer_s'] * 1e6:.0f} | {r['bare_s'] * 1e6:.0f} | {r['extra_s'] * 1e6:+.0f} "
-                  f"| {100 * r['extra_s'] / base:+.2f} % |")
+            print(
+                f"| {r['call']} | {r['trainer_s'] * 1e6:.0f} | {r['bare_s'] * 1e6:.0f} | {r['extra_s'] * 1e6:+.0f} "
+                f"| {100 * r['extra_s'] / base:+.2f} % |"
+            )
         every = 10
         per_step = (split["mlflow_log_caller_s"] + split["mlflow_log_threads_s"]) / every
-        print(f"\nOne MLflow log_metrics ({split['mlflow_metrics']} metrics, local SQLite store, synchronous=False): "
-              f"{split['mlflow_log_caller_s'] * 1e3:.2f} ms CPU in the calling thread + "
-              f"{split['mlflow_log_threads_s'] * 1e3:.2f} ms in MLflow's logging threads; every {every} steps that is "
-              f"{per_step * 1e3:.2f} ms per step ({100 * per_step / base:.1f} % of the bare step).\n")
-    print("JSON " + json.dumps({"ablation": ablation, "breakdown": split, "loadavg": load, "bench": "trainer", "machine": machine(), "mode": args.mode, "threads": args.threads,
-                                "steps": args.steps, "warmup": args.warmup, "repeats": args.repeats,
-                                "batch_size": args.batch_size, "world_tokens": args.world_tokens,
-                                "world_image_size": args.world_image_size, "elapsed_s": round(elapsed, 1),
-                                "stages": rows}))
+        print(
+            f"\nOne MLflow log_metrics ({split['mlflow_metrics']} metrics, local SQLite store, synchronous=False): "
+            f"{split['mlflow_log_caller_s'] * 1e3:.2f} ms CPU in the calling thread + "
+            f"{split['mlflow_log_threads_s'] * 1e3:.2f} ms in MLflow's logging threads; every {every} steps that is "
+            f"{per_step * 1e3:.2f} ms per step ({100 * per_step / base:.1f} % of the bare step).\n"
+        )
+    print(
+        "JSON "
+        + json.dumps(
+            {
+                "ablation": ablation,
+                "breakdown": split,
+                "loadavg": load,
+                "bench": "trainer",
+                "machine": machine(),
+                "mode": args.mode,
+                "threads": args.threads,
+                "steps": args.steps,
+                "warmup": args.warmup,
+                "repeats": args.repeats,
+                "batch_size": args.batch_size,
+                "world_tokens": args.world_tokens,
+                "world_image_size": args.world_image_size,
+                "elapsed_s": round(elapsed, 1),
+                "stages": rows,
+            }
+        )
+    )
     return 0
 
 
 def print_table(rows: list[dict], args, elapsed: float) -> None:
     pct = lambda x: f"{100 * x:+.1f} %"  # noqa: E731
     lean = all("lean_s_per_step" in r for r in rows)
-    print(f"\n{args.mode}, {args.steps} timed steps after {args.warmup} warmup, batch {args.batch_size}, accumulation 1, "
-          f"world tokens {args.world_tokens}, world image {args.world_image_size} px, {args.threads} thread(s), "
-          f"median of {args.repeats} ({elapsed:.0f} s in all)\n")
-    print("| stage | trains | bare s/step | trainer s/step | trainer / bare "
-          "| overhead excl. eval: mean | robust (± 95 %) | CPU (± 95 %) | saves | logging | eval "
-          + ("| lean trainer - bare: mean, robust, CPU " if lean else "") + "| < 5 % |")
+    print(
+        f"\n{args.mode}, {args.steps} timed steps after {args.warmup} warmup, batch {args.batch_size}, accumulation 1, "
+        f"world tokens {args.world_tokens}, world image {args.world_image_size} px, {args.threads} thread(s), "
+        f"median of {args.repeats} ({elapsed:.0f} s in all)\n"
+    )
+    print(
+        "| stage | trains | bare s/step | trainer s/step | trainer / bare "
+        "| overhead excl. eval: mean | robust (± 95 %) | CPU (± 95 %) | saves | logging | eval "
+        + ("| lean trainer - bare: mean, robust, CPU " if lean else "")
+        + "| < 5 % |"
+    )
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if lean else "") + "---|")
     for r in rows:
-        print(f"| {r['stage']} | {', '.join(r['trains'])} | {r['bare_s_per_step']:.4f} | {r['trainer_s_per_step']:.4f} "
-              f"| {r['ratio_trainer_vs_bare']:.3f} | {pct(r['overhead_excl_eval_mean'])} "
-              f"| {pct(r['overhead_excl_eval_robust'])} ± {100 * r['overhead_excl_eval_robust_ci95']:.1f} "
-              f"| {pct(r['overhead_excl_eval_cpu'])} ± {100 * r['overhead_excl_eval_cpu_ci95']:.1f} "
-              f"| {pct(r['save_share'])} | {pct(r['log_share'])} | {pct(r['eval_share'])} "
-              + (f"| {pct(r['lean_overhead_mean'])}, {pct(r['lean_overhead_robust'])}, {pct(r['lean_overhead_cpu'])} "
-                 if lean else "")
-              + f"| {'yes' if r['meets_target'] else 'NO'} |")
-    print("\nShares are of the bare loop's step time, medians over repeats. mean: window means; robust: 10-90 % "
-          "trimmed mean of step-by-step wall differences (same batch at each step), timed saves and log calls "
-          "added back; CPU: the same on CPU time (main thread per step, plus the trainer's background threads). "
-          "Verdict: robust and CPU both < 5 %.")
-    print("Split of the CPU overhead: " + "; ".join(
-        f"{r['stage']}: per-step loop {pct(r['per_step_loop_cpu'])} (wall {pct(r['per_step_loop_robust'])}), "
-        f"background threads {pct(r['background_cpu_share'])}" for r in rows))
-    print("Per call (wall): " + "; ".join(
-        f"{r['stage']}: eval {r['eval_call_s'] * 1e3:.0f} ms ({r['eval_calls_in_window']} in window), "
-        f"save {r['save_call_s'] * 1e3:.0f} ms ({r['save_calls_in_window']}), "
-        f"log {r['log_call_s'] * 1e3:.2f} ms ({r['log_calls_in_window']})" for r in rows))
-    print("Final train loss, mean of the last 10 steps (the arms train identically): " + "; ".join(
-        f"{r['stage']}: " + ", ".join(f"{k} {v:.4f}" for k, v in r["final_loss"].items()
-                                      if v is not None and math.isfinite(v)) for r in rows) + "\n")
+        print(
+            f"| {r['stage']} | {', '.join(r['trains'])} | {r['bare_s_per_step']:.4f} | {r['trainer_s_per_step']:.4f} "
+            f"| {r['ratio_trainer_vs_bare']:.3f} | {pct(r['overhead_excl_eval_mean'])} "
+            f"| {pct(r['overhead_excl_eval_robust'])} ± {100 * r['overhead_excl_eval_robust_ci95']:.1f} "
+            f"| {pct(r['overhead_excl_eval_cpu'])} ± {100 * r['overhead_excl_eval_cpu_ci95']:.1f} "
+            f"| {pct(r['save_share'])} | {pct(r['log_share'])} | {pct(r['eval_share'])} "
+            + (
+                f"| {pct(r['lean_overhead_mean'])}, {pct(r['lean_overhead_robust'])}, {pct(r['lean_overhead_cpu'])} "
+                if lean
+                else ""
+            )
+            + f"| {'yes' if r['meets_target'] else 'NO'} |"
+        )
+    print(
+        "\nShares are of the bare loop's step time, medians over repeats. mean: window means; robust: 10-90 % "
+        "trimmed mean of step-by-step wall differences (same batch at each step), timed saves and log calls "
+        "added back; CPU: the same on CPU time (main thread per step, plus the trainer's background threads). "
+        "Verdict: robust and CPU both < 5 %."
+    )
+    print(
+        "Split of the CPU overhead: "
+        + "; ".join(
+            f"{r['stage']}: per-step loop {pct(r['per_step_loop_cpu'])} (wall {pct(r['per_step_loop_robust'])}), "
+            f"background threads {pct(r['background_cpu_share'])}"
+            for r in rows
+        )
+    )
+    print(
+        "Per call (wall): "
+        + "; ".join(
+            f"{r['stage']}: eval {r['eval_call_s'] * 1e3:.0f} ms ({r['eval_calls_in_window']} in window), "
+            f"save {r['save_call_s'] * 1e3:.0f} ms ({r['save_calls_in_window']}), "
+            f"log {r['log_call_s'] * 1e3:.2f} ms ({r['log_calls_in_window']})"
+            for r in rows
+        )
+    )
+    print(
+        "Final train loss, mean of the last 10 steps (the arms train identically): "
+        + "; ".join(
+            f"{r['stage']}: "
+            + ", ".join(f"{k} {v:.4f}" for k, v in r["final_loss"].items() if v is not None and math.isfinite(v))
+            for r in rows
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

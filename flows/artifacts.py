@@ -60,8 +60,15 @@ def stage_table(rows: list[dict[str, Any]], links: RunLinks) -> list[dict[str, A
     return table
 
 
-def comparison_markdown(summary_markdown: str, rows: list[dict[str, Any]], parent_run_id: str, links: RunLinks,
-                        registered_model: str, model_version: int | None, alias: str) -> str:
+def comparison_markdown(
+    summary_markdown: str,
+    rows: list[dict[str, Any]],
+    parent_run_id: str,
+    links: RunLinks,
+    registered_model: str,
+    model_version: int | None,
+    alias: str,
+) -> str:
     """The `stage-comparison` markdown: the summary logged to MLflow, then where each run is."""
     lines = ["", "## MLflow", "", f"- pipeline (parent) run: {links.markdown(parent_run_id)}"]
     lines += [f"- {row['stage']} attempt {row['attempt']}: {links.markdown(row.get('run_id'))}" for row in rows]

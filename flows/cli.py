@@ -21,7 +21,9 @@ def _prefect_env() -> None:
     from theworld_core.tracking.mlflow_runs import project_dir
 
     os.environ.setdefault("PREFECT_HOME", str(project_dir() / "prefect"))
-    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)  # Prefect makes only the last level
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(
+        parents=True, exist_ok=True
+    )  # Prefect makes only the last level
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -69,8 +71,12 @@ def _import(*modules: str):
 _WARM_UP = (
     _open_mlflow_store,
     # what the first stage imports to build the model (2 s idle, 5 s on a busy machine)
-    _import("transformers.models.gemma3.modeling_gemma3", "diffusers.models.autoencoders.autoencoder_kl_wan",
-            "theworld_core.training.trainer", "theworld_core.model.theworld"),
+    _import(
+        "transformers.models.gemma3.modeling_gemma3",
+        "diffusers.models.autoencoders.autoencoder_kl_wan",
+        "theworld_core.training.trainer",
+        "theworld_core.model.theworld",
+    ),
 )
 """Work a run needs anyway, done while the temporary Prefect server boots (flows/temporary_server.py)."""
 
@@ -93,20 +99,23 @@ def _cmd_run(args) -> int:
     configure_tracking()
     _name_lines_by_run()
     if server is not None:
-        server.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]),
-                          meanwhile=_WARM_UP)
+        server.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]), meanwhile=_WARM_UP)
     result = multistage(stages_yaml=str(Path(args.stages_yaml).resolve()), profile=args.profile, force=args.force)
     if result.get("no_new_data"):
-        print(f"\n{result['reason']}\nnothing trained (schedule.only_on_new_data); to train regardless: "
-              "theworld run --force")
+        print(
+            f"\n{result['reason']}\nnothing trained (schedule.only_on_new_data); to train regardless: "
+            "theworld run --force"
+        )
         return 0
     print()
     print(f"{'stage':<12}{'attempt':>8}  {'status':<11}{'steps':>6}  {'eval loss':>9}  {'task acc':>8}  decision")
     for row in result["stages"]:
         loss = "-" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
         acc = "-" if row["task_accuracy"] is None else f"{row['task_accuracy']:.3f}"
-        print(f"{row['stage']:<12}{row['attempt']:>8}  {row['status']:<11}{row['steps']:>6}  {loss:>9}  {acc:>8}  "
-              f"{row['decision']}: {row['decision_reason']}")
+        print(
+            f"{row['stage']:<12}{row['attempt']:>8}  {row['status']:<11}{row['steps']:>6}  {loss:>9}  {acc:>8}  "
+            f"{row['decision']}: {row['decision_reason']}"
+        )
     print(f"\nchampion: {result['champion']} (registered model version {result['model_version']})")
     print(f"MLflow parent run: {result['parent_run_id']}")
     print(f"open the MLflow UI: {ui_command()}")
@@ -180,8 +189,11 @@ a run on it; that run trains when the fingerprint differs from the last successf
 
 
 def _notify_arguments(parser: argparse.ArgumentParser, profiles: str) -> None:
-    parser.add_argument("--stages-yaml", default="stages.yaml", help="pipeline config naming the event and dataset "
-                                                                     "(default ./stages.yaml)")
+    parser.add_argument(
+        "--stages-yaml",
+        default="stages.yaml",
+        help="pipeline config naming the event and dataset (default ./stages.yaml)",
+    )
     parser.add_argument("--profile", help=core_cli.profile_option_help(profiles))
 
 
@@ -308,13 +320,22 @@ def _cmd_prefect_yaml(args) -> int:
         except FileNotFoundError:
             current = ""
         if current == text:
-            print(f"{out} is up to date with {args.stages_yaml}" + (f" (profile {args.profile})" if args.profile else ""))
+            print(
+                f"{out} is up to date with {args.stages_yaml}" + (f" (profile {args.profile})" if args.profile else "")
+            )
             return 0
-        diff = difflib.unified_diff(current.splitlines(keepends=True), text.splitlines(keepends=True),
-                                    fromfile=f"{out} (as it is)", tofile=f"{out} (generated)")
+        diff = difflib.unified_diff(
+            current.splitlines(keepends=True),
+            text.splitlines(keepends=True),
+            fromfile=f"{out} (as it is)",
+            tofile=f"{out} (generated)",
+        )
         sys.stdout.writelines(diff)
-        print(f"\n{out} differs from what {args.stages_yaml} generates: run "
-              f"`{prefect_yaml_command(args.stages_yaml, args.profile, out)}`", file=sys.stderr)
+        print(
+            f"\n{out} differs from what {args.stages_yaml} generates: run "
+            f"`{prefect_yaml_command(args.stages_yaml, args.profile, out)}`",
+            file=sys.stderr,
+        )
         return 1
     if args.out is None:
         sys.stdout.write(text)
@@ -349,36 +370,59 @@ def add_pipeline_commands(sub, profiles: str) -> None:
     run = sub.add_parser("run", help="run the multistage pipeline (Prefect flow, MLflow tracking)")
     run.add_argument("stages_yaml", nargs="?", default="stages.yaml", help="pipeline config (default ./stages.yaml)")
     run.add_argument("--profile", help=core_cli.profile_option_help(profiles))
-    run.add_argument("--force", action="store_true",
-                     help='train even when the data is unchanged since the last successful run ("no new data")')
+    run.add_argument(
+        "--force",
+        action="store_true",
+        help='train even when the data is unchanged since the last successful run ("no new data")',
+    )
     run.set_defaults(func=_cmd_run)
 
-    serve = sub.add_parser("serve", help="serve the deployment multistage/full: schedule, new-data trigger, runs them",
-                           description=SERVE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve = sub.add_parser(
+        "serve",
+        help="serve the deployment multistage/full: schedule, new-data trigger, runs them",
+        description=SERVE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     serve.add_argument("stages_yaml", nargs="?", default="stages.yaml", help="pipeline config (default ./stages.yaml)")
     serve.add_argument("--profile", help=core_cli.profile_option_help(profiles))
     serve.set_defaults(func=_cmd_serve)
 
-    data = sub.add_parser("data", help="add images to a local image folder; tell the deployment that data changed",
-                          epilog=f"--profile (of add, notify): {profiles}")
+    data = sub.add_parser(
+        "data",
+        help="add images to a local image folder; tell the deployment that data changed",
+        epilog=f"--profile (of add, notify): {profiles}",
+    )
     data_sub = data.add_subparsers(dest="data_command", required=True)
-    add = data_sub.add_parser("add", help="copy images into an image folder (metadata.jsonl layout), atomically",
-                              description=DATA_ADD_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add = data_sub.add_parser(
+        "add",
+        help="copy images into an image folder (metadata.jsonl layout), atomically",
+        description=DATA_ADD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add.add_argument("sources", nargs="+", metavar="SRC", help="image files, or folders of images")
     add.add_argument("--to", required=True, metavar="FOLDER", help="the image folder (created when missing)")
     captions = add.add_mutually_exclusive_group()
     captions.add_argument("--caption", metavar="TEXT", help="caption of every added image")
-    captions.add_argument("--captions", metavar="FILE.jsonl",
-                          help='one {"file_name": SRC or its name, "text": CAPTION} row per image')
+    captions.add_argument(
+        "--captions", metavar="FILE.jsonl", help='one {"file_name": SRC or its name, "text": CAPTION} row per image'
+    )
     add.add_argument("--notify", action="store_true", help="then emit the new-data event (as `theworld data notify`)")
     _notify_arguments(add, profiles)
     add.set_defaults(func=_cmd_data_add)
-    notify = data_sub.add_parser("notify", help="emit the config's new-data event to PREFECT_API_URL",
-                                 description=DATA_NOTIFY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    notify = data_sub.add_parser(
+        "notify",
+        help="emit the config's new-data event to PREFECT_API_URL",
+        description=DATA_NOTIFY_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _notify_arguments(notify, profiles)
     notify.set_defaults(func=_cmd_data_notify)
-    sample = data_sub.add_parser("sample", help="write synthetic images + captions.jsonl (to try `data add` with)",
-                                 description=DATA_SAMPLE_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sample = data_sub.add_parser(
+        "sample",
+        help="write synthetic images + captions.jsonl (to try `data add` with)",
+        description=DATA_SAMPLE_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sample.add_argument("out_dir", metavar="OUT_DIR", help="folder to write into (created when missing)")
     sample.add_argument("--count", type=_positive, default=32, help="how many images (default 32)")
     sample.add_argument("--start", type=_non_negative, default=0, help="index of the first sample (default 0)")
@@ -388,14 +432,25 @@ def add_pipeline_commands(sub, profiles: str) -> None:
 
     deployment = sub.add_parser("deployment", help="the deployment's files: prefect.yaml generated from stages.yaml")
     deployment_sub = deployment.add_subparsers(dest="deployment_command", required=True)
-    prefect_yaml = deployment_sub.add_parser("prefect-yaml", help="write prefect.yaml (work-pool route) from a stages.yaml",
-                                             description=PREFECT_YAML_HELP,
-                                             formatter_class=argparse.RawDescriptionHelpFormatter)
-    prefect_yaml.add_argument("stages_yaml", nargs="?", default="stages.yaml",
-                              help="pipeline config (default stages.yaml), written into the file as given")
+    prefect_yaml = deployment_sub.add_parser(
+        "prefect-yaml",
+        help="write prefect.yaml (work-pool route) from a stages.yaml",
+        description=PREFECT_YAML_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    prefect_yaml.add_argument(
+        "stages_yaml",
+        nargs="?",
+        default="stages.yaml",
+        help="pipeline config (default stages.yaml), written into the file as given",
+    )
     prefect_yaml.add_argument("--profile", help=core_cli.profile_option_help(profiles))
-    prefect_yaml.add_argument("--out", metavar="FILE", help="file to write (default: print; with --check: prefect.yaml)")
-    prefect_yaml.add_argument("--check", action="store_true", help="compare with --out instead of writing; exit 1 on a difference")
+    prefect_yaml.add_argument(
+        "--out", metavar="FILE", help="file to write (default: print; with --check: prefect.yaml)"
+    )
+    prefect_yaml.add_argument(
+        "--check", action="store_true", help="compare with --out instead of writing; exit 1 on a difference"
+    )
     prefect_yaml.set_defaults(func=_cmd_prefect_yaml)
 
 

@@ -92,15 +92,17 @@ def deployment_settings(cfg: PipelineConfig, stages_yaml: str, profile: str | No
         "name": DEPLOYMENT_NAME,
         "parameters": {"stages_yaml": str(Path(stages_yaml).resolve()), "profile": profile, "force": False},
         "schedules": [Cron(schedule.cron, timezone=schedule.timezone)] if schedule.cron else [],
-        "triggers": [DeploymentEventTrigger(
-            name="new data",
-            description=f"{schedule.new_data_event} about {dataset_resource_id(cfg)}: rerun (trains if the data changed)",
-            expect={schedule.new_data_event},
-            match={"prefect.resource.id": dataset_resource_id(cfg)},
-        )],
+        "triggers": [
+            DeploymentEventTrigger(
+                name="new data",
+                description=f"{schedule.new_data_event} about {dataset_resource_id(cfg)}: rerun (trains if the data changed)",
+                expect={schedule.new_data_event},
+                match={"prefect.resource.id": dataset_resource_id(cfg)},
+            )
+        ],
         "global_limit": ConcurrencyLimitConfig(limit=1, collision_strategy=ConcurrencyLimitStrategy.ENQUEUE),
         "description": f"TheWorld multistage pipeline: {Path(stages_yaml).resolve()}"
-                       + (f" (profile {profile})" if profile else ""),
+        + (f" (profile {profile})" if profile else ""),
         "tags": ["theworld"],
     }
 
@@ -128,8 +130,12 @@ def notify_new_data(cfg: PipelineConfig, fingerprint: str | None) -> dict[str, A
     event = emit_event(event=cfg.schedule.new_data_event, resource=resource, payload={"fingerprint": fingerprint})
     if event is None:
         raise PrefectApiMissing("Prefect did not emit the event (events are disabled in this Prefect profile)")
-    return {"event": cfg.schedule.new_data_event, "resource": resource["prefect.resource.id"], "id": str(event.id),
-            "fingerprint": fingerprint}
+    return {
+        "event": cfg.schedule.new_data_event,
+        "resource": resource["prefect.resource.id"],
+        "id": str(event.id),
+        "fingerprint": fingerprint,
+    }
 
 
 # --- prefect.yaml (the work-pool route), generated ------------------------------------------------
@@ -160,8 +166,11 @@ _PREFECT_YAML_USAGE = """\
 
 def prefect_yaml_command(stages_yaml: str, profile: str | None, out: str) -> str:
     """The command line that writes this file (in its header and in --check's message)."""
-    return (f"theworld deployment prefect-yaml {stages_yaml}" + (f" --profile {profile}" if profile else "")
-            + f" --out {out}")
+    return (
+        f"theworld deployment prefect-yaml {stages_yaml}"
+        + (f" --profile {profile}" if profile else "")
+        + f" --out {out}"
+    )
 
 
 def prefect_yaml_document(cfg: PipelineConfig, stages_yaml: str, profile: str | None) -> dict[str, Any]:
@@ -172,8 +181,15 @@ def prefect_yaml_document(cfg: PipelineConfig, stages_yaml: str, profile: str | 
     triggers = []
     for trigger in settings["triggers"]:
         spec = trigger.model_dump(mode="json", exclude_unset=True)
-        triggers.append({"type": trigger.type, "enabled": True, "name": spec.pop("name"),
-                         "description": spec.pop("description"), **spec})
+        triggers.append(
+            {
+                "type": trigger.type,
+                "enabled": True,
+                "name": spec.pop("name"),
+                "description": spec.pop("description"),
+                **spec,
+            }
+        )
     limit = settings["global_limit"]
     deployment = {
         "name": settings["name"],
@@ -181,9 +197,12 @@ def prefect_yaml_document(cfg: PipelineConfig, stages_yaml: str, profile: str | 
         "entrypoint": FLOW_ENTRYPOINT,
         "tags": settings["tags"],
         "parameters": {**settings["parameters"], "stages_yaml": stages_yaml},
-        "work_pool": {"name": WORK_POOL, "work_queue_name": "default",
-                      # the trainer's own log lines in the flow run's logs, as `serve()` sets
-                      "job_variables": {"env": {"PREFECT_LOGGING_EXTRA_LOGGERS": "theworld"}}},
+        "work_pool": {
+            "name": WORK_POOL,
+            "work_queue_name": "default",
+            # the trainer's own log lines in the flow run's logs, as `serve()` sets
+            "job_variables": {"env": {"PREFECT_LOGGING_EXTRA_LOGGERS": "theworld"}},
+        },
         "schedules": [{"cron": s.cron, "timezone": s.timezone, "active": True} for s in settings["schedules"]],
         "triggers": triggers,
         "concurrency_limit": {"limit": limit.limit, "collision_strategy": limit.collision_strategy.value},
@@ -195,16 +214,23 @@ def prefect_yaml_text(cfg: PipelineConfig, stages_yaml: str, profile: str | None
     """The whole generated file: a header saying what it is for and how to regenerate it, then the YAML."""
     import yaml
 
-    which = (f"profile {profile}" if profile else
-             f"no profile (the full-size base: {cfg.model.model_name} on {cfg.data.dataset_name}, for GPU machines)")
-    schedule = (f"cron {cfg.schedule.cron!r} in {cfg.schedule.timezone}" if cfg.schedule.cron
-                else "no schedule (cron: null)")
-    header = (f"# GENERATED by `{prefect_yaml_command(stages_yaml, profile, out)}`; do not edit by hand.\n"
-              f"# Config: {stages_yaml}, {which}.\n"
-              f"# Deployment multistage/full: {schedule}; new-data trigger on {dataset_resource_id(cfg)}.\n"
-              f"# After changing {stages_yaml}, run the command again: with `--check` it exits 1 while this file\n"
-              "# differs (tests/test_operating.py runs it). Another profile into another file, e.g.\n"
-              f"#   {prefect_yaml_command(stages_yaml, 'local', 'prefect.local.yaml')}\n#\n")
-    body = yaml.safe_dump(prefect_yaml_document(cfg, stages_yaml, profile), sort_keys=False,
-                          default_flow_style=False, width=120)
+    which = (
+        f"profile {profile}"
+        if profile
+        else f"no profile (the full-size base: {cfg.model.model_name} on {cfg.data.dataset_name}, for GPU machines)"
+    )
+    schedule = (
+        f"cron {cfg.schedule.cron!r} in {cfg.schedule.timezone}" if cfg.schedule.cron else "no schedule (cron: null)"
+    )
+    header = (
+        f"# GENERATED by `{prefect_yaml_command(stages_yaml, profile, out)}`; do not edit by hand.\n"
+        f"# Config: {stages_yaml}, {which}.\n"
+        f"# Deployment multistage/full: {schedule}; new-data trigger on {dataset_resource_id(cfg)}.\n"
+        f"# After changing {stages_yaml}, run the command again: with `--check` it exits 1 while this file\n"
+        "# differs (tests/test_operating.py runs it). Another profile into another file, e.g.\n"
+        f"#   {prefect_yaml_command(stages_yaml, 'local', 'prefect.local.yaml')}\n#\n"
+    )
+    body = yaml.safe_dump(
+        prefect_yaml_document(cfg, stages_yaml, profile), sort_keys=False, default_flow_style=False, width=120
+    )
     return header + _PREFECT_YAML_USAGE.format(out=out, stages_yaml=stages_yaml) + "\n" + body

@@ -26,8 +26,9 @@ from theworld_core.tracking import lineage
 if TYPE_CHECKING:
     from theworld_core.training.evaluation import EvalReport  # imports torch
 
-RECORD_SERIALIZER = JSONSerializer(object_encoder="theworld_core.records.json_default",
-                                   object_decoder="theworld_core.records.json_object_hook")
+RECORD_SERIALIZER = JSONSerializer(
+    object_encoder="theworld_core.records.json_default", object_decoder="theworld_core.records.json_object_hook"
+)
 """Persists the pipeline's records through their `to_dict()` / `from_dict()`, readable on disk."""
 
 
@@ -37,8 +38,10 @@ MAX_STALE_RECORDS = 20
 
 def _train_cache_key(context, parameters) -> str:
     key = "train-" + pipeline.stage_content_key(
-        parameters["stage_config"], pipeline.upstream_content_id(parameters["upstream_uri"]),
-        parameters["data_fingerprint"], parameters["code_version"]
+        parameters["stage_config"],
+        pipeline.upstream_content_id(parameters["upstream_uri"]),
+        parameters["data_fingerprint"],
+        parameters["code_version"],
     )
     return usable_record_key(key)
 
@@ -61,8 +64,12 @@ def usable_record_key(key: str) -> str:
         problem = lineage.recorded_stage_problem(record.run_id, record.stage_output_uri)
         if problem is None:
             return key
-        _log().warning("cached record of stage %s (key %s) is not used: %s; the stage is recorded again",
-                       record.stage, key[:24], problem)
+        _log().warning(
+            "cached record of stage %s (key %s) is not used: %s; the stage is recorded again",
+            record.stage,
+            key[:24],
+            problem,
+        )
         key = f"{key.split('-after-')[0]}-after-{record.run_id}"
     return key
 
@@ -80,39 +87,78 @@ def _log():
 
 
 def _evaluate_cache_key(context, parameters) -> str:
-    payload = json.dumps([parameters["stage_output_uri"], parameters["task_samples"], parameters["generations"],
-                          parameters["code_version"]], sort_keys=True)
+    payload = json.dumps(
+        [
+            parameters["stage_output_uri"],
+            parameters["task_samples"],
+            parameters["generations"],
+            parameters["code_version"],
+        ],
+        sort_keys=True,
+    )
     return "evaluate-" + hashlib.sha256(payload.encode()).hexdigest()
 
 
-prepare_data = task(name="prepare-data", cache_policy=NO_CACHE, task_run_name="prepare-data")(pipeline.prepare_data_step)
+prepare_data = task(name="prepare-data", cache_policy=NO_CACHE, task_run_name="prepare-data")(
+    pipeline.prepare_data_step
+)
 
 
-@task(name="train-stage", cache_key_fn=_train_cache_key, persist_result=True, result_serializer=RECORD_SERIALIZER,
-      task_run_name="train-{stage_config[name]}")
-def train_stage(stage_config: dict, upstream_uri: str | None, data_fingerprint: str, code_version: str, *,
-                output_root: str, parent_run_id: str, attempt: int, global_step_offset: int,
-                tags: dict) -> StageRecord:
+@task(
+    name="train-stage",
+    cache_key_fn=_train_cache_key,
+    persist_result=True,
+    result_serializer=RECORD_SERIALIZER,
+    task_run_name="train-{stage_config[name]}",
+)
+def train_stage(
+    stage_config: dict,
+    upstream_uri: str | None,
+    data_fingerprint: str,
+    code_version: str,
+    *,
+    output_root: str,
+    parent_run_id: str,
+    attempt: int,
+    global_step_offset: int,
+    tags: dict,
+) -> StageRecord:
     return pipeline.train_stage_step(
-        stage_config, upstream_uri, data_fingerprint, code_version, output_root=output_root,
-        parent_run_id=parent_run_id, attempt=attempt, global_step_offset=global_step_offset, tags=tags,
+        stage_config,
+        upstream_uri,
+        data_fingerprint,
+        code_version,
+        output_root=output_root,
+        parent_run_id=parent_run_id,
+        attempt=attempt,
+        global_step_offset=global_step_offset,
+        tags=tags,
     )
 
 
-@task(name="evaluate-stage", cache_key_fn=_evaluate_cache_key, persist_result=True,
-      result_serializer=RECORD_SERIALIZER, task_run_name="evaluate-{stage_config[name]}")
-def evaluate_stage(stage_output_uri: str, stage_config: dict, run_id: str, code_version: str, *,
-                   task_samples: int, generations: int) -> EvalReport:
-    return pipeline.evaluate_stage_step(stage_output_uri, stage_config, run_id,
-                                        task_samples=task_samples, generations=generations)
+@task(
+    name="evaluate-stage",
+    cache_key_fn=_evaluate_cache_key,
+    persist_result=True,
+    result_serializer=RECORD_SERIALIZER,
+    task_run_name="evaluate-{stage_config[name]}",
+)
+def evaluate_stage(
+    stage_output_uri: str, stage_config: dict, run_id: str, code_version: str, *, task_samples: int, generations: int
+) -> EvalReport:
+    return pipeline.evaluate_stage_step(
+        stage_output_uri, stage_config, run_id, task_samples=task_samples, generations=generations
+    )
 
 
 check_plateau = task(name="check-plateau", cache_policy=NO_CACHE, task_run_name="plateau-{record.stage}")(
-    pipeline.plateau_step)
+    pipeline.plateau_step
+)
 gate = task(name="gate", cache_policy=NO_CACHE, task_run_name="gate-{outcome.name}")(pipeline.gate_step)
 finish = task(name="register-champion", cache_policy=NO_CACHE, task_run_name="register-champion")(pipeline.finish_step)
 check_new_data = task(name="check-new-data", cache_policy=NO_CACHE, task_run_name="check-new-data")(
-    pipeline.new_data_step)
+    pipeline.new_data_step
+)
 warm_start = task(name="warm-start", cache_policy=NO_CACHE, task_run_name="warm-start")(pipeline.warm_start_step)
 
 

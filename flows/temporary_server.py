@@ -28,6 +28,7 @@ from pathlib import Path
 
 log = logging.getLogger("theworld.prefect")
 
+
 def _free_port() -> int:
     with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -64,10 +65,25 @@ class TemporaryPrefectServer:
         env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
         env.update({"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"})
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect_dir.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(prefect_dir.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
             preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509  (one system call, no locks taken in the child)
         )
 
@@ -75,8 +91,11 @@ class TemporaryPrefectServer:
         atexit.register(self.stop)
         self._spawn()
         os.environ["PREFECT_API_URL"] = self.api_url
-        log.info("Prefect: a temporary API server on %s for this run (PREFECT_API_URL unset; set it to use a "
-                 "running server and keep the runs' history in its UI)", self.api_url)
+        log.info(
+            "Prefect: a temporary API server on %s for this run (PREFECT_API_URL unset; set it to use a "
+            "running server and keep the runs' history in its UI)",
+            self.api_url,
+        )
         return self.api_url
 
     def ready(self) -> bool:
@@ -103,15 +122,19 @@ class TemporaryPrefectServer:
             if code is not None:
                 # (status 3 is uvicorn's start-up failure, e.g. the port taken since it was chosen; Prefect
                 # has read PREFECT_API_URL by now, so another port cannot be given to it)
-                raise RuntimeError(f"the temporary Prefect server on {self.api_url} exited with status {code} "
-                                   f"before it answered (PREFECT_HOME={os.environ.get('PREFECT_HOME')}; its error "
-                                   "is above): run again, or set PREFECT_API_URL to a running Prefect server")
+                raise RuntimeError(
+                    f"the temporary Prefect server on {self.api_url} exited with status {code} "
+                    f"before it answered (PREFECT_HOME={os.environ.get('PREFECT_HOME')}; its error "
+                    "is above): run again, or set PREFECT_API_URL to a running Prefect server"
+                )
             if self.ready():
                 return
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"the temporary Prefect server on {self.api_url} did not answer within {timeout_s:.0f} s "
-                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)")
+        raise RuntimeError(
+            f"the temporary Prefect server on {self.api_url} did not answer within {timeout_s:.0f} s "
+            "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS)"
+        )
 
     def stop(self) -> None:
         if self.process is None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 root = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent)
 
+
 def anchors(md: Path) -> set[str]:
     """GitHub's heading anchors of a Markdown file (lower case, punctuation dropped, spaces -> '-')."""
     out, in_code = set(), False
@@ -20,9 +21,10 @@ def anchors(md: Path) -> set[str]:
         m = re.match(r"^#{1,6}\s+(.*)$", line)
         if m and not in_code:
             text = m.group(1).strip().lower()
-            text = re.sub(r"[^\w\- ]", "", text)   # GitHub: drop punctuation except - and _
+            text = re.sub(r"[^\w\- ]", "", text)  # GitHub: drop punctuation except - and _
             out.add(text.replace(" ", "-"))
     return out
+
 
 problems: list[str] = []
 checked = 0
@@ -54,8 +56,13 @@ for md in md_files:
         check(md, target, md.parent)
 
 # docs pointers in code comments/docstrings and config files: docs/<page>.md[#anchor], relative to root
-code = [*root.glob("theworld_core/**/*.py"), *root.glob("flows/*.py"), root / "stages.yaml",
-        *root.glob("configs/**/*.json"), root / "docs" / "_pointers_todo.md"]
+code = [
+    *root.glob("theworld_core/**/*.py"),
+    *root.glob("flows/*.py"),
+    root / "stages.yaml",
+    *root.glob("configs/**/*.json"),
+    root / "docs" / "_pointers_todo.md",
+]
 for f in (c for c in code if c.exists()):
     for target in re.findall(r"docs/[A-Za-z_]+\.md(?:#[a-z0-9\-]+)?", f.read_text()):
         check(f, target, root)

@@ -18,9 +18,17 @@ import pytest
 # Files whose every test is end to end: they start servers, train in subprocesses or run the whole
 # pipeline. `scripts/test.sh -m "not e2e"` leaves them out (the quick loop); CI runs everything.
 E2E_FILES = {
-    "test_console.py", "test_deploy.py", "test_distributed.py", "test_integrity.py", "test_mlflow_view.py",
-    "test_pipeline.py", "test_postgres_stack.py", "test_real_size.py", "test_tracking_failures.py",
-    "test_data_path.py", "test_trainer.py",
+    "test_console.py",
+    "test_deploy.py",
+    "test_distributed.py",
+    "test_integrity.py",
+    "test_mlflow_view.py",
+    "test_pipeline.py",
+    "test_postgres_stack.py",
+    "test_real_size.py",
+    "test_tracking_failures.py",
+    "test_data_path.py",
+    "test_trainer.py",
 }
 
 

@@ -117,8 +117,15 @@ class Server:
     def launch(self) -> Server:
         """Start the process (does not wait for it to be healthy)."""
         with open(self.log, "ab") as out:
-            self.proc = subprocess.Popen(self.cmd, cwd=self.root, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, start_new_session=True)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                cwd=self.root,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         return self
 
     def wait_healthy(self, timeout: float = 120.0) -> Server:
@@ -145,8 +152,11 @@ class Server:
             return self
         import warnings
 
-        warnings.warn(f"{self.name} server at {self.url} was not running (exit {self.proc and self.proc.poll()}); "
-                      f"restarting it on the same stores. Its log:\n{self.log_tail(1500)}", stacklevel=2)
+        warnings.warn(
+            f"{self.name} server at {self.url} was not running (exit {self.proc and self.proc.poll()}); "
+            f"restarting it on the same stores. Its log:\n{self.log_tail(1500)}",
+            stacklevel=2,
+        )
         if self.proc is not None:
             self.stop()
         self.restarts += 1
@@ -161,8 +171,15 @@ class Server:
 
 def _base_env(extra: dict[str, str]) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost"})
+    env.update(
+        {
+            "DO_NOT_TRACK": "true",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+        }
+    )
     env.update(extra)
     return env
 
@@ -172,9 +189,19 @@ def mlflow_server_spec(root: Path) -> Server:
     root.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [
-        _bin("mlflow"), "server", "--host", LOCALHOST, "--port", str(port), "--workers", "1",
-        "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-        "--serve-artifacts", "--artifacts-destination", str(root / "artifacts"),
+        _bin("mlflow"),
+        "server",
+        "--host",
+        LOCALHOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{root / 'mlflow.db'}",
+        "--serve-artifacts",
+        "--artifacts-destination",
+        str(root / "artifacts"),
     ]
     url = f"http://{LOCALHOST}:{port}"
     env = _base_env({"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
@@ -187,8 +214,14 @@ def prefect_server_spec(root: Path) -> Server:
     home.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [_bin("prefect"), "server", "start", "--host", LOCALHOST, "--port", str(port), "--no-ui", "--analytics-off"]
-    env = _base_env({"PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                     "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_UI_ENABLED": "false"})
+    env = _base_env(
+        {
+            "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_UI_ENABLED": "false",
+            "PREFECT_UI_ENABLED": "false",
+        }
+    )
     url = f"http://{LOCALHOST}:{port}/api"
     return Server("prefect", url, f"{url}/health", port, cmd, env, root, root / "prefect-server.log")
 
@@ -204,8 +237,10 @@ def start_prefect_server(root: Path, timeout: float = 120.0) -> Server:
 @pytest.fixture(scope="session")
 def launched_servers(tmp_path_factory):
     """Both servers started side by side (not yet waited for); stopped at the end of the session."""
-    servers = {"mlflow": mlflow_server_spec(tmp_path_factory.mktemp("mlflow-server")),
-               "prefect": prefect_server_spec(tmp_path_factory.mktemp("prefect-server"))}
+    servers = {
+        "mlflow": mlflow_server_spec(tmp_path_factory.mktemp("mlflow-server")),
+        "prefect": prefect_server_spec(tmp_path_factory.mktemp("prefect-server")),
+    }
     try:
         for server in servers.values():
             server.launch()
@@ -230,26 +265,35 @@ def prefect_server(launched_servers) -> Server:
 # --- running the CLI against the servers ---------------------------------------------------------
 
 
-def client_env(*, mlflow: Server, prefect: Server, project_dir: Path, prefect_home: Path,
-               theworld_home: Path | None = None, extra: dict[str, str] | None = None) -> dict[str, str]:
+def client_env(
+    *,
+    mlflow: Server,
+    prefect: Server,
+    project_dir: Path,
+    prefect_home: Path,
+    theworld_home: Path | None = None,
+    extra: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Environment of a `theworld run` client process: the two servers, offline Hugging Face, its own
     project folder and its own PREFECT_HOME (so Prefect's task cache records and results, under
     `PREFECT_LOCAL_STORAGE_PATH`, belong to this client alone)."""
     prefect_home.mkdir(parents=True, exist_ok=True)
     project_dir.mkdir(parents=True, exist_ok=True)
-    env = _base_env({
-        "PREFECT_API_URL": prefect.url,
-        "PREFECT_HOME": str(prefect_home),
-        "PREFECT_LOCAL_STORAGE_PATH": str(prefect_home / "storage"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "MLFLOW_TRACKING_URI": mlflow.url,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "THEWORLD_PROJECT_DIR": str(project_dir),
-        "PYTHONUNBUFFERED": "1",
-    })
+    env = _base_env(
+        {
+            "PREFECT_API_URL": prefect.url,
+            "PREFECT_HOME": str(prefect_home),
+            "PREFECT_LOCAL_STORAGE_PATH": str(prefect_home / "storage"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_TRACKING_URI": mlflow.url,
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "THEWORLD_PROJECT_DIR": str(project_dir),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     if theworld_home is not None:
         env["THEWORLD_HOME"] = str(theworld_home)
     env.update(extra or {})
@@ -265,8 +309,15 @@ def start_theworld(args: list[str], env: dict[str, str], cwd: Path, log: Path) -
     """Start `theworld ARGS` in its own process group, output to `log`."""
     out = open(log, "ab")  # noqa: SIM115 - closed with the process by the caller's wait
     try:
-        return subprocess.Popen(theworld_command(*args), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        return subprocess.Popen(
+            theworld_command(*args),
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     finally:
         out.close()
 

@@ -32,8 +32,16 @@ def tiny_swap(tiny, output_dir) -> dict:
 def small_cfg(tiny, output_dir, seed_file: str = "stage1_projection.json", **changes) -> StageConfig:
     """A seed stage file with the tiny swap and a short schedule (materialised data, batch 4, no
     accumulation, 20 steps, evaluate/save every 10); `changes` override any of it."""
-    schedule = {"streaming": False, "batch_size": 4, "gradient_accumulation_steps": 1, "max_steps": 20, "warmup_steps": 2,
-                    "eval_steps": 10, "save_steps": 10, "logging_steps": 5}
+    schedule = {
+        "streaming": False,
+        "batch_size": 4,
+        "gradient_accumulation_steps": 1,
+        "max_steps": 20,
+        "warmup_steps": 2,
+        "eval_steps": 10,
+        "save_steps": 10,
+        "logging_steps": 5,
+    }
     return load_stage_config(SEED / seed_file).with_changes(**{**tiny_swap(tiny, output_dir), **schedule, **changes})
 
 

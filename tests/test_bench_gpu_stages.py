@@ -17,8 +17,10 @@ from theworld_core.model.components import SEED_STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "bench" / "bench_gpu_stages.py"
-REFERENCE = next((p / "shared" / "reference" for p in (ROOT.parent, ROOT.parent.parent)
-                  if (p / "shared" / "reference").is_dir()), ROOT.parent / "shared" / "reference")
+REFERENCE = next(
+    (p / "shared" / "reference" for p in (ROOT.parent, ROOT.parent.parent) if (p / "shared" / "reference").is_dir()),
+    ROOT.parent / "shared" / "reference",
+)
 
 EXPECTED_TRAINABLE = {
     "stage1_projection": ["world_projector"],
@@ -41,7 +43,12 @@ def _run(tmp_path: Path, tiny_paths, *args: str) -> tuple[dict, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     done = subprocess.run(
         [sys.executable, str(SCRIPT), "--tiny", "--tiny-dir", str(tiny_paths.gemma.parent), "--out", str(out), *args],
-        check=False, capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env,
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env=env,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(out.read_text()), done.stdout
@@ -75,8 +82,16 @@ def test_tiny_run_reports_four_stages(tmp_path, tiny_paths) -> None:
 
 
 def test_oom_is_reported_and_the_next_stage_runs(tmp_path, tiny_paths) -> None:
-    result, stdout = _run(tmp_path, tiny_paths, "--steps", "1", "--stages", "stage2_vision,stage3_language",
-                          "--inject-oom", "stage2_vision")
+    result, stdout = _run(
+        tmp_path,
+        tiny_paths,
+        "--steps",
+        "1",
+        "--stages",
+        "stage2_vision,stage3_language",
+        "--inject-oom",
+        "stage2_vision",
+    )
     first, second = result["stages"]
     assert first["status"] == "oom" and first["oom_phase"] == "timed" and first["s_per_step"] is None
     assert "out-of-memory" in first["error"]
@@ -109,7 +124,9 @@ def test_real_architecture_on_meta(tmp_path) -> None:
     # the plan's estimate at stages.yaml's recipes: every stage within one 80 GB GPU, stage 1 within 16 GiB
     assert all(s["plan_memory_gib"]["total"] <= 80 for s in stages.values())
     assert stages["stage1_projection"]["plan_memory_gib"]["total"] <= 16
-    assert stages["stage3_language"]["optimizer"] == "adamw_8bit" and stages["stage3_language"]["gradient_checkpointing"]
+    assert (
+        stages["stage3_language"]["optimizer"] == "adamw_8bit" and stages["stage3_language"]["gradient_checkpointing"]
+    )
     fwd = result["forward_flops_per_sample"]
     # SigLIP over 4096 patches outweighs the language model over 400 tokens.
     assert fwd["gemma_vision"] > fwd["gemma_language"] > fwd["cosmos_vae"] > fwd["world_projector"] > 0

@@ -62,7 +62,9 @@ def test_seed_configs_load(name):
 def test_seed_configs_are_the_guides_blocks_verbatim():
     guide = GUIDE.read_text(encoding="utf-8")
     blocks = dict(
-        re.findall(r"\*\*(?:Create config|Test Config): `configs/([a-z0-9_]+)\.json`\*\*\n```json\n(.*?)```", guide, re.S)
+        re.findall(
+            r"\*\*(?:Create config|Test Config): `configs/([a-z0-9_]+)\.json`\*\*\n```json\n(.*?)```", guide, re.S
+        )
     )
     assert set(blocks) == {"stage1_projection", "stage2_vision", "stage3_language", "multistage_test"}
     for name, block in blocks.items():
@@ -105,9 +107,20 @@ def test_partial_test_config_parses_alone_with_defaults():
     config = load_stage_config(SEED_DIR / "multistage_test.json")
     assert config.num_samples == 1000 and config.streaming is False and config.num_epochs == 3
     assert config.save_steps == 100 and config.push_to_hub is False
-    assert config.freeze_flags == {"freeze_gemma_vision": True, "freeze_gemma_language": True, "freeze_cosmos_vae": True}
+    assert config.freeze_flags == {
+        "freeze_gemma_vision": True,
+        "freeze_gemma_language": True,
+        "freeze_cosmos_vae": True,
+    }
     assert config.learning_rate == TrainingConfig().learning_rate
-    assert config.model_fields_set == {"dataset_name", "num_samples", "streaming", "num_epochs", "save_steps", "push_to_hub"}
+    assert config.model_fields_set == {
+        "dataset_name",
+        "num_samples",
+        "streaming",
+        "num_epochs",
+        "save_steps",
+        "push_to_hub",
+    }
 
 
 def test_overlay_on_a_stage_with_model_dump_exclude_unset():
@@ -184,7 +197,9 @@ def test_empty_file_missing_file_and_non_object(tmp_path):
         load_stage_config(write(tmp_path, "  // nothing\n"))
     with pytest.raises(ConfigError, match="file not found"):
         load_stage_config(tmp_path / "nope.json")
-    assert problems_of(tmp_path, "[1, 2]") == ["(top level): [1, 2] is not allowed: must be a JSON object of config keys"]
+    assert problems_of(tmp_path, "[1, 2]") == [
+        "(top level): [1, 2] is not allowed: must be a JSON object of config keys"
+    ]
 
 
 def test_duplicate_keys_are_refused(tmp_path):
@@ -221,13 +236,23 @@ def test_every_problem_is_listed(tmp_path):
     }"""
     problems = problems_of(tmp_path, text)
     assert "mixed_precision: 'fp32' is not allowed: must be one of 'no', 'fp16', 'bf16'" in problems
-    assert any(p.startswith("lr_scheduler: 'cosin' is not allowed: must be one of 'linear', 'cosine'") and p.endswith("did you mean 'cosine'?") for p in problems)
+    assert any(
+        p.startswith("lr_scheduler: 'cosin' is not allowed: must be one of 'linear', 'cosine'")
+        and p.endswith("did you mean 'cosine'?")
+        for p in problems
+    )
     assert "num_epochs: 0 is not allowed: must be greater than 0" in problems
     assert "batch_size: 2.5 is not allowed: must be a whole number" in problems
     assert "do_eval: 'maybe' is not allowed: must be true or false" in problems
     assert "hub_strategy: 'checkpoint' is not allowed: must be one of 'every_save', 'end'" in problems
-    assert any(p.startswith("learning_rates.gemma_vison: 'gemma_vison' is not allowed: must be one of") and "did you mean 'gemma_vision'?" in p for p in problems)
-    assert any(p.startswith("resume_from_checkpoint: 's3://bucket/x' is not allowed: must be a local folder") for p in problems)
+    assert any(
+        p.startswith("learning_rates.gemma_vison: 'gemma_vison' is not allowed: must be one of")
+        and "did you mean 'gemma_vision'?" in p
+        for p in problems
+    )
+    assert any(
+        p.startswith("resume_from_checkpoint: 's3://bucket/x' is not allowed: must be a local folder") for p in problems
+    )
     assert "hub_model_id: 'no-slash' is not allowed: must be a hub repo id of the form 'owner/name'" in problems
     assert any(p.startswith("num_world_steps: 2 is not allowed:") for p in problems)
     assert "eval_fraction: 1.5 is not allowed: must be less than 1" in problems
@@ -327,7 +352,9 @@ def test_stage_is_the_flat_union_and_every_training_field_is_documented():
     assert set(ModelConfig.model_fields) <= stage_fields
     assert set(DataConfig.model_fields) <= stage_fields
     assert set(TrainingConfig.model_fields) <= stage_fields
-    assert stage_fields - set(ModelConfig.model_fields) - set(DataConfig.model_fields) - set(TrainingConfig.model_fields) == {"name"}
+    assert stage_fields - set(ModelConfig.model_fields) - set(DataConfig.model_fields) - set(
+        TrainingConfig.model_fields
+    ) == {"name"}
     for name, field in TrainingConfig.model_fields.items():
         assert field.description, f"TrainingConfig.{name} has no docstring"
     for name in ("name", "seed"):
@@ -341,7 +368,12 @@ def test_training_defaults():
     assert (c.batch_size, c.gradient_accumulation_steps, c.num_epochs, c.max_steps) == (4, 4, 1.0, None)
     assert (c.warmup_steps, c.lr_scheduler, c.weight_decay, c.max_grad_norm) == (100, "linear", 0.01, 1.0)
     assert c.mixed_precision == "bf16" and c.use_gradient_checkpointing is False
-    assert (c.save_steps, c.save_total_limit, c.resume_from_checkpoint, c.carry_optimizer_state) == (1000, 5, None, False)
+    assert (c.save_steps, c.save_total_limit, c.resume_from_checkpoint, c.carry_optimizer_state) == (
+        1000,
+        5,
+        None,
+        False,
+    )
     assert (c.eval_steps, c.do_eval, c.eval_max_samples, c.logging_steps) == (1000, True, None, 100)
     assert (c.seed, c.num_processes, c.name) == (42, 1, None)
     assert (c.push_to_hub, c.hub_model_id, c.hub_strategy, c.hub_private_repo) == (False, None, "every_save", False)
@@ -365,7 +397,12 @@ def test_per_component_learning_rates():
     c = StageConfig(learning_rate=1e-4, learning_rates={"gemma_vision": 1e-5})
     assert c.learning_rate_for("gemma_vision") == 1e-5
     assert c.learning_rate_for("world_projector") == 1e-4
-    assert c.component_learning_rates == {"world_projector": 1e-4, "gemma_vision": 1e-5, "gemma_language": 1e-4, "cosmos_vae": 1e-4}
+    assert c.component_learning_rates == {
+        "world_projector": 1e-4,
+        "gemma_vision": 1e-5,
+        "gemma_language": 1e-4,
+        "cosmos_vae": 1e-4,
+    }
     with pytest.raises(KeyError):
         c.learning_rate_for("lm_head")
     assert tuple(c.component_learning_rates) == COMPONENT_NAMES

@@ -25,13 +25,19 @@ from theworld_core.tracking import mlflow_runs
 
 PACKAGE = Path(__file__).resolve().parents[1] / "theworld_core" / "config"
 # Leaf first: a module may import only modules listed before it.
-LAYERS = ["errors", "cron", "stage_schema", "stage_file", "pipeline_schema", "pipeline_file"]
+LAYERS = ["errors", "cron", "stage_schema", "stage_file", "pipeline_sections", "pipeline_schema", "pipeline_file"]
 
 
 def test_architecture_keys_are_the_marked_model_fields_in_field_order():
     assert ARCHITECTURE_KEYS == (
-        "model_name", "model_revision", "cosmos_model_name", "cosmos_revision",
-        "max_world_steps", "enable_world", "world_tokens", "world_projector",
+        "model_name",
+        "model_revision",
+        "cosmos_model_name",
+        "cosmos_revision",
+        "max_world_steps",
+        "enable_world",
+        "world_tokens",
+        "world_projector",
     )
     assert [k for k in ModelConfig.model_fields if k in ARCHITECTURE_KEYS] == list(ARCHITECTURE_KEYS)
     # what does not change a parameter's name or shape is not listed
@@ -42,18 +48,39 @@ def test_architecture_keys_are_the_marked_model_fields_in_field_order():
 
 
 def test_resume_compatible_keys_are_marked_stage_fields():
-    assert RESUME_COMPATIBLE_KEYS == frozenset({
-        "logging_steps", "save_steps", "save_total_limit", "eval_steps", "output_dir", "resume_from_checkpoint",
-        "log_to_wandb", "wandb_project", "wandb_run_name", "push_to_hub", "hub_model_id", "hub_strategy",
-        "hub_private_repo", "num_processes", "name", "feature_cache", "feature_cache_dir", "feature_cache_max_gb",
-    })
+    assert RESUME_COMPATIBLE_KEYS == frozenset(
+        {
+            "logging_steps",
+            "save_steps",
+            "save_total_limit",
+            "eval_steps",
+            "output_dir",
+            "resume_from_checkpoint",
+            "log_to_wandb",
+            "wandb_project",
+            "wandb_run_name",
+            "push_to_hub",
+            "hub_model_id",
+            "hub_strategy",
+            "hub_private_repo",
+            "num_processes",
+            "name",
+            "feature_cache",
+            "feature_cache_dir",
+            "feature_cache_max_gb",
+        }
+    )
     assert RESUME_COMPATIBLE_KEYS <= set(StageConfig.model_fields)
     # a model or data key changes what is trained, and so does anything the optimizer or the plateau rule reads
     assert RESUME_COMPATIBLE_KEYS.isdisjoint(ModelConfig.model_fields)
     assert RESUME_COMPATIBLE_KEYS.isdisjoint(DataConfig.model_fields)
-    assert {"learning_rate", "seed", "max_steps", "plateau_min_steps", "freeze_gemma_vision"}.isdisjoint(RESUME_COMPATIBLE_KEYS)
+    assert {"learning_rate", "seed", "max_steps", "plateau_min_steps", "freeze_gemma_vision"}.isdisjoint(
+        RESUME_COMPATIBLE_KEYS
+    )
     # StageConfig redefines some TrainingConfig fields; the marks must survive that
-    trained_marked = {k for k, f in TrainingConfig.model_fields.items() if (f.json_schema_extra or {}).get("resume_compatible")}
+    trained_marked = {
+        k for k, f in TrainingConfig.model_fields.items() if (f.json_schema_extra or {}).get("resume_compatible")
+    }
     assert trained_marked == RESUME_COMPATIBLE_KEYS - {"name"}
 
 
@@ -95,7 +122,9 @@ def test_modules_import_only_lower_layers_at_the_top_and_stay_short(module):
     lower = LAYERS[: LAYERS.index(module)]
     assert set(_package_imports(path)) <= set(lower), f"{module} imports a module at or above its layer"
     tree = ast.parse(text)
-    first_code = next(i for i, node in enumerate(tree.body) if not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr)))
+    first_code = next(
+        i for i, node in enumerate(tree.body) if not isinstance(node, (ast.Import, ast.ImportFrom, ast.Expr))
+    )
     late = [node.lineno for node in tree.body[first_code:] if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert late == [], f"{module}: imports half-way down, at lines {late}"
 

@@ -43,8 +43,12 @@ def console(monkeypatch):
 
     names = ("", "theworld", "prefect", "prefect.flow_runs", "prefect.task_runs")
     saved = {name: (logging.getLogger(name).level, list(logging.getLogger(name).handlers)) for name in names}
-    for key in ("HF_DATASETS_DISABLE_PROGRESS_BARS", "HF_HUB_DISABLE_PROGRESS_BARS",
-                "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "MLFLOW_LOGGING_LEVEL"):
+    for key in (
+        "HF_DATASETS_DISABLE_PROGRESS_BARS",
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+        "MLFLOW_LOGGING_LEVEL",
+    ):
         monkeypatch.delenv(key, raising=False)
     logging.getLogger("theworld").setLevel(logging.NOTSET)
     configure_console()
@@ -59,17 +63,20 @@ def console(monkeypatch):
 def test_console_lines_name_their_task_run_and_drop_library_chatter(console, capsys):
     logging.getLogger("httpx").info('HTTP Request: POST http://127.0.0.1:4200/api/logs/ "HTTP/1.1 201 Created"')
     logging.getLogger("theworld.train").info("stage projection starts from pretrained bases")
-    logging.getLogger("prefect.task_runs").info("Finished in state Completed()",
-                                                extra={"task_run_name": "train-projection", "flow_run_name": "calm-lynx"})
+    logging.getLogger("prefect.task_runs").info(
+        "Finished in state Completed()", extra={"task_run_name": "train-projection", "flow_run_name": "calm-lynx"}
+    )
     logging.getLogger("prefect.flow_runs").info("champion: full", extra={"flow_run_name": "calm-lynx"})
     logging.getLogger("some.library").warning("disk almost full")
     lines = capsys.readouterr().err.splitlines()
     assert not [line for line in lines if "HTTP Request" in line], lines
     parsed = [LINE.match(line).groups() for line in lines]
-    assert parsed == [("train", "stage projection starts from pretrained bases"),
-                      ("train-projection", "Finished in state Completed()"),
-                      ("calm-lynx", "champion: full"),
-                      ("some.library", "WARNING: disk almost full")], lines
+    assert parsed == [
+        ("train", "stage projection starts from pretrained bases"),
+        ("train-projection", "Finished in state Completed()"),
+        ("calm-lynx", "champion: full"),
+        ("some.library", "WARNING: disk almost full"),
+    ], lines
     assert os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] == "1"
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
 
@@ -101,22 +108,38 @@ def test_run_console_has_one_line_per_event(tmp_path):
     project = tmp_path / "project"
     project.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "THEWORLD_", "HF_"))}
-    env.update({"THEWORLD_PROJECT_DIR": str(project), "THEWORLD_HOME": str(home), "HF_HUB_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
-                "DO_NOT_TRACK": "true", "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-                "PYTHONPATH": str(REPO)})
+    env.update(
+        {
+            "THEWORLD_PROJECT_DIR": str(project),
+            "THEWORLD_HOME": str(home),
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "PYTHONUNBUFFERED": "1",
+            "DO_NOT_TRACK": "true",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     stages_yaml = short_tiny_profile(tmp_path / "stages.yaml")
 
-    result = run_theworld(["run", str(stages_yaml), "--profile", "tiny"], env, project, tmp_path / "console.log",
-                          timeout=900)
+    result = run_theworld(
+        ["run", str(stages_yaml), "--profile", "tiny"], env, project, tmp_path / "console.log", timeout=900
+    )
     out = result.output
     assert result.returncode == 0, out[-6000:]
 
     # not there
     assert "httpx" not in out and "HTTP Request:" not in out, "an httpx line per Prefect API call"
     assert "FutureWarning" not in out and "DeprecationWarning" not in out, out[-6000:]
-    for bar in ("Generating train split", "Loading weights", "Writing model shards", "Downloading artifacts",
-                "Uploading artifacts"):
+    for bar in (
+        "Generating train split",
+        "Loading weights",
+        "Writing model shards",
+        "Downloading artifacts",
+        "Uploading artifacts",
+    ):
         assert bar not in out, f"progress bar {bar!r} on the console"
     assert "prefect.task_runs" not in out and "prefect.flow_runs" not in out, "a Prefect line without its run's name"
     assert "Error logging to API" not in out, out[-3000:]
@@ -126,15 +149,18 @@ def test_run_console_has_one_line_per_event(tmp_path):
     for stage in STAGES:
         assert f"train-{stage}" in finished and f"evaluate-{stage}" in finished, finished
         assert f"gate-{stage}" in finished and f"plateau-{stage}" in finished, finished
-        assert (f"train-{stage}", f"stage {stage} starts from") in [(s, m[:len(f"stage {stage} starts from")])
-                                                                   for s, m in lines], f"no start line of {stage}"
-        assert any(re.match(rf"stage {stage} attempt 1 evaluated: eval loss \d+\.\d{{4}}, task accuracy", m)
-                   for _, m in lines), f"no evaluation line of {stage}"
+        assert (f"train-{stage}", f"stage {stage} starts from") in [
+            (s, m[: len(f"stage {stage} starts from")]) for s, m in lines
+        ], f"no start line of {stage}"
+        assert any(
+            re.match(rf"stage {stage} attempt 1 evaluated: eval loss \d+\.\d{{4}}, task accuracy", m) for _, m in lines
+        ), f"no evaluation line of {stage}"
         gate = [m for _, m in lines if m.startswith(f"stage {stage} attempt 1: ")]
         assert len(gate) == 1 and " -> next: eval_loss " in gate[0], gate  # the decision with its reason
     champion = [m for _, m in lines if m.startswith("champion: ")]
-    assert len(champion) == 1 and re.match(r"champion: \w+, registered as models:/theworld/1 \(alias @champion\)",
-                                           champion[0]), champion
+    assert len(champion) == 1 and re.match(
+        r"champion: \w+, registered as models:/theworld/1 \(alias @champion\)", champion[0]
+    ), champion
     # the trainer's step bar is the one progress bar: one per stage
     assert all(re.search(rf"^{stage}: +\d+%", out, re.MULTILINE) or f"\r{stage}:" in out for stage in STAGES)
 

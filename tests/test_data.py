@@ -131,7 +131,10 @@ def test_synthetic_captions_describe_the_pixels(tmp_path):
         assert image.getpixel(((left + right) // 2, (top + bottom) // 2)) == COLOURS[match["colour"]]
         far_left, far_top, far_right, far_bottom = cell_box(2 - row, 2 - column, size)
         if (row, column) != (1, 1):
-            assert image.getpixel(((far_left + far_right) // 2, (far_top + far_bottom) // 2)) == COLOURS[match["background"]]
+            assert (
+                image.getpixel(((far_left + far_right) // 2, (far_top + far_bottom) // 2))
+                == COLOURS[match["background"]]
+            )
         assert image.getpixel((0, 0)) == COLOURS[match["background"]] or (row, column) == (0, 0)
         assert sample["prompt"] == DEFAULT_PROMPT
 
@@ -186,7 +189,10 @@ def test_at_least_one_eval_sample(tmp_path):
         train_ids = _ids(prepared.train)
         assert len(train_ids) == 2 and not set(train_ids) & set(_ids(prepared.eval))
         # The held-out one is the sample with the lowest split score: deterministic.
-        lowest = min((f"images/img{i:03d}.png" for i in range(3)), key=lambda name: split_score(content_group((root / name).read_bytes())))
+        lowest = min(
+            (f"images/img{i:03d}.png" for i in range(3)),
+            key=lambda name: split_score(content_group((root / name).read_bytes())),
+        )
         assert _ids(prepared.eval) == [lowest]
 
 

@@ -77,7 +77,9 @@ def _encoded(colour: tuple[int, int, int], fmt: str, size: tuple[int, int] = (16
 def _noise_png(side: int) -> bytes:
     rng = random.Random(0)
     buffer = io.BytesIO()
-    Image.frombytes("RGB", (side, side), bytes(rng.randrange(256) for _ in range(side * side * 3))).save(buffer, format="PNG")
+    Image.frombytes("RGB", (side, side), bytes(rng.randrange(256) for _ in range(side * side * 3))).save(
+        buffer, format="PNG"
+    )
     return buffer.getvalue()
 
 
@@ -85,7 +87,11 @@ RED = _encoded((220, 20, 20), "PNG")
 BLUE = _encoded((20, 20, 220), "JPEG")
 GREEN = _encoded((20, 200, 20), "PNG")
 BIG = _noise_png(200)
-GOOD_PATHS = {"/img/red.png": (RED, "image/png"), "/img/blue.jpg": (BLUE, "image/jpeg"), "/img/green.png": (GREEN, "image/png")}
+GOOD_PATHS = {
+    "/img/red.png": (RED, "image/png"),
+    "/img/blue.jpg": (BLUE, "image/jpeg"),
+    "/img/green.png": (GREEN, "image/png"),
+}
 assert len(BIG) > MAX_BYTES
 
 
@@ -207,12 +213,7 @@ def _rows(server: _ImageServer) -> list[dict]:
     return rows
 
 
-EXPECTED_BAD = {
-    **Counter(BAD_ROWS.values()),
-    "bad_url": 1,
-    "bad_record": 1,
-    "missing_text": 1,
-}
+EXPECTED_BAD = {**Counter(BAD_ROWS.values()), "bad_url": 1, "bad_record": 1, "missing_text": 1}
 EXPECTED_GOOD = GOOD_COUNT + 1  # the flaky URL succeeds on its retry
 
 
@@ -346,7 +347,15 @@ def test_streaming_a_long_list_stays_in_bounded_memory(server, tmp_path):
     pq.write_table(table, listing, row_group_size=500)
     del table
     # Nothing slow is served here; a generous timeout keeps a loaded machine (and tracemalloc) from failing it.
-    cfg = _cfg(tmp_path, listing, streaming=True, num_samples=600, max_bad_fraction=0.0, fetch_concurrency=16, fetch_timeout_s=10)
+    cfg = _cfg(
+        tmp_path,
+        listing,
+        streaming=True,
+        num_samples=600,
+        max_bad_fraction=0.0,
+        fetch_concurrency=16,
+        fetch_timeout_s=10,
+    )
     tracemalloc.start()
     try:
         prepared = _prepare(cfg, tmp_path)
@@ -402,14 +411,22 @@ def test_hub_image_dataset_through_load_dataset(tmp_path, private_datasets_cache
     assert samples["3"]["text"] == "colour 3"  # `caption` mapped to the text column
     assert samples["3"]["image"].getpixel((0, 0)) == (60, 100, 140)
     assert prepared.stats.bad == 0 and prepared.source.startswith("hub dataset")
-    assert prepared.fingerprint == _prepare(DataConfig(dataset_name=f"hf:{folder}", streaming=streaming), tmp_path).fingerprint
+    assert (
+        prepared.fingerprint
+        == _prepare(DataConfig(dataset_name=f"hf:{folder}", streaming=streaming), tmp_path).fingerprint
+    )
 
 
 def test_hub_url_list_in_datacomp_layout(server, tmp_path, private_datasets_cache):
     folder = tmp_path / "hub-urls"
     (folder / "data").mkdir(parents=True)
     rows = [
-        {"uid": f"{index:032x}", "url": server.url(f"/img/red.png?i={index}"), "text": f"red {index}", "clip_b32_similarity_score": 0.3}
+        {
+            "uid": f"{index:032x}",
+            "url": server.url(f"/img/red.png?i={index}"),
+            "text": f"red {index}",
+            "clip_b32_similarity_score": 0.3,
+        }
         for index in range(6)
     ]
     rows.append({"uid": "f" * 32, "url": server.url("/missing.png"), "text": "gone", "clip_b32_similarity_score": 0.1})
@@ -444,7 +461,9 @@ def test_datacomp_is_an_alias_of_the_documented_hub_id(monkeypatch, tmp_path):
 
 def test_a_jsonl_of_image_paths_is_still_a_local_table(tmp_path):
     Image.new("RGB", (8, 8), (1, 2, 3)).save(tmp_path / "a.png")
-    listing = _jsonl(tmp_path / "m.jsonl", [{"file_name": "a.png", "text": "local", "url": "http://127.0.0.1:9/unused"}])
+    listing = _jsonl(
+        tmp_path / "m.jsonl", [{"file_name": "a.png", "text": "local", "url": "http://127.0.0.1:9/unused"}]
+    )
     prepared = _prepare(DataConfig(dataset_name=str(listing)), tmp_path)
     assert prepared.stats.total == 1 and prepared.stats.bad == 0 and prepared.source.startswith("jsonl file")
 

@@ -177,7 +177,7 @@ def test_too_long_caption_is_counted_and_the_rest_prepared(tmp_path, tiny_limit,
     assert prepared.stats.bad_reasons == {"too_long": 1}
     assert len(train) + len(prepared.eval) == 29
     assert "img011.png" not in _ids(train) + _ids(prepared.eval)
-    (sample_id, why), = prepared.stats.bad_examples
+    ((sample_id, why),) = prepared.stats.bad_examples
     assert sample_id == "img011.png" and why.startswith("too_long: metadata.jsonl:12: sequence of ")
     assert f"over max_seq_length={tiny_limit.max_seq_length}" in why and "50,000 characters" in why
     # Every usable sample fits: none would fail at its batch.
@@ -213,7 +213,10 @@ def test_data_add_warns_about_or_refuses_a_too_long_caption(tmp_path, tiny_limit
         add_images([str(image)], tmp_path / "other", caption="x" * 50_000, sequence_limit=tiny_limit)
     assert str(image) in str(info.value)
     assert not (tmp_path / "other" / "metadata.jsonl").exists()  # refused before anything is written
-    assert add_images([str(image)], tmp_path / "other", caption="a dark square", sequence_limit=tiny_limit)[0].warning is None
+    assert (
+        add_images([str(image)], tmp_path / "other", caption="a dark square", sequence_limit=tiny_limit)[0].warning
+        is None
+    )
 
 
 def test_data_add_to_a_folder_with_an_invalid_line(tmp_path):

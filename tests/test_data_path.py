@@ -58,14 +58,23 @@ def _counted_records(log_dir: str):
         return buffer.getvalue()
 
     for index in range(COUNTED):
-        yield SourceRecord(id=f"counted-{index}", group=f"counted-{index}", text=f"caption {index}", prompt=None,
-                           load=partial(load, index))
+        yield SourceRecord(
+            id=f"counted-{index}",
+            group=f"counted-{index}",
+            text=f"caption {index}",
+            prompt=None,
+            load=partial(load, index),
+        )
 
 
 def _counted_source(cfg) -> Source:
     log_dir = cfg.dataset_name.removeprefix("counted:")
-    return Source(kind="counted", description="counted test images", records=partial(_counted_records, log_dir),
-                  static_fingerprint={"counted": COUNTED, "log": log_dir})
+    return Source(
+        kind="counted",
+        description="counted test images",
+        records=partial(_counted_records, log_dir),
+        static_fingerprint={"counted": COUNTED, "log": log_dir},
+    )
 
 
 def _reads(log_dir: Path) -> list[int]:
@@ -94,14 +103,16 @@ def test_stream_reads_every_sample_once_across_2_processes_x_2_workers(tmp_path,
     monkeypatch.setitem(SOURCES, "counted:", _counted_source)
     from theworld_core.config import DataConfig
 
-    data = prepare_data(DataConfig(dataset_name=f"counted:{reads}", streaming=True, eval_fraction=0.1),
-                        cache_dir=tmp_path / "datasets")
+    data = prepare_data(
+        DataConfig(dataset_name=f"counted:{reads}", streaming=True, eval_fraction=0.1), cache_dir=tmp_path / "datasets"
+    )
     eval_ids = {row["id"] for row in data.eval}
     for path in reads.glob("*.txt"):  # preparation read the eval samples: count the epoch alone
         path.unlink()
 
-    torch.multiprocessing.start_processes(_rank_main, args=(data, str(tmp_path / "init"), str(tmp_path)), nprocs=2,
-                                          start_method="fork")
+    torch.multiprocessing.start_processes(
+        _rank_main, args=(data, str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="fork"
+    )
 
     seen = [line for rank in (0, 1) for line in (tmp_path / f"epoch0-rank{rank}.txt").read_text().split()]
     train_ids = {f"counted-{i}" for i in range(COUNTED)} - eval_ids
@@ -110,8 +121,9 @@ def test_stream_reads_every_sample_once_across_2_processes_x_2_workers(tmp_path,
     # Each image was loaded exactly once in each epoch (epoch 0 fully; epoch 1 up to the even stop).
     counts = {index: _reads(reads).count(index) for index in range(COUNTED)}
     train_indices = {int(i.split("-")[1]) for i in train_ids}
-    assert all(counts[i] in (1, 2) for i in train_indices) and all(counts[i] == 0 for i in range(COUNTED)
-                                                                    if i not in train_indices)
+    assert all(counts[i] in (1, 2) for i in train_indices) and all(
+        counts[i] == 0 for i in range(COUNTED) if i not in train_indices
+    )
     first_epoch_reads = sum(min(c, 1) for c in counts.values())
     assert first_epoch_reads == len(train_ids)
     # Both processes stopped at the same batch although their shards differ in size.
@@ -124,8 +136,9 @@ def test_stream_order_is_seeded_per_epoch(tmp_path, monkeypatch):
     monkeypatch.setitem(SOURCES, "counted:", _counted_source)
     from theworld_core.config import DataConfig
 
-    data = prepare_data(DataConfig(dataset_name=f"counted:{reads}", streaming=True, eval_fraction=0.1),
-                        cache_dir=tmp_path / "datasets")
+    data = prepare_data(
+        DataConfig(dataset_name=f"counted:{reads}", streaming=True, eval_fraction=0.1), cache_dir=tmp_path / "datasets"
+    )
     stream = ShardedStream(data.train_shard, seed=3, buffer_size=8)
 
     def order(epoch):
@@ -186,8 +199,14 @@ def test_collator_refuses_wrong_placeholder_counts(tiny_paths):
     from theworld_core.config import ModelConfig
     from theworld_core.model.theworld import TheWorld
 
-    model = TheWorld.from_base(ModelConfig(model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos),
-                                           world_tokens=4, world_image_size=32))
+    model = TheWorld.from_base(
+        ModelConfig(
+            model_name=str(tiny_paths.gemma),
+            cosmos_model_name=str(tiny_paths.cosmos),
+            world_tokens=4,
+            world_image_size=32,
+        )
+    )
     builder = model.builder
     sample = builder.encode(Image.new("RGB", (32, 32), (200, 10, 10)), "Describe this image.", "red")
     assert builder.collate([sample])["input_ids"].shape[0] == 1
@@ -197,21 +216,38 @@ def test_collator_refuses_wrong_placeholder_counts(tiny_paths):
     with pytest.raises(ValueError, match=r"batch row 0 holds 0 world placeholder tokens where the model writes 4"):
         builder.collate([sample, broken][1:])
     doubled = dict(sample)
-    doubled["input_ids"] = torch.cat([sample["input_ids"], sample["input_ids"][sample["input_ids"] ==
-                                                                              builder.image_token_id][:1]])
+    doubled["input_ids"] = torch.cat(
+        [sample["input_ids"], sample["input_ids"][sample["input_ids"] == builder.image_token_id][:1]]
+    )
     with pytest.raises(ValueError, match=r"batch row 1 holds 5 image placeholder tokens"):
-        builder.collate([sample, {**sample, "input_ids": doubled["input_ids"],
-                                  "labels": torch.cat([sample["labels"], sample["labels"][:1]]),
-                                  "attention_mask": torch.cat([sample["attention_mask"], sample["attention_mask"][:1]]),
-                                  "token_type_ids": torch.cat([sample["token_type_ids"], sample["token_type_ids"][:1]])}])
+        builder.collate(
+            [
+                sample,
+                {
+                    **sample,
+                    "input_ids": doubled["input_ids"],
+                    "labels": torch.cat([sample["labels"], sample["labels"][:1]]),
+                    "attention_mask": torch.cat([sample["attention_mask"], sample["attention_mask"][:1]]),
+                    "token_type_ids": torch.cat([sample["token_type_ids"], sample["token_type_ids"][:1]]),
+                },
+            ]
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # the feature cache in training
 # ---------------------------------------------------------------------------------------------
 
-EPOCHS_CFG = {"synthetic_samples": 14, "batch_size": 4, "max_steps": 9, "eval_steps": 9, "save_steps": 9,
-              "logging_steps": 3, "learning_rate": 1e-3, "num_workers": 1}
+EPOCHS_CFG = {
+    "synthetic_samples": 14,
+    "batch_size": 4,
+    "max_steps": 9,
+    "eval_steps": 9,
+    "save_steps": 9,
+    "logging_steps": 3,
+    "learning_rate": 1e-3,
+    "num_workers": 1,
+}
 """About 3 epochs over 12 train samples: the first fills the cache, the next two read it."""
 
 
@@ -227,12 +263,14 @@ def _entries(directory: Path, kind: str) -> list[Path]:
     return sorted((directory / "v1" / kind).glob("*/*.bin"))
 
 
-@pytest.mark.parametrize(("seed_file", "cached_kinds"), [
-    ("stage1_projection.json", ("vision", "vae_latent")),
-    ("stage2_vision.json", ("vae_latent",)),  # the vision tower trains: never from the cache
-])
-def test_training_with_the_cache_equals_training_without(seed_file, cached_kinds, tiny_paths, tmp_path,
-                                                         local_project):
+@pytest.mark.parametrize(
+    ("seed_file", "cached_kinds"),
+    [
+        ("stage1_projection.json", ("vision", "vae_latent")),
+        ("stage2_vision.json", ("vae_latent",)),  # the vision tower trains: never from the cache
+    ],
+)
+def test_training_with_the_cache_equals_training_without(seed_file, cached_kinds, tiny_paths, tmp_path, local_project):
     from mlflow.tracking import MlflowClient
 
     cache_dir = tmp_path / "features"
@@ -260,15 +298,24 @@ def test_training_with_the_cache_equals_training_without(seed_file, cached_kinds
     client = MlflowClient(tracking_uri=f"sqlite:///{local_project}/mlflow.db")
     logged = client.get_run(result.mlflow_run_id).data.metrics
     assert logged["feature_cache/hits"] > 0 and logged["feature_cache/enabled"] == 1.0
-    assert logged["feature_cache/hits"] + logged["feature_cache/misses"] <= stats["feature_cache/hits"] + \
-        stats["feature_cache/misses"]
+    assert (
+        logged["feature_cache/hits"] + logged["feature_cache/misses"]
+        <= stats["feature_cache/hits"] + stats["feature_cache/misses"]
+    )
     assert plain.encoders.kinds == ()
 
 
 def test_no_encoder_is_cached_when_all_train(tiny_paths, tmp_path):
     cache_dir = tmp_path / "features"
-    trainer, _ = _train(tiny_paths, tmp_path / "out", "stage4_full.json", max_steps=3, eval_steps=3, save_steps=3,
-                        feature_cache_dir=str(cache_dir))
+    trainer, _ = _train(
+        tiny_paths,
+        tmp_path / "out",
+        "stage4_full.json",
+        max_steps=3,
+        eval_steps=3,
+        save_steps=3,
+        feature_cache_dir=str(cache_dir),
+    )
     assert trainer.encoders.kinds == ()
     assert not _entries(cache_dir, "vision") and not _entries(cache_dir, "vae_latent")
 
@@ -292,12 +339,17 @@ def test_damaged_entry_is_encoded_again_during_training(tiny_paths, tmp_path):
 def test_rerun_with_one_more_image_encodes_exactly_that_image(tiny_paths, tmp_path):
     cache_dir = tmp_path / "features"
     base = _train_split_keys(tiny_paths, tmp_path, 14)
-    count = next(n for n in range(15, 40) if _train_split_keys(tiny_paths, tmp_path, n) - base
-                 and len(_train_split_keys(tiny_paths, tmp_path, n) - base) == 1
-                 and len(_train_split_keys(tiny_paths, tmp_path, n)) == len(base) + 1)
+    count = next(
+        n
+        for n in range(15, 40)
+        if _train_split_keys(tiny_paths, tmp_path, n) - base
+        and len(_train_split_keys(tiny_paths, tmp_path, n) - base) == 1
+        and len(_train_split_keys(tiny_paths, tmp_path, n)) == len(base) + 1
+    )
     _train(tiny_paths, tmp_path / "first", feature_cache_dir=str(cache_dir), synthetic_samples=14)
-    trainer, _ = _train(tiny_paths, tmp_path / "second", feature_cache_dir=str(cache_dir), synthetic_samples=count,
-                        max_steps=12)
+    trainer, _ = _train(
+        tiny_paths, tmp_path / "second", feature_cache_dir=str(cache_dir), synthetic_samples=count, max_steps=12
+    )
     stats = trainer.encoders.cache.stats()
     assert stats["feature_cache/vision/misses"] == 1 and stats["feature_cache/vae_latent/misses"] == 1, stats
     assert len(_entries(cache_dir, "vision")) == len(base) + 1
@@ -306,7 +358,9 @@ def test_rerun_with_one_more_image_encodes_exactly_that_image(tiny_paths, tmp_pa
 def _train_split_keys(tiny, tmp_path, samples: int) -> set[str]:
     from theworld_core.model.inputs import prepare_stage_data
 
-    cfg = small_cfg(tiny, tmp_path / "probe", resume_from_checkpoint=None, **{**EPOCHS_CFG, "synthetic_samples": samples})
+    cfg = small_cfg(
+        tiny, tmp_path / "probe", resume_from_checkpoint=None, **{**EPOCHS_CFG, "synthetic_samples": samples}
+    )
     return {image_key(row["image"]) for row in prepare_stage_data(cfg).train}
 
 

@@ -53,34 +53,73 @@ def make_images(folder: Path, start: int, count: int) -> list[dict]:
 def pipeline_doc(images: Path, output_root: Path, experiment: str, cron: str | None) -> dict:
     """A two-stage pipeline like stages.yaml, on the tiny models and a local image folder; < 40 s a run."""
     return {
-        "model": {"model_name": "google/gemma-3-4b-it", "cosmos_model_name": "nvidia/Cosmos-Predict2-2B-Video2World",
-                  "world_tokens": 64, "world_image_size": 256, "max_seq_length": 2048},
+        "model": {
+            "model_name": "google/gemma-3-4b-it",
+            "cosmos_model_name": "nvidia/Cosmos-Predict2-2B-Video2World",
+            "world_tokens": 64,
+            "world_image_size": 256,
+            "max_seq_length": 2048,
+        },
         "data": {"dataset_name": str(images), "streaming": False, "eval_fraction": 0.1},
         "defaults": {"batch_size": 4, "gradient_accumulation_steps": 4, "eval_steps": 5000, "save_steps": 1000},
         "stages": [
-            {"name": "projection", "freeze_gemma_vision": True, "freeze_gemma_language": True,
-             "freeze_cosmos_vae": True, "learning_rate": 1.0e-4, "warmup_steps": 500},
-            {"name": "vision", "freeze_gemma_vision": False, "freeze_gemma_language": True,
-             "freeze_cosmos_vae": True, "learning_rate": 5.0e-5, "warmup_steps": 100},
+            {
+                "name": "projection",
+                "freeze_gemma_vision": True,
+                "freeze_gemma_language": True,
+                "freeze_cosmos_vae": True,
+                "learning_rate": 1.0e-4,
+                "warmup_steps": 500,
+            },
+            {
+                "name": "vision",
+                "freeze_gemma_vision": False,
+                "freeze_gemma_language": True,
+                "freeze_cosmos_vae": True,
+                "learning_rate": 5.0e-5,
+                "warmup_steps": 100,
+            },
         ],
-        "schedule": {"cron": "0 3 * * *", "timezone": "UTC", "new_data_event": "theworld.data.updated",
-                     "only_on_new_data": True, "warm_start_from_champion": True},
+        "schedule": {
+            "cron": "0 3 * * *",
+            "timezone": "UTC",
+            "new_data_event": "theworld.data.updated",
+            "only_on_new_data": True,
+            "warm_start_from_champion": True,
+        },
         "mlflow": {"experiment": experiment, "registered_model": f"{experiment}-model", "log_system_metrics": False},
         "output_root": str(output_root),
-        "profiles": {"tiny": {
-            "model": {"model_name": "tiny", "cosmos_model_name": "tiny", "world_tokens": 4, "world_image_size": 32,
-                      "max_seq_length": 128},
-            "defaults": {"batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 20, "eval_steps": 10,
-                         "save_steps": 10, "logging_steps": 5, "mixed_precision": "no", "eval_max_samples": 8,
-                         "divergence_grad_norm": None},
-            "plateau": {"window_steps": 10, "patience_steps": 10, "min_steps": 10},
-            "gate": {"regression_tolerance": 10.0, "diverged_warmup_steps": 10},
-            "stages": {"projection": {"learning_rate": 3.0e-2, "warmup_steps": 5},
-                       "vision": {"learning_rate": 5.0e-3, "warmup_steps": 5}},
-            "schedule": {"cron": cron},
-            "eval_generations": 1,
-            "eval_task_samples": 2,
-        }},
+        "profiles": {
+            "tiny": {
+                "model": {
+                    "model_name": "tiny",
+                    "cosmos_model_name": "tiny",
+                    "world_tokens": 4,
+                    "world_image_size": 32,
+                    "max_seq_length": 128,
+                },
+                "defaults": {
+                    "batch_size": 8,
+                    "gradient_accumulation_steps": 1,
+                    "max_steps": 20,
+                    "eval_steps": 10,
+                    "save_steps": 10,
+                    "logging_steps": 5,
+                    "mixed_precision": "no",
+                    "eval_max_samples": 8,
+                    "divergence_grad_norm": None,
+                },
+                "plateau": {"window_steps": 10, "patience_steps": 10, "min_steps": 10},
+                "gate": {"regression_tolerance": 10.0, "diverged_warmup_steps": 10},
+                "stages": {
+                    "projection": {"learning_rate": 3.0e-2, "warmup_steps": 5},
+                    "vision": {"learning_rate": 5.0e-3, "warmup_steps": 5},
+                },
+                "schedule": {"cron": cron},
+                "eval_generations": 1,
+                "eval_task_samples": 2,
+            }
+        },
     }
 
 
@@ -91,18 +130,36 @@ def far_cron() -> str:
 
 def base_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({"DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEMETRY": "true", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", "HF_HUB_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-                "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "DO_NOT_TRACK": "true",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     env.update(extra)
     return env
 
 
 def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 180) -> subprocess.CompletedProcess:
     """Run a command to its end in its own process group (killed with its children on timeout)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            stdin=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -149,23 +206,28 @@ class Prefect:
             if flow_run.state is not None and flow_run.state.is_final():
                 return flow_run
             time.sleep(0.5)
-        raise AssertionError(f"flow run {run_id} not finished after {timeout} s "
-                             f"(state {self.flow_run(run_id).state}):\n{tail(log)}")
+        raise AssertionError(
+            f"flow run {run_id} not finished after {timeout} s (state {self.flow_run(run_id).state}):\n{tail(log)}"
+        )
 
     def manual_runs(self, deployment_id) -> list:
         """The deployment's flow runs that no schedule made, oldest first."""
         from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
         from prefect.client.schemas.sorting import FlowRunSort
 
-        runs = self.client.read_flow_runs(deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
-                                          sort=FlowRunSort.EXPECTED_START_TIME_ASC, limit=200)
+        runs = self.client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id])),
+            sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+            limit=200,
+        )
         return [r for r in runs if not r.auto_scheduled]
 
     def artifacts(self, run_id: str) -> list:
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
-        return self.client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(str(run_id))])))
+        return self.client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(str(run_id))]))
+        )
 
     def state_names(self, run_id: str) -> list[str]:
         return [s.name for s in self.client.read_flow_run_states(uuid.UUID(str(run_id)))]
@@ -186,8 +248,12 @@ def pipeline_runs(tracking_uri: str, experiment: str) -> list:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []
-    return client.search_runs([found.experiment_id], filter_string="tags.run_kind = 'pipeline'",
-                              order_by=["attributes.start_time ASC"], max_results=100)
+    return client.search_runs(
+        [found.experiment_id],
+        filter_string="tags.run_kind = 'pipeline'",
+        order_by=["attributes.start_time ASC"],
+        max_results=100,
+    )
 
 
 # --- fixtures -------------------------------------------------------------------------------------------
@@ -197,8 +263,12 @@ def pipeline_runs(tracking_uri: str, experiment: str) -> list:
 def prefect_api(tmp_path_factory):
     """A Prefect server of this module (own PREFECT_HOME); an enqueued run retries its slot every 2 s."""
     spec = prefect_server_spec(tmp_path_factory.mktemp("deploy-prefect-server"))
-    spec.env.update({"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-                     "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5"})
+    spec.env.update(
+        {
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+            "PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS": "5",
+        }
+    )
     server = spec.launch()
     try:
         yield server.wait_healthy(180)
@@ -241,24 +311,37 @@ def test_new_data_decision(own_mlflow_store):
         return new_data_step("exp", config, fingerprint, **{"only_on_new_data": True, "force": False, **kw})
 
     assert check().new_data and "no earlier successful" in check().reason
-    first = lineage.start_parent_run("exp", "one", {"run_kind": "pipeline", "config_hash": "cfg-1",
-                                                    "data_fingerprint": "fp-a", "champion": "vision"}, {})
+    first = lineage.start_parent_run(
+        "exp",
+        "one",
+        {"run_kind": "pipeline", "config_hash": "cfg-1", "data_fingerprint": "fp-a", "champion": "vision"},
+        {},
+    )
     assert check().new_data, "a RUNNING run is no reference"
     lineage.end_run(first)
-    stage = lineage.start_parent_run("exp", "stage", {"run_kind": "stage", "config_hash": "cfg-1",
-                                                      "data_fingerprint": "fp-b"}, {})
+    stage = lineage.start_parent_run(
+        "exp", "stage", {"run_kind": "stage", "config_hash": "cfg-1", "data_fingerprint": "fp-b"}, {}
+    )
     lineage.end_run(stage)  # a stage run never counts
     same = check()
     assert not same.new_data and same.previous_run_id == first and same.reason.startswith("no new data")
     assert check("fp-b").new_data and check("fp-b").previous_run_id == first
     assert check(config="cfg-2").new_data
     assert check(force=True).new_data and check(only_on_new_data=False).new_data
-    failed = lineage.start_parent_run("exp", "two", {"run_kind": "pipeline", "config_hash": "cfg-1",
-                                                     "data_fingerprint": "fp-b", "champion": "vision"}, {})
+    failed = lineage.start_parent_run(
+        "exp",
+        "two",
+        {"run_kind": "pipeline", "config_hash": "cfg-1", "data_fingerprint": "fp-b", "champion": "vision"},
+        {},
+    )
     lineage.end_run(failed, "FAILED")
     assert check("fp-b").new_data, "a failed run is no reference"
-    no_champion = lineage.start_parent_run("exp", "three", {"run_kind": "pipeline", "config_hash": "cfg-1",
-                                                            "data_fingerprint": "fp-b", "champion": "none"}, {})
+    no_champion = lineage.start_parent_run(
+        "exp",
+        "three",
+        {"run_kind": "pipeline", "config_hash": "cfg-1", "data_fingerprint": "fp-b", "champion": "none"},
+        {},
+    )
     lineage.end_run(no_champion)
     assert check("fp-b").new_data, "a run whose every stage failed is no reference"
     assert not check("fp-a").new_data
@@ -276,8 +359,9 @@ def test_warm_start_checks_the_champion_architecture(own_mlflow_store, tmp_path)
     assert warm_start_step("m", "champion", model).uri is None
     folder = tmp_path / "stage_output"
     folder.mkdir()
-    (folder / MANIFEST_FILE).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION,
-                                                    "model_config": model}))
+    (folder / MANIFEST_FILE).write_text(
+        json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, "model_config": model})
+    )
     run = lineage.start_parent_run("exp", "stage", {}, {})
     lineage.log_folder(run, folder, lineage.STAGE_OUTPUT_ARTIFACT)
     lineage.end_run(run)
@@ -331,18 +415,32 @@ def test_data_add_appends_atomically(tmp_path, capsys):
     src = tmp_path / "src"
     make_images(src, 0, 3)
     folder = tmp_path / "images"
-    code, out = cli(capsys, "data", "add", str(src / "shape0000.png"), str(src / "shape0001.png"), "--to", str(folder),
-                    "--caption", "a shape")
+    code, out = cli(
+        capsys,
+        "data",
+        "add",
+        str(src / "shape0000.png"),
+        str(src / "shape0001.png"),
+        "--to",
+        str(folder),
+        "--caption",
+        "a shape",
+    )
     assert code == 0, out
     rows = [json.loads(line) for line in (folder / "metadata.jsonl").read_text().splitlines()]
-    assert rows == [{"file_name": "shape0000.png", "text": "a shape"}, {"file_name": "shape0001.png", "text": "a shape"}]
+    assert rows == [
+        {"file_name": "shape0000.png", "text": "a shape"},
+        {"file_name": "shape0001.png", "text": "a shape"},
+    ]
 
     other = tmp_path / "other"
     other.mkdir()
     (other / "shape0000.png").write_bytes((src / "shape0002.png").read_bytes())  # same name, other bytes
     captions = tmp_path / "captions.jsonl"
     captions.write_text(json.dumps({"file_name": "shape0000.png", "text": "another shape"}) + "\n")
-    code, out = cli(capsys, "data", "add", str(other / "shape0000.png"), "--to", str(folder), "--captions", str(captions))
+    code, out = cli(
+        capsys, "data", "add", str(other / "shape0000.png"), "--to", str(folder), "--captions", str(captions)
+    )
     assert code == 0, out
     code, out = cli(capsys, "data", "add", str(src / "shape0000.png"), "--to", str(folder), "--caption", "a shape")
     assert code == 0 and "already there" in out, out
@@ -352,8 +450,17 @@ def test_data_add_appends_atomically(tmp_path, capsys):
     assert not list(folder.glob(".*tmp*")), "temporary files left behind"
 
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    code, out = cli(capsys, "data", "add", str(tmp_path / "broken.png"), str(src / "shape0002.png"), "--to", str(folder),
-                    "--caption", "x")
+    code, out = cli(
+        capsys,
+        "data",
+        "add",
+        str(tmp_path / "broken.png"),
+        str(src / "shape0002.png"),
+        "--to",
+        str(folder),
+        "--caption",
+        "x",
+    )
     assert code == 2 and "not readable as images" in out, out
     code, out = cli(capsys, "data", "add", str(src / "shape0002.png"), "--to", str(folder))
     assert code == 2 and "no caption" in out, out
@@ -362,7 +469,10 @@ def test_data_add_appends_atomically(tmp_path, capsys):
     from theworld_core.config import DataConfig
     from theworld_core.data import prepare_data
 
-    assert prepare_data(DataConfig(dataset_name=str(folder), eval_fraction=0.3), cache_dir=tmp_path / "cache").stats.total == 3
+    assert (
+        prepare_data(DataConfig(dataset_name=str(folder), eval_fraction=0.3), cache_dir=tmp_path / "cache").stats.total
+        == 3
+    )
 
 
 def test_serve_and_notify_need_prefect_api_url(tmp_path, capsys, monkeypatch):
@@ -402,7 +512,9 @@ def test_prefect_yaml_deploys_to_a_process_pool(prefect_api, tmp_path):
         assert len(automations) == 1, automations
         trigger = automations[0].trigger
         assert trigger.expect == {stages["new_data_event"]}
-        assert dict(trigger.match.root) == {"prefect.resource.id": "theworld.data.datacomp"}  # the base config's dataset
+        assert dict(trigger.match.root) == {
+            "prefect.resource.id": "theworld.data.datacomp"
+        }  # the base config's dataset
         prefect.client.delete_deployment(d.id)  # `theworld serve` registers its own multistage/full next
     finally:
         prefect.close()
@@ -423,9 +535,15 @@ def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_h
     doc["profiles"]["cold"] = {**doc["profiles"]["tiny"], "schedule": {"cron": cron, "warm_start_from_champion": False}}
     stages_yaml.write_text(yaml.safe_dump(doc, sort_keys=False))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = base_env(PREFECT_API_URL=prefect_api.url, PREFECT_HOME=str(tmp_path / "prefect-home"),
-                   PREFECT_RUNNER_POLL_FREQUENCY="1", PREFECT_RUNNER_HEARTBEAT_FREQUENCY="30",
-                   MLFLOW_TRACKING_URI=tracking, THEWORLD_PROJECT_DIR=str(project), THEWORLD_HOME=str(theworld_home))
+    env = base_env(
+        PREFECT_API_URL=prefect_api.url,
+        PREFECT_HOME=str(tmp_path / "prefect-home"),
+        PREFECT_RUNNER_POLL_FREQUENCY="1",
+        PREFECT_RUNNER_HEARTBEAT_FREQUENCY="30",
+        MLFLOW_TRACKING_URI=tracking,
+        THEWORLD_PROJECT_DIR=str(project),
+        THEWORLD_HOME=str(theworld_home),
+    )
     log = tmp_path / "serve.log"
     timings: dict[str, float] = {}
     serve = start_theworld(["serve", str(stages_yaml), "--profile", "tiny"], env, tmp_path, log)
@@ -447,7 +565,8 @@ def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_h
         assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
         automations = prefect.client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
         assert [(a.trigger.expect, dict(a.trigger.match.root)) for a in automations] == [
-            ({"theworld.data.updated"}, {"prefect.resource.id": "theworld.data.images"})]
+            ({"theworld.data.updated"}, {"prefect.resource.id": "theworld.data.images"})
+        ]
 
         # 1. a run trains
         start = time.monotonic()
@@ -482,8 +601,26 @@ def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_h
 
         new_image.write_bytes(render_png(shape_spec(7, 999), 32))
         start = time.monotonic()
-        added = run([THEWORLD, "data", "add", str(new_image), "--to", str(images), "--caption", "a fresh shape",
-                     "--notify", "--stages-yaml", str(stages_yaml), "--profile", "tiny"], env, tmp_path, timeout=180)
+        added = run(
+            [
+                THEWORLD,
+                "data",
+                "add",
+                str(new_image),
+                "--to",
+                str(images),
+                "--caption",
+                "a fresh shape",
+                "--notify",
+                "--stages-yaml",
+                str(stages_yaml),
+                "--profile",
+                "tiny",
+            ],
+            env,
+            tmp_path,
+            timeout=180,
+        )
         assert added.returncode == 0, added.stdout
         assert "emitted theworld.data.updated about theworld.data.images" in added.stdout, added.stdout
         triggered = None
@@ -504,8 +641,11 @@ def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_h
 
         stage1 = MlflowClient(tracking_uri=tracking).search_runs(
             [parents[1].info.experiment_id],
-            filter_string=f"tags.mlflow.parentRunId = '{parents[1].info.run_id}' and tags.stage = 'projection'")
-        assert stage1 and stage1[0].data.tags["started_from"] == f"stage output {parents[1].data.tags['warm_start_from']}"
+            filter_string=f"tags.mlflow.parentRunId = '{parents[1].info.run_id}' and tags.stage = 'projection'",
+        )
+        assert (
+            stage1 and stage1[0].data.tags["started_from"] == f"stage output {parents[1].data.tags['warm_start_from']}"
+        )
 
         # 4. two runs at once (forced: the data is unchanged; no warm start, so the second one's stages
         #    come from Prefect's cache): the second waits for the first, each has its own summary
@@ -566,17 +706,35 @@ def test_two_runs_of_the_same_stage_do_not_clobber(theworld_home, tmp_path):
     stages_yaml = tmp_path / "pipeline.yaml"
     stages_yaml.write_text(yaml.safe_dump(doc, sort_keys=False))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = base_env(MLFLOW_TRACKING_URI=tracking, THEWORLD_PROJECT_DIR=str(tmp_path / "project"),
-                   THEWORLD_HOME=str(theworld_home))
+    env = base_env(
+        MLFLOW_TRACKING_URI=tracking, THEWORLD_PROJECT_DIR=str(tmp_path / "project"), THEWORLD_HOME=str(theworld_home)
+    )
     # one process creates the MLflow store first (two creating one SQLite schema at once collide)
-    init = run([sys.executable, "-c", "from theworld_core.tracking.mlflow_runs import configure_tracking, "
-                "ensure_experiment; configure_tracking(); ensure_experiment('lock-test')"], env, tmp_path, timeout=120)
+    init = run(
+        [
+            sys.executable,
+            "-c",
+            "from theworld_core.tracking.mlflow_runs import configure_tracking, "
+            "ensure_experiment; configure_tracking(); ensure_experiment('lock-test')",
+        ],
+        env,
+        tmp_path,
+        timeout=120,
+    )
     assert init.returncode == 0, init.stdout
     script = tmp_path / "child.py"
     script.write_text(LOCK_CHILD)
-    procs = [subprocess.Popen([sys.executable, str(script), str(stages_yaml), name, str(tmp_path / f"{name}.json")],
-                              cwd=tmp_path, env=env, stdout=open(tmp_path / f"{name}.log", "wb"),
-                              stderr=subprocess.STDOUT, start_new_session=True) for name in ("a", "b")]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(stages_yaml), name, str(tmp_path / f"{name}.json")],
+            cwd=tmp_path,
+            env=env,
+            stdout=open(tmp_path / f"{name}.log", "wb"),
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        for name in ("a", "b")
+    ]
     try:
         for proc in procs:
             proc.wait(timeout=240)
@@ -601,7 +759,9 @@ def test_two_runs_of_the_same_stage_do_not_clobber(theworld_home, tmp_path):
     waited = next(n for n, rec in (("a", a), ("b", b)) if rec["run_id"] in reused)
     assert "is in use by pid" in logs[waited] and "waiting for it" in logs[waited], logs[waited]
     for run_id in runs:
-        assert {f.path for f in client.list_artifacts(run_id, "stage_output")} >= {"stage_output/manifest.json",
-                                                                                   "stage_output/model.safetensors"}
+        assert {f.path for f in client.list_artifacts(run_id, "stage_output")} >= {
+            "stage_output/manifest.json",
+            "stage_output/model.safetensors",
+        }
     trained = next(r for r in runs if r not in reused)
     assert runs[reused[0]].info.start_time >= runs[trained].info.end_time, "the waiting run started early"

@@ -261,8 +261,10 @@ class Job:
             while self.proc.poll() is None:
                 now = time.monotonic()
                 if now - self.start > LAUNCH_TIMEOUT:
-                    pytest.fail(f"`{' '.join(self.cmd)}` still running after {LAUNCH_TIMEOUT} s:\n"
-                                f"{self.err.read_text()[-4000:]}")
+                    pytest.fail(
+                        f"`{' '.join(self.cmd)}` still running after {LAUNCH_TIMEOUT} s:\n"
+                        f"{self.err.read_text()[-4000:]}"
+                    )
                 if stop_when is not None and stop_when():
                     kill()
                     self.proc.wait(timeout=60)
@@ -280,8 +282,9 @@ class Job:
             if self.proc.poll() is None or self.alive():
                 self.kill_all()
                 self.proc.wait(timeout=60)
-        return Launch(self.proc.returncode, self.out.read_text(), self.err.read_text(), seconds, dict(self.ranks),
-                      len(self.tree))
+        return Launch(
+            self.proc.returncode, self.out.read_text(), self.err.read_text(), seconds, dict(self.ranks), len(self.tree)
+        )
 
 
 @dataclass
@@ -314,8 +317,9 @@ def aborted_at_exit(run: Launch) -> bool:
     return run.returncode != 0 and not run.stdout.strip() and EXIT_ABORT in run.stderr
 
 
-def launch(config: Path, *args: str, project: Path, logs: Path, extra_env: dict | None = None,
-           before_retry=None) -> Launch:
+def launch(
+    config: Path, *args: str, project: Path, logs: Path, extra_env: dict | None = None, before_retry=None
+) -> Launch:
     """Run `theworld train` to its end (at most LAUNCH_TIMEOUT). `before_retry` is accepted for the
     callers' sake but unused: ranks now tear down their process group, so a launch is never retried."""
     return Job(config, *args, project=project, logs=logs, extra_env=extra_env).wait()
@@ -421,8 +425,15 @@ class Runs:
             cfg = self.config(setting, self.root / f"{setting}-two")
             path = write_config(cfg, self.root / f"{setting}-two.json")
             probe = self.hooks(THEWORLD_TEST_EXIT_PROBE=str(self.exit_probe)) if setting == "projector" else None
-            run = launch(path, "--num-processes", "2", project=self.project, logs=self.root / f"{setting}-two",
-                         extra_env=probe, before_retry=lambda: shutil.rmtree(cfg.output_dir, ignore_errors=True))
+            run = launch(
+                path,
+                "--num-processes",
+                "2",
+                project=self.project,
+                logs=self.root / f"{setting}-two",
+                extra_env=probe,
+                before_retry=lambda: shutil.rmtree(cfg.output_dir, ignore_errors=True),
+            )
             assert run.returncode == 0, run.stderr[-4000:]
             self._two[setting] = (cfg, path, run)
         return self._two[setting]
@@ -504,10 +515,16 @@ def test_two_processes_weight_every_answer_token_once(runs, tiny_paths, tmp_path
     one_cfg = stage_config(tiny_paths, SETTINGS["projector"], tmp_path / "one", data, batch_size=8, **common)
     one = train_stage(one_cfg)
     assert one.status == "completed", one.reason
-    two_cfg = stage_config(tiny_paths, SETTINGS["projector"], tmp_path / "two", data, batch_size=2,
-                           gradient_accumulation_steps=2, **common)
-    run = launch(write_config(two_cfg, tmp_path / "two.json"), "--num-processes", "2", project=runs.project,
-                 logs=tmp_path / "two")
+    two_cfg = stage_config(
+        tiny_paths, SETTINGS["projector"], tmp_path / "two", data, batch_size=2, gradient_accumulation_steps=2, **common
+    )
+    run = launch(
+        write_config(two_cfg, tmp_path / "two.json"),
+        "--num-processes",
+        "2",
+        project=runs.project,
+        logs=tmp_path / "two",
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert_two_ranks(run)
     two = run.result()
@@ -535,8 +552,11 @@ def test_two_process_sigkill_and_resume_gives_the_same_weights(runs, tmp_path):
     result_a = run_a.result()
     out_b = tmp_path / "B"
     config_b = write_config(cfg_a.with_changes(output_dir=str(out_b)), tmp_path / "B.json")
-    diff = {k for k, v in json.loads(config_b.read_text()).items()
-            if json.loads(write_config(cfg_a, tmp_path / "A.json").read_text()).get(k) != v}
+    diff = {
+        k
+        for k, v in json.loads(config_b.read_text()).items()
+        if json.loads(write_config(cfg_a, tmp_path / "A.json").read_text()).get(k) != v
+    }
     assert diff == {"output_dir"}
 
     # The whole job dies at once: the CLI's process group and the ranks' own groups (torchrun starts
@@ -568,10 +588,14 @@ def test_two_process_sigkill_and_resume_gives_the_same_weights(runs, tmp_path):
 
 def test_sigkill_of_the_launcher_group_ends_the_ranks(runs, tmp_path):
     out = tmp_path / "orphans"
-    cfg = runs.config("projector", out, max_steps=2000, save_steps=10_000,
-                      eval_steps=10_000, logging_steps=100)
-    job = Job(write_config(cfg, tmp_path / "orphans.json"), "--num-processes", "2", project=runs.project,
-              logs=tmp_path / "orphans")
+    cfg = runs.config("projector", out, max_steps=2000, save_steps=10_000, eval_steps=10_000, logging_steps=100)
+    job = Job(
+        write_config(cfg, tmp_path / "orphans.json"),
+        "--num-processes",
+        "2",
+        project=runs.project,
+        logs=tmp_path / "orphans",
+    )
     try:
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         while "starts from" not in job.err.read_text():  # both ranks are set up and training
@@ -610,8 +634,9 @@ def test_rerun_after_a_kill_before_final_writes_final(runs, tmp_path):
     result = train_stage(cfg_a.with_changes(output_dir=str(out), num_processes=1))
     assert result.status == "completed", result.reason
     assert result.stage_output is not None
-    assert (Path(result.stage_output) / "model.safetensors").is_file(), \
+    assert (Path(result.stage_output) / "model.safetensors").is_file(), (
         f"the result names {result.stage_output}, which was never written"
+    )
     final_a, final_c = weights(Path(cfg_a.output_dir) / "final"), weights(result.stage_output)
     assert final_a.keys() == final_c.keys()
     assert all(torch.equal(final_a[n], final_c[n]) for n in final_a)
@@ -635,10 +660,12 @@ def _assert_diverged_at_3(run: Launch, out: Path) -> dict:
 
 def test_nan_loss_on_every_rank_stops_both_ranks_diverged(runs, tmp_path):
     out = tmp_path / "nan"
-    cfg = runs.config("projector", out, max_steps=6, save_steps=100, eval_steps=100,
-                      inject_fault="nan_loss", inject_fault_step=3)
-    run = launch(write_config(cfg, tmp_path / "nan.json"), "--num-processes", "2", project=runs.project,
-                 logs=tmp_path / "nan")
+    cfg = runs.config(
+        "projector", out, max_steps=6, save_steps=100, eval_steps=100, inject_fault="nan_loss", inject_fault_step=3
+    )
+    run = launch(
+        write_config(cfg, tmp_path / "nan.json"), "--num-processes", "2", project=runs.project, logs=tmp_path / "nan"
+    )
     result = _assert_diverged_at_3(run, out)
     assert math.isnan(result["evidence"]["loss"])
     assert run.seconds < LAUNCH_TIMEOUT
@@ -649,8 +676,14 @@ def test_nan_loss_on_one_rank_stops_both_ranks_diverged(runs, tmp_path):
     step on with NaN gradients, or wait forever in the next all-reduce)."""
     out = tmp_path / "nan1"
     cfg = runs.config("projector", out, max_steps=6, save_steps=100, eval_steps=100)
-    run = launch(write_config(cfg, tmp_path / "nan1.json"), "--num-processes", "2", project=runs.project,
-                 logs=tmp_path / "nan1", extra_env=runs.hooks(THEWORLD_TEST_NAN_ON_RANK="1"))
+    run = launch(
+        write_config(cfg, tmp_path / "nan1.json"),
+        "--num-processes",
+        "2",
+        project=runs.project,
+        logs=tmp_path / "nan1",
+        extra_env=runs.hooks(THEWORLD_TEST_NAN_ON_RANK="1"),
+    )
     result = _assert_diverged_at_3(run, out)
     assert "another rank" in str(result["evidence"]["loss"]), result["evidence"]
 
@@ -714,9 +747,16 @@ def test_accelerate_config_route_launches_two_cpu_processes(runs, tmp_path):
     route) gives 2 real ranks on CPU, and the same first steps as the torchrun route."""
     out = tmp_path / "ddp"
     cfg = runs.config("projector", out, max_steps=4, save_steps=100, eval_steps=100)
-    run = launch(write_config(cfg, tmp_path / "ddp.json"), "--num-processes", "2", "--accelerate-config",
-                 str(ACCELERATE_CONFIGS / "ddp.yaml"), project=runs.project, logs=tmp_path / "ddp",
-                 before_retry=lambda: shutil.rmtree(out, ignore_errors=True))
+    run = launch(
+        write_config(cfg, tmp_path / "ddp.json"),
+        "--num-processes",
+        "2",
+        "--accelerate-config",
+        str(ACCELERATE_CONFIGS / "ddp.yaml"),
+        project=runs.project,
+        logs=tmp_path / "ddp",
+        before_retry=lambda: shutil.rmtree(out, ignore_errors=True),
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert_two_ranks(run)
     result = run.result()

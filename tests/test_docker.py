@@ -165,11 +165,15 @@ def test_compose_refuses_a_missing_secret(compose, tmp_path, secret, how):
 @pytest.mark.parametrize(
     "breakage",
     [
-        ("    restart: unless-stopped\n    init: true\n    entrypoint: [\"prefect\"]",
-         "    restart: unless-stopped\n    init: true\n    entrypointt: [\"prefect\"]"),  # unknown key
+        (
+            '    restart: unless-stopped\n    init: true\n    entrypoint: ["prefect"]',
+            '    restart: unless-stopped\n    init: true\n    entrypointt: ["prefect"]',
+        ),  # unknown key
         ('      - "127.0.0.1:${MLFLOW_UI_PORT:-5000}:5000"', '      - {published: "x", target: "y"}'),  # bad port
-        ("      postgres:\n        condition: service_healthy\n\n  mlflow-server:",
-         "      postgress:\n        condition: service_healthy\n\n  mlflow-server:"),  # unknown dependency
+        (
+            "      postgres:\n        condition: service_healthy\n\n  mlflow-server:",
+            "      postgress:\n        condition: service_healthy\n\n  mlflow-server:",
+        ),  # unknown dependency
     ],
     ids=["unknown-key", "bad-port", "unknown-dependency"],
 )
@@ -287,8 +291,11 @@ def test_clients_authenticate_to_both_servers(model, client):
     assert env["MLFLOW_TRACKING_USERNAME"] == mlflow_env["MLFLOW_AUTH_ADMIN_USERNAME"]
     assert env["MLFLOW_TRACKING_PASSWORD"] == mlflow_env["MLFLOW_AUTH_ADMIN_PASSWORD"]
     assert "HF_TOKEN" in env and "HF_HUB_OFFLINE" not in env
-    for key, value in {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true",
-                       "DO_NOT_TRACK": "true"}.items():
+    for key, value in {
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "DO_NOT_TRACK": "true",
+    }.items():
         assert env[key] == value
     # MLflow refuses Host headers it does not know: the client's must be allowed.
     allowed = next(p for p in services["mlflow-server"]["command"] if p.startswith("--allowed-hosts="))
@@ -301,7 +308,10 @@ def test_mlflow_allows_the_browser_host(model):
     port = server["ports"][0]["published"]
     assert f"127.0.0.1:{port}" in allowed
     prefect = model["services"]["prefect-server"]
-    assert prefect["environment"]["PREFECT_SERVER_UI_API_URL"] == f"http://127.0.0.1:{prefect['ports'][0]['published']}/api"
+    assert (
+        prefect["environment"]["PREFECT_SERVER_UI_API_URL"]
+        == f"http://127.0.0.1:{prefect['ports'][0]['published']}/api"
+    )
 
 
 def test_worker_and_deploy_share_the_work_pool(model):
@@ -460,11 +470,16 @@ def test_init_script_passes_passwords_as_psql_variables(tmp_path):
     fake.write_text('#!/bin/sh\nprintf "%s\\n" "$@" > "$RECORD.args"\ncat > "$RECORD.sql"\n')
     fake.chmod(0o755)
     record = tmp_path / "record"
-    env = {"PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}", "RECORD": str(record),
-           "POSTGRES_USER": "postgres", "PREFECT_DB_PASSWORD": "prefect-secret-value",
-           "MLFLOW_DB_PASSWORD": "mlflow-secret-value"}
-    result = subprocess.run(["sh", str(DOCKER / "postgres" / "init-databases.sh")], env=env, capture_output=True,
-                            text=True, timeout=30)
+    env = {
+        "PATH": f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '/usr/bin:/bin')}",
+        "RECORD": str(record),
+        "POSTGRES_USER": "postgres",
+        "PREFECT_DB_PASSWORD": "prefect-secret-value",
+        "MLFLOW_DB_PASSWORD": "mlflow-secret-value",
+    }
+    result = subprocess.run(
+        ["sh", str(DOCKER / "postgres" / "init-databases.sh")], env=env, capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
     sql = Path(f"{record}.sql").read_text()
     args = Path(f"{record}.args").read_text().splitlines()
@@ -472,9 +487,13 @@ def test_init_script_passes_passwords_as_psql_variables(tmp_path):
     assert "prefect_password=prefect-secret-value" in args and "mlflow_password=mlflow-secret-value" in args
     for database in ("prefect", "mlflow"):
         assert f"CREATE DATABASE {database} OWNER {database};" in sql
-    missing = subprocess.run(["sh", str(DOCKER / "postgres" / "init-databases.sh")],
-                             env={k: v for k, v in env.items() if k != "MLFLOW_DB_PASSWORD"},
-                             capture_output=True, text=True, timeout=30)
+    missing = subprocess.run(
+        ["sh", str(DOCKER / "postgres" / "init-databases.sh")],
+        env={k: v for k, v in env.items() if k != "MLFLOW_DB_PASSWORD"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert missing.returncode != 0 and "MLFLOW_DB_PASSWORD" in missing.stderr
 
 
@@ -528,8 +547,9 @@ def _dockerignore() -> list[str]:
 
 @pytest.mark.parametrize("kind", DOCKERFILES)
 def test_hadolint_is_clean(kind):
-    result = subprocess.run([_hadolint(), "--no-color", str(DOCKERFILES[kind])], capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run(
+        [_hadolint(), "--no-color", str(DOCKERFILES[kind])], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0, result.stdout + result.stderr
 
 

@@ -25,12 +25,7 @@ import torch
 from PIL import Image
 
 from theworld_core.config import ModelConfig
-from theworld_core.features.cache import (
-    ENTRY_OVERHEAD_BYTES,
-    FeatureCache,
-    decode_entry,
-    make_namespace,
-)
+from theworld_core.features.cache import ENTRY_OVERHEAD_BYTES, FeatureCache, decode_entry, make_namespace
 from theworld_core.features.encoders import CachedEncoders
 from theworld_core.features.keys import (
     bytes_per_sample,
@@ -45,7 +40,9 @@ from theworld_core.model.theworld import TheWorld
 
 REPO = Path(__file__).resolve().parents[1]
 # `shared/` sits beside the repository (CI, the lead's checkout) or beside the worktrees' folder.
-SHARED = next((p / "shared" for p in (REPO.parent, REPO.parent.parent) if (p / "shared").is_dir()), REPO.parent / "shared")
+SHARED = next(
+    (p / "shared" for p in (REPO.parent, REPO.parent.parent) if (p / "shared").is_dir()), REPO.parent / "shared"
+)
 LOGGER = "theworld.feature_cache"
 
 
@@ -84,8 +81,9 @@ NS = make_namespace("vision", "f" * 64, {"size": 32})
 def model(tiny_paths) -> TheWorld:
     """The tiny TheWorld in stage 1, its multi-modal projector made non-zero (as in test_model.py),
     so vision features carry the image and not all zeros."""
-    config = ModelConfig(model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos),
-                         world_tokens=4, world_image_size=32)
+    config = ModelConfig(
+        model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4, world_image_size=32
+    )
     torch.manual_seed(0)
     built = TheWorld.from_base(config).eval()
     # As the trainer holds it on a CPU: the precision policy puts every component in fp32.
@@ -151,8 +149,9 @@ def test_tiny_model_features_come_back_exactly(model, tmp_path) -> None:
 
 
 def test_only_frozen_encoders_are_cached(tiny_paths, tmp_path) -> None:
-    config = ModelConfig(model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos),
-                         world_tokens=4, world_image_size=32)
+    config = ModelConfig(
+        model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4, world_image_size=32
+    )
     model = TheWorld.from_base(config).eval()
     cache = FeatureCache(tmp_path)
     assert CachedEncoders(_stage(model, "stage2_vision"), cache).kinds == ("vae_latent",)
@@ -199,8 +198,10 @@ def test_fingerprint_follows_the_weights(model, tiny_paths) -> None:
     other_buffer.latents_std.mul_(2)
     assert encoder_fingerprint(other_buffer) != vae_fingerprint
 
-    vision = {"vision_tower": model.gemma.model.vision_tower,
-              "multi_modal_projector": model.gemma.model.multi_modal_projector}
+    vision = {
+        "vision_tower": model.gemma.model.vision_tower,
+        "multi_modal_projector": model.gemma.model.multi_modal_projector,
+    }
     assert encoder_fingerprint(vision) != encoder_fingerprint({"vision_tower": model.gemma.model.vision_tower})
 
 
@@ -334,8 +335,13 @@ def test_two_processes_share_one_folder_without_damage(tmp_path) -> None:
     cap_gb = 8 * (64 * 256 * 4 + ENTRY_OVERHEAD_BYTES) / 1e9  # room for half the keys: constant eviction
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     writers = [
-        subprocess.Popen([sys.executable, str(script), str(folder), str(who), "25", str(cap_gb)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, str(script), str(folder), str(who), "25", str(cap_gb)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         for who in (0, 1)
     ]
     time.sleep(0.5)
@@ -411,8 +417,26 @@ def _in_private_tmpfs(tmp_path: Path, mount_options: str, then: str = "") -> dic
     script.write_text(BAD_FOLDER_CHILD)
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     shell = f'mount -t tmpfs -o {mount_options} tmpfs "$1" && {then} exec "$2" "$3" "$1"'
-    done = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "sh", "-c", shell, "_", str(mount),
-                           sys.executable, str(script)], check=False, capture_output=True, text=True, env=env, timeout=300)
+    done = subprocess.run(
+        [
+            "unshare",
+            "--user",
+            "--map-root-user",
+            "--mount",
+            "sh",
+            "-c",
+            shell,
+            "_",
+            str(mount),
+            sys.executable,
+            str(script),
+        ],
+        check=False,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     if done.returncode != 0 and ("mount" in done.stderr or "unshare" in done.stderr) and not done.stdout:
         pytest.skip(f"no private tmpfs mounts here: {done.stderr.strip()[:200]}")
     assert done.returncode == 0, done.stderr
@@ -511,7 +535,10 @@ def test_bytes_per_sample_matches_the_entries(model, tiny_paths, tmp_path) -> No
 
 
 def test_bytes_per_sample_of_the_real_architecture() -> None:
-    gemma, cosmos = SHARED / "reference" / "gemma-3-4b-it.config.json", SHARED / "reference" / "cosmos-predict2-vae.config.json"
+    gemma, cosmos = (
+        SHARED / "reference" / "gemma-3-4b-it.config.json",
+        SHARED / "reference" / "cosmos-predict2-vae.config.json",
+    )
     if not (gemma.is_file() and cosmos.is_file()):
         pytest.skip(f"reference configs not found under {SHARED / 'reference'}")
     sizes = bytes_per_sample(ModelConfig(model_name=str(gemma), cosmos_model_name=str(cosmos)))  # bf16

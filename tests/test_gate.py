@@ -12,14 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from theworld_core.config import TrainingConfig
-from theworld_core.training.gate import (
-    GateDecision,
-    StageOutcome,
-    best_stage,
-    decide,
-    degradation,
-    metric_value,
-)
+from theworld_core.training.gate import GateDecision, StageOutcome, best_stage, decide, degradation, metric_value
 
 try:  # the real model, once it has landed in config.py
     from theworld_core.config import GateConfig
@@ -49,8 +42,17 @@ def gate(**changes):
 
 def outcome(name="vision", eval_loss=1.0, **changes) -> StageOutcome:
     fields = dict(
-        name=name, attempt=1, status="completed", eval_loss=eval_loss, task_accuracy=None, steps=1000,
-        batch_size=4, gradient_accumulation_steps=4, learning_rate=5e-5, max_grad_norm=1.0, warmup_steps=100,
+        name=name,
+        attempt=1,
+        status="completed",
+        eval_loss=eval_loss,
+        task_accuracy=None,
+        steps=1000,
+        batch_size=4,
+        gradient_accumulation_steps=4,
+        learning_rate=5e-5,
+        max_grad_norm=1.0,
+        warmup_steps=100,
         max_steps=None,
     )
     return StageOutcome(**{**fields, **changes})
@@ -89,7 +91,9 @@ def test_no_torch_mlflow_or_prefect_import():
 def test_first_stage_goes_next_and_is_champion():
     d = run(outcome("projection", 1.141))
     assert (d.action, d.champion) == ("next", "projection")
-    assert d.reason == "eval_loss 1.141 of 'projection' (no earlier stage to compare): next stage, champion 'projection'"
+    assert (
+        d.reason == "eval_loss 1.141 of 'projection' (no earlier stage to compare): next stage, champion 'projection'"
+    )
     assert d.numbers["best_earlier_stage"] is None and d.numbers["value"] == 1.141
 
 
@@ -111,7 +115,9 @@ def test_improvement_takes_the_champion_title():
 def test_within_tolerance_goes_next_but_keeps_the_champion():
     d = run(outcome("vision", 1.15), [PROJECTION])  # 0.79% worse
     assert (d.action, d.champion) == ("next", "projection")
-    assert "is 0.789% worse than 1.141 of 'projection' (tolerance 2%): next stage, keep champion 'projection'" in d.reason
+    assert (
+        "is 0.789% worse than 1.141 of 'projection' (tolerance 2%): next stage, keep champion 'projection'" in d.reason
+    )
 
 
 def test_tie_keeps_the_earlier_champion():
@@ -179,7 +185,10 @@ def test_target_met_stops_good_enough():
 def test_target_boundary_and_first_stage():
     d = run(outcome("projection", 1.0), [], gate(target=1.0))
     assert (d.action, d.champion) == ("stop_good_enough", "projection")
-    assert d.reason == "eval_loss 1 of 'projection' (no earlier stage to compare); meets target <= 1: stop, deploy 'projection'"
+    assert (
+        d.reason
+        == "eval_loss 1 of 'projection' (no earlier stage to compare); meets target <= 1: stop, deploy 'projection'"
+    )
 
 
 def test_target_not_met_goes_next():
@@ -251,7 +260,10 @@ def test_accuracy_metric_ignores_eval_loss():
 def test_non_finite_or_missing_metric_stops_failed(value, shown):
     d = run(outcome("vision", value, steps=5000), [PROJECTION])
     assert (d.action, d.champion) == ("stop_failed", "projection")
-    assert d.reason == f"'vision' completed after 5000 steps but its eval_loss is {shown}: cannot judge it, stop, keep 'projection'"
+    assert (
+        d.reason
+        == f"'vision' completed after 5000 steps but its eval_loss is {shown}: cannot judge it, stop, keep 'projection'"
+    )
     assert run(outcome("projection", value)).champion is None
 
 
@@ -271,8 +283,15 @@ def test_to_dict_is_json_safe_with_nan():
 
 
 DIVERGED = outcome(
-    "vision", None, status="diverged", steps=120, learning_rate=5e-5, max_grad_norm=1.0, warmup_steps=100,
-    reason="gradient norm 1.2e+04 at step 121 (limit 1000.0)", evidence={"step": 121, "grad_norm": 12000.0, "limit": 1000.0},
+    "vision",
+    None,
+    status="diverged",
+    steps=120,
+    learning_rate=5e-5,
+    max_grad_norm=1.0,
+    warmup_steps=100,
+    reason="gradient norm 1.2e+04 at step 121 (limit 1000.0)",
+    evidence={"step": 121, "grad_norm": 12000.0, "limit": 1000.0},
 )
 
 
@@ -306,7 +325,10 @@ def test_diverged_recipe_only_tightens():
 def test_diverged_scales_per_component_learning_rates():
     o = dataclasses.replace(DIVERGED, learning_rates={"world_projector": 1e-4, "gemma_vision": 1e-5})
     d = run(o)
-    assert d.retry_changes["learning_rates"] == {"world_projector": pytest.approx(1e-5), "gemma_vision": pytest.approx(1e-6)}
+    assert d.retry_changes["learning_rates"] == {
+        "world_projector": pytest.approx(1e-5),
+        "gemma_vision": pytest.approx(1e-6),
+    }
     assert "learning_rates x0.1" in d.reason
     assert "learning_rates" not in run(DIVERGED).retry_changes
 
@@ -348,8 +370,14 @@ def test_multiline_trainer_reason_is_kept_on_one_line():
 
 
 OOM = outcome(
-    "language", None, status="oom", steps=0, batch_size=4, gradient_accumulation_steps=4,
-    reason="out of memory at step 1 with batch_size 4", evidence={"step": 1, "batch_size": 4},
+    "language",
+    None,
+    status="oom",
+    steps=0,
+    batch_size=4,
+    gradient_accumulation_steps=4,
+    reason="out of memory at step 1 with batch_size 4",
+    evidence={"step": 1, "batch_size": 4},
 )
 
 
@@ -448,9 +476,16 @@ def stage_outcomes(draw, name=None, metric_values=losses, status=None):
         max_grad_norm=draw(st.floats(0.01, 10.0)),
         warmup_steps=warmup,
         max_steps=max_steps,
-        learning_rates=draw(st.one_of(st.none(), st.dictionaries(
-            st.sampled_from(["world_projector", "gemma_vision", "gemma_language", "cosmos_vae"]), st.floats(1e-7, 1e-2),
-            min_size=1))),
+        learning_rates=draw(
+            st.one_of(
+                st.none(),
+                st.dictionaries(
+                    st.sampled_from(["world_projector", "gemma_vision", "gemma_language", "cosmos_vae"]),
+                    st.floats(1e-7, 1e-2),
+                    min_size=1,
+                ),
+            )
+        ),
     )
 
 
@@ -471,8 +506,9 @@ def scaled(o: StageOutcome, factor: float) -> StageOutcome:
 def test_invariant_to_scaling_losses_and_target(o, earlier, target, tol, exponent, retries_used, last):
     # Powers of two scale floats exactly, so nothing may change but the printed loss values.
     factor = 2.0**exponent
-    g1, g2 = gate(target=target, regression_tolerance=tol), gate(
-        target=None if target is None else target * factor, regression_tolerance=tol
+    g1, g2 = (
+        gate(target=target, regression_tolerance=tol),
+        gate(target=None if target is None else target * factor, regression_tolerance=tol),
     )
     a = run(o, earlier, g1, retries_used=retries_used, is_last_stage=last)
     b = run(scaled(o, factor), [scaled(e, factor) for e in earlier], g2, retries_used=retries_used, is_last_stage=last)
@@ -495,9 +531,14 @@ def test_accuracy_is_the_mirror_of_loss(o, earlier, target, tol):
     def negated(x):
         return dataclasses.replace(x, eval_loss=None if x.eval_loss is None else -x.eval_loss)
 
-    a = run(as_acc(o), [as_acc(e) for e in earlier], gate(metric="task_accuracy", target=target, regression_tolerance=tol))
-    b = run(negated(o), [negated(e) for e in earlier],
-            stand_in(target=None if target is None else -target, regression_tolerance=tol))  # negative "losses"
+    a = run(
+        as_acc(o), [as_acc(e) for e in earlier], gate(metric="task_accuracy", target=target, regression_tolerance=tol)
+    )
+    b = run(
+        negated(o),
+        [negated(e) for e in earlier],
+        stand_in(target=None if target is None else -target, regression_tolerance=tol),
+    )  # negative "losses"
     assert (a.action, a.champion) == (b.action, b.champion)
 
 
@@ -529,19 +570,18 @@ def test_an_improving_sequence_never_regresses(values, tol, status):
 
 
 @settings(max_examples=300, deadline=None)
-@given(
-    stages=st.lists(stage_outcomes(), min_size=1, max_size=6),
-    target=st.one_of(st.none(), losses),
-    tol=tolerances,
-)
+@given(stages=st.lists(stage_outcomes(), min_size=1, max_size=6), target=st.one_of(st.none(), losses), tol=tolerances)
 def test_champion_has_the_best_metric_among_the_stages_considered(stages, target, tol):
     stages = [dataclasses.replace(s, name=f"s{i}") for i, s in enumerate(stages)]
     earlier: list[StageOutcome] = []
     for i, o in enumerate(stages):
         d = run(o, earlier, gate(target=target, regression_tolerance=tol), is_last_stage=i == len(stages) - 1)
         considered = earlier + ([o] if d.action in ("next", "stop_good_enough") else [])
-        usable = {s.name: s.eval_loss for s in considered
-                  if s.status in ("completed", "plateaued") and s.eval_loss is not None and math.isfinite(s.eval_loss)}
+        usable = {
+            s.name: s.eval_loss
+            for s in considered
+            if s.status in ("completed", "plateaued") and s.eval_loss is not None and math.isfinite(s.eval_loss)
+        }
         if not usable:
             assert d.champion is None
         else:
@@ -561,8 +601,12 @@ def test_diverged_retry_changes_make_a_valid_config(o, retries_used):
         assert d.action == "stop_failed"
         return
     cfg = TrainingConfig(
-        learning_rate=o.learning_rate, learning_rates=o.learning_rates, max_grad_norm=o.max_grad_norm,
-        warmup_steps=o.warmup_steps, max_steps=o.max_steps, batch_size=o.batch_size,
+        learning_rate=o.learning_rate,
+        learning_rates=o.learning_rates,
+        max_grad_norm=o.max_grad_norm,
+        warmup_steps=o.warmup_steps,
+        max_steps=o.max_steps,
+        batch_size=o.batch_size,
         gradient_accumulation_steps=o.gradient_accumulation_steps,
     )
     new = cfg.with_changes(**d.retry_changes)

@@ -74,8 +74,9 @@ class FakeHub:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 path = self.path.split("?")[0]
-                hub.requests.append({"method": self.command, "path": path, "auth": self.headers.get("Authorization"),
-                                     "body": body})
+                hub.requests.append(
+                    {"method": self.command, "path": path, "auth": self.headers.get("Authorization"), "body": body}
+                )
                 if path == "/api/repos/create":
                     if hub.mode in ("hang", "gate"):
                         hub.gate_entered.set()
@@ -93,9 +94,15 @@ class FakeHub:
                 m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/preupload/([^/]+)", path)
                 if m:
                     files = json.loads(body)["files"]
-                    return self._reply(200, {"files": [
-                        {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None} for f in files
-                    ]})
+                    return self._reply(
+                        200,
+                        {
+                            "files": [
+                                {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False, "oid": None}
+                                for f in files
+                            ]
+                        },
+                    )
                 m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/commit/([^/]+)", path)
                 if m:
                     lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
@@ -105,8 +112,16 @@ class FakeHub:
                     }
                     other = [x["key"] for x in lines if x["key"] not in ("header", "file")]
                     sha = f"{len(hub.commits) + 1:040x}"
-                    hub.commits.append({"repo": m.group(1), "revision": m.group(2), "message": header["summary"],
-                                        "files": files, "other": other, "sha": sha})
+                    hub.commits.append(
+                        {
+                            "repo": m.group(1),
+                            "revision": m.group(2),
+                            "message": header["summary"],
+                            "files": files,
+                            "other": other,
+                            "sha": sha,
+                        }
+                    )
                     return self._reply(200, {"commitUrl": f"{hub.url}/{m.group(1)}/commit/{sha}", "commitOid": sha})
                 return self._reply(404, {"error": f"fake hub does not implement {self.command} {path}"})
 
@@ -155,16 +170,25 @@ def _manifest(stage: str = "stage1") -> dict:
         },
         "architecture_fingerprint": "f" * 64,
         "model_config": {},
-        "stage_config": {"name": stage, "freeze_gemma_vision": True, "freeze_gemma_language": True,
-                         "freeze_cosmos_vae": True, "learning_rate": 1e-4, "push_to_hub": True, "hub_model_id": REPO},
+        "stage_config": {
+            "name": stage,
+            "freeze_gemma_vision": True,
+            "freeze_gemma_language": True,
+            "freeze_cosmos_vae": True,
+            "learning_rate": 1e-4,
+            "push_to_hub": True,
+            "hub_model_id": REPO,
+        },
     }
 
 
 def _stage_output(folder: Path, seed: int = 0, stage: str = "stage1") -> Path:
     folder.mkdir(parents=True)
     g = torch.Generator().manual_seed(seed)
-    save_file({"world.projector.weight": torch.randn(8, 16, generator=g), "world.projector.bias": torch.zeros(8)},
-              str(folder / "model.safetensors"))
+    save_file(
+        {"world.projector.weight": torch.randn(8, 16, generator=g), "world.projector.bias": torch.zeros(8)},
+        str(folder / "model.safetensors"),
+    )
     (folder / "manifest.json").write_text(json.dumps(_manifest(stage)))
     return folder
 
@@ -187,13 +211,25 @@ def test_end_push_sends_files_card_and_token(hub, logs, tmp_path):
     pusher = HubPusher(REPO, "end", private=True, endpoint=hub.url, stage_name="stage1")
 
     assert pusher.on_save(folder, 10) is False  # `end` strategy: saves are not pushed
-    assert pusher.on_end(folder, {"step": 200, "status": "completed", "reason": "reached 200 steps",
-                                  "metrics": {"eval_loss": 1.2345678, "train_loss": 1.5}}) is True
+    assert (
+        pusher.on_end(
+            folder,
+            {
+                "step": 200,
+                "status": "completed",
+                "reason": "reached 200 steps",
+                "metrics": {"eval_loss": 1.2345678, "train_loss": 1.5},
+            },
+        )
+        is True
+    )
     report = pusher.close(timeout=30)
 
     assert report["uploads_done"] == 1 and report["uploads_failed"] == 0 and report["timed_out"] is False
     assert report["pushed_final"] and report["last_step"] == 200 and report["last_error"] is None
-    assert hub.created == [{"name": "theworld-stage1", "organization": "someone", "visibility": "private", "type": "model"}]
+    assert hub.created == [
+        {"name": "theworld-stage1", "organization": "someone", "visibility": "private", "type": "model"}
+    ]
     [commit] = hub.commits
     assert commit["repo"] == REPO and commit["revision"] == "main" and commit["other"] == []
     assert commit["message"] == "stage stage1: final stage output at step 200 (completed)"
@@ -206,14 +242,25 @@ def test_end_push_sends_files_card_and_token(hub, logs, tmp_path):
     assert front["library_name"] == "theworld"
     assert front["base_model"] == ["google/gemma-3-4b-it", "nvidia/Cosmos-Predict2-2B-Video2World"]
     assert "theworld" in front["tags"]
-    for text in ("| stage | `stage1` |", "| optimizer step | 200 |", "completed: reached 200 steps",
-                 "| world_projector | yes | 136 |", "| gemma_language | no (pretrained) | 0 |",
-                 "`freeze_gemma_vision: true`", "| eval_loss | 1.23457 |",
-                 f'model = TheWorld.from_pretrained("{REPO}")', "commit `abcdef012345`"):
+    for text in (
+        "| stage | `stage1` |",
+        "| optimizer step | 200 |",
+        "completed: reached 200 steps",
+        "| world_projector | yes | 136 |",
+        "| gemma_language | no (pretrained) | 0 |",
+        "`freeze_gemma_vision: true`",
+        "| eval_loss | 1.23457 |",
+        f'model = TheWorld.from_pretrained("{REPO}")',
+        "commit `abcdef012345`",
+    ):
         assert text in card, text
 
-    assert {r["path"] for r in hub.requests} <= {"/api/repos/create", f"/api/models/{REPO}/preupload/main",
-                                                 f"/api/models/{REPO}/commit/main", "/api/validate-yaml"}
+    assert {r["path"] for r in hub.requests} <= {
+        "/api/repos/create",
+        f"/api/models/{REPO}/preupload/main",
+        f"/api/models/{REPO}/commit/main",
+        "/api/validate-yaml",
+    }
     assert hub.requests and all(r["auth"] == f"Bearer {TOKEN}" for r in hub.requests)
     assert not list(folder.parent.glob(".hub-upload-*"))  # staging folders cleaned up
     _assert_no_token(tmp_path, logs, report)
@@ -235,7 +282,10 @@ def test_every_save_newer_save_supersedes_a_waiting_one(hub, logs, tmp_path):
     hub.release.set()
     report = pusher.close(timeout=30)
 
-    assert [c["message"] for c in hub.commits] == ["stage stage1: checkpoint at step 1", "stage stage1: checkpoint at step 3"]
+    assert [c["message"] for c in hub.commits] == [
+        "stage stage1: checkpoint at step 1",
+        "stage stage1: checkpoint at step 3",
+    ]
     assert report["uploads_done"] == 2 and report["superseded"] == 1 and report["last_step"] == 3
     assert not report["pushed_final"]
     assert len(hub.created) == 1  # the repo is created once per pusher
@@ -343,17 +393,22 @@ def test_redaction_and_card_never_show_secrets(monkeypatch):
     manifest = _manifest()
     manifest["stage_config"]["name"] = "stage1"
     manifest["base"]["gemma"] = {"id": "/home/someone/models/tiny-gemma", "revision": None, "commit": None}
-    card = model_card(REPO, manifest, {"reason": f"leaked {TOKEN}", "status": "completed",
-                                       "metrics": {"eval_loss": 0.5}})
+    card = model_card(
+        REPO, manifest, {"reason": f"leaked {TOKEN}", "status": "completed", "metrics": {"eval_loss": 0.5}}
+    )
     assert TOKEN not in card and "wandb-secret-value-42" not in card
     assert "a local folder (`tiny-gemma`)" in card and "/home/someone" not in card
     front = yaml.safe_load(card.split("---")[1])
     assert front["base_model"] == ["nvidia/Cosmos-Predict2-2B-Video2World"]  # local folders are not hub ids
 
-    result = SimpleNamespace(status="plateaued", reason="no new best", steps=42, eval_loss=1.0,
-                             best_eval_loss=0.9, train_loss=None)
+    result = SimpleNamespace(
+        status="plateaued", reason="no new best", steps=42, eval_loss=1.0, best_eval_loss=0.9, train_loss=None
+    )
     assert card_info_from_result(result, "stage2") == {
-        "stage": "stage2", "step": 42, "status": "plateaued", "reason": "no new best",
+        "stage": "stage2",
+        "step": 42,
+        "status": "plateaued",
+        "reason": "no new best",
         "metrics": {"eval_loss": 1.0, "best_eval_loss": 0.9},
     }
 
@@ -398,11 +453,26 @@ def test_trainer_pushes_checkpoints_and_final_output_and_tags_the_run(hub, logs,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     seed = Path(__file__).resolve().parents[1] / "configs" / "seed" / "stage1_projection.json"
     cfg = load_stage_config(seed).with_changes(
-        model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4,
-        world_image_size=32, dataset_name="synthetic", synthetic_samples=60, synthetic_image_size=32,
-        streaming=False, batch_size=4, gradient_accumulation_steps=1, max_steps=10, warmup_steps=2,
-        eval_steps=5, save_steps=5, logging_steps=5, output_dir=str(tmp_path / "stage"), name="stage1",
-        push_to_hub=True, hub_model_id=REPO, hub_strategy="every_save",
+        model_name=str(tiny_paths.gemma),
+        cosmos_model_name=str(tiny_paths.cosmos),
+        world_tokens=4,
+        world_image_size=32,
+        dataset_name="synthetic",
+        synthetic_samples=60,
+        synthetic_image_size=32,
+        streaming=False,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=10,
+        warmup_steps=2,
+        eval_steps=5,
+        save_steps=5,
+        logging_steps=5,
+        output_dir=str(tmp_path / "stage"),
+        name="stage1",
+        push_to_hub=True,
+        hub_model_id=REPO,
+        hub_strategy="every_save",
     )
     result = train_stage(cfg)
     assert result.status == "completed", result.reason
@@ -413,7 +483,9 @@ def test_trainer_pushes_checkpoints_and_final_output_and_tags_the_run(hub, logs,
     final = Path(result.stage_output)
     assert hub.commits[-1]["files"]["model.safetensors"] == (final / "model.safetensors").read_bytes()
     assert "| status | completed: reached 10 steps |" in hub.commits[-1]["files"]["README.md"].decode()
-    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'project'}/mlflow.db").get_run(result.mlflow_run_id).data.tags
+    tags = (
+        MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'project'}/mlflow.db").get_run(result.mlflow_run_id).data.tags
+    )
     assert tags["hub_repo_id"] == REPO and tags["hub_pushed_final"] == "True" and tags["hub_uploads_failed"] == "0"
     assert tags["stage_status"] == "completed"
     assert not list(tmp_path.rglob(".hub-upload-*"))  # staging folders cleaned up
@@ -450,8 +522,9 @@ def test_pushed_stage_output_loads_offline_from_the_hf_cache(hub, tiny_paths, tm
     from theworld_core.config import ModelConfig
     from theworld_core.model.theworld import TheWorld
 
-    cfg = ModelConfig(model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos),
-                      world_tokens=4, world_image_size=32)
+    cfg = ModelConfig(
+        model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4, world_image_size=32
+    )
     torch.manual_seed(3)
     model = TheWorld.from_base(cfg)
     with torch.no_grad():

@@ -24,12 +24,7 @@ from safetensors.torch import load_file, save_file
 from stage_helpers import small_cfg, weights
 
 from theworld_core.config import ModelConfig
-from theworld_core.model.stage_output import (
-    StageOutputError,
-    apply_stage_output,
-    is_intact_stage_output,
-    read_manifest,
-)
+from theworld_core.model.stage_output import StageOutputError, apply_stage_output, is_intact_stage_output, read_manifest
 from theworld_core.model.theworld import TheWorld
 from theworld_core.training import checkpoint as ckpt
 from theworld_core.training.launch import train_stage
@@ -68,8 +63,9 @@ def edit_manifest(folder: Path, change) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_config(tiny_paths) -> ModelConfig:
-    return ModelConfig(model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos),
-                       world_tokens=4, world_image_size=32)
+    return ModelConfig(
+        model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4, world_image_size=32
+    )
 
 
 @pytest.fixture(scope="module")
@@ -165,21 +161,42 @@ def test_a_tensor_removed_with_its_manifest_entries_is_refused_against_the_model
         TheWorld.from_pretrained(copy)
 
 
-@pytest.mark.parametrize(("field", "change", "says"), [
-    ("components", lambda m: m.update(components=["world_projector", "gemma_vision"]),
-     r"field components is \['world_projector', 'gemma_vision'\] but .* was written with \['world_projector'\]"),
-    ("world_tokens", lambda m: m["model_config"].update(world_tokens=16),
-     r"field model_config\.world_tokens is 16 but .* was written with 4"),
-    ("parameters", lambda m: m["parameters"].update({"world.projector.bias": [65]}),
-     r"shapes differ from .*'parameters': world\.projector\.bias: expected \[65\], found \[64\]"),
-    ("parameters", lambda m: m["parameters"].pop("world.projector.bias"),
-     r"holds tensor\(s\) world\.projector\.bias that .*'parameters' does not list"),
-    ("architecture_fingerprint", lambda m: m.update(architecture_fingerprint="0" * 64),
-     r"field architecture_fingerprint is '0{64}' but .* was written with '[0-9a-f]{64}'"),
-    ("stage_config", lambda m: m["stage_config"].update(name="stage9"),
-     r"field\(s\) changed after the manifest was written .*stage_config = \{\"name\":\"stage9\"\}"),
-    ("base", lambda m: m["base"]["gemma"].update(id="google/gemma-3-4b-it"), r"field\(s\) changed .*base = "),
-])
+@pytest.mark.parametrize(
+    ("field", "change", "says"),
+    [
+        (
+            "components",
+            lambda m: m.update(components=["world_projector", "gemma_vision"]),
+            r"field components is \['world_projector', 'gemma_vision'\] but .* was written with \['world_projector'\]",
+        ),
+        (
+            "world_tokens",
+            lambda m: m["model_config"].update(world_tokens=16),
+            r"field model_config\.world_tokens is 16 but .* was written with 4",
+        ),
+        (
+            "parameters",
+            lambda m: m["parameters"].update({"world.projector.bias": [65]}),
+            r"shapes differ from .*'parameters': world\.projector\.bias: expected \[65\], found \[64\]",
+        ),
+        (
+            "parameters",
+            lambda m: m["parameters"].pop("world.projector.bias"),
+            r"holds tensor\(s\) world\.projector\.bias that .*'parameters' does not list",
+        ),
+        (
+            "architecture_fingerprint",
+            lambda m: m.update(architecture_fingerprint="0" * 64),
+            r"field architecture_fingerprint is '0{64}' but .* was written with '[0-9a-f]{64}'",
+        ),
+        (
+            "stage_config",
+            lambda m: m["stage_config"].update(name="stage9"),
+            r"field\(s\) changed after the manifest was written .*stage_config = \{\"name\":\"stage9\"\}",
+        ),
+        ("base", lambda m: m["base"]["gemma"].update(id="google/gemma-3-4b-it"), r"field\(s\) changed .*base = "),
+    ],
+)
 def test_an_edited_manifest_field_is_refused_naming_it(copy, field, change, says):
     edit_manifest(copy, change)
     with pytest.raises(StageOutputError, match=says) as info:
@@ -188,8 +205,14 @@ def test_an_edited_manifest_field_is_refused_naming_it(copy, field, change, says
 
 
 def test_a_model_with_another_world_branch_is_refused(copy, tiny_paths):
-    other = TheWorld.from_base(ModelConfig(model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos),
-                                           world_tokens=16, world_image_size=32))
+    other = TheWorld.from_base(
+        ModelConfig(
+            model_name=str(tiny_paths.gemma),
+            cosmos_model_name=str(tiny_paths.cosmos),
+            world_tokens=16,
+            world_image_size=32,
+        )
+    )
     with pytest.raises(StageOutputError, match=r"trained with model_config\.world_tokens = 4; .* has 16"):
         apply_stage_output(other, copy, read_manifest(copy))
 
@@ -260,8 +283,10 @@ def test_no_valid_state_left_means_none_and_both_moved_aside(trained, tmp_path):
     copy, _ = damaged_copy(trained, tmp_path, lambda d: truncate(d / WEIGHTS))
     (copy / "checkpoint-20" / "rng.pt").unlink()
     assert ckpt.latest_resume_state(copy) is None
-    assert sorted(p.name for p in copy.iterdir()) == ["checkpoint-20.corrupt-missing-rng.pt",
-                                                      "checkpoint-30.corrupt-header-model.safetensors"]
+    assert sorted(p.name for p in copy.iterdir()) == [
+        "checkpoint-20.corrupt-missing-rng.pt",
+        "checkpoint-30.corrupt-header-model.safetensors",
+    ]
 
 
 def test_another_rank_skips_a_damaged_state_without_moving_it(trained, tmp_path, monkeypatch):

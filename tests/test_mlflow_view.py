@@ -29,22 +29,57 @@ from servers import start_mlflow_server
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "test-view"
 MODEL = "theworld-test-view"
-OFF_FEATURE_KEYS = ("log_to_wandb", "wandb_project", "wandb_run_name", "push_to_hub", "hub_model_id", "hub_strategy",
-                    "hub_private_repo", "inject_fault", "inject_fault_step", "fetch_timeout_s", "fetch_retries",
-                    "fetch_concurrency", "image_cache_dir", "learning_rates", "feature_cache_dir")
+OFF_FEATURE_KEYS = (
+    "log_to_wandb",
+    "wandb_project",
+    "wandb_run_name",
+    "push_to_hub",
+    "hub_model_id",
+    "hub_strategy",
+    "hub_private_repo",
+    "inject_fault",
+    "inject_fault_step",
+    "fetch_timeout_s",
+    "fetch_retries",
+    "fetch_concurrency",
+    "image_cache_dir",
+    "learning_rates",
+    "feature_cache_dir",
+)
 
 
 def pipeline_doc() -> dict:
     return {
-        "model": {"model_name": "tiny", "cosmos_model_name": "tiny", "world_tokens": 4, "world_image_size": 32,
-                  "max_seq_length": 128},
-        "data": {"dataset_name": "synthetic", "streaming": False, "synthetic_samples": 120,
-                 "synthetic_image_size": 32, "eval_fraction": 0.15},
-        "defaults": {"batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 20, "eval_steps": 10,
-                     "save_steps": 10, "logging_steps": 5, "mixed_precision": "no", "eval_max_samples": 16,
-                     "divergence_grad_norm": None, "warmup_steps": 5},
-        "stages": [{"name": "projection", "learning_rate": 3.0e-2},
-                   {"name": "language", "freeze_gemma_language": False, "learning_rate": 2.0e-3}],
+        "model": {
+            "model_name": "tiny",
+            "cosmos_model_name": "tiny",
+            "world_tokens": 4,
+            "world_image_size": 32,
+            "max_seq_length": 128,
+        },
+        "data": {
+            "dataset_name": "synthetic",
+            "streaming": False,
+            "synthetic_samples": 120,
+            "synthetic_image_size": 32,
+            "eval_fraction": 0.15,
+        },
+        "defaults": {
+            "batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 20,
+            "eval_steps": 10,
+            "save_steps": 10,
+            "logging_steps": 5,
+            "mixed_precision": "no",
+            "eval_max_samples": 16,
+            "divergence_grad_norm": None,
+            "warmup_steps": 5,
+        },
+        "stages": [
+            {"name": "projection", "learning_rate": 3.0e-2},
+            {"name": "language", "freeze_gemma_language": False, "learning_rate": 2.0e-3},
+        ],
         "plateau": {"min_improvement": 0.01, "window_steps": 10, "patience_steps": 10, "min_steps": 10},
         "gate": {"regression_tolerance": 10.0},
         "mlflow": {"experiment": EXPERIMENT, "registered_model": MODEL, "log_system_metrics": True},
@@ -56,10 +91,22 @@ def pipeline_doc() -> dict:
 
 def _env(project: Path, home: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update({"THEWORLD_PROJECT_DIR": str(project), "THEWORLD_HOME": str(home), "PREFECT_HOME": str(project / "prefect"),
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-                "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)})
+    env.update(
+        {
+            "THEWORLD_PROJECT_DIR": str(project),
+            "THEWORLD_HOME": str(home),
+            "PREFECT_HOME": str(project / "prefect"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+            "HF_HUB_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "OMP_NUM_THREADS": "1",
+            "PYTHONPATH": str(REPO),
+        }
+    )
     return env
 
 
@@ -79,8 +126,9 @@ def run(tmp_path_factory):
     mlflow.MlflowClient(tracking_uri=store).create_experiment(EXPERIMENT, artifact_location=(project / "art").as_uri())
     (project / "stages.yaml").write_text(yaml.safe_dump(pipeline_doc(), sort_keys=False))
     command = [sys.executable, "-m", "flows.cli", "run", "stages.yaml"]
-    done = subprocess.run(command, cwd=project, env=_env(project, home), capture_output=True, text=True, timeout=900,
-                          check=False)
+    done = subprocess.run(
+        command, cwd=project, env=_env(project, home), capture_output=True, text=True, timeout=900, check=False
+    )
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-6000:]
     return project, store, home
 
@@ -128,11 +176,14 @@ def test_existing_experiment_is_tagged_for_model_training(client):
 
 def test_parent_run_is_named_and_carries_stage_and_champion_metrics(client, tmp_path):
     parent, stages = _runs(client)
-    rows = json.loads(Path(client.download_artifacts(parent.info.run_id, "stage_summary.json", str(tmp_path))).read_text())
+    rows = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "stage_summary.json", str(tmp_path))).read_text()
+    )
     steps = {r["stage"]: r["steps"] for r in rows}
     fingerprint = parent.data.tags["data_fingerprint"]
-    assert re.fullmatch(rf"multistage \d{{4}}-\d\d-\d\d \d\d:\d\d data {fingerprint[:8]}", parent.info.run_name), \
+    assert re.fullmatch(rf"multistage \d{{4}}-\d\d-\d\d \d\d:\d\d data {fingerprint[:8]}", parent.info.run_name), (
         parent.info.run_name
+    )
     metrics = parent.data.metrics
     for name, run in stages.items():
         assert metrics[f"{name}/eval_loss"] == pytest.approx(run.data.metrics["eval/final_loss"])
@@ -142,8 +193,10 @@ def test_parent_run_is_named_and_carries_stage_and_champion_metrics(client, tmp_
     assert metrics["champion/eval_loss"] == pytest.approx(champion.data.metrics["eval/final_loss"])
     assert {"champion/task_accuracy", "champion/steps"} <= set(metrics)
     by_stage = [(m.step, m.value) for m in client.get_metric_history(parent.info.run_id, "all_stages/eval_loss")]
-    assert sorted(by_stage) == [(1, pytest.approx(metrics["projection/eval_loss"])),
-                                (2, pytest.approx(metrics["language/eval_loss"]))]
+    assert sorted(by_stage) == [
+        (1, pytest.approx(metrics["projection/eval_loss"])),
+        (2, pytest.approx(metrics["language/eval_loss"])),
+    ]
 
 
 def test_comparison_plot_and_table_at_the_parent_artifact_root(client, tmp_path):
@@ -152,7 +205,9 @@ def test_comparison_plot_and_table_at_the_parent_artifact_root(client, tmp_path)
     assert {"stage_comparison.png", "stage_summary.json", "stage_summary.md"} <= root, root
     plot = Path(client.download_artifacts(parent.info.run_id, "stage_comparison.png", str(tmp_path)))
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    rows = json.loads(Path(client.download_artifacts(parent.info.run_id, "stage_summary.json", str(tmp_path))).read_text())
+    rows = json.loads(
+        Path(client.download_artifacts(parent.info.run_id, "stage_summary.json", str(tmp_path))).read_text()
+    )
     assert [r["stage"] for r in rows] == ["projection", "language"]
 
 
@@ -201,8 +256,12 @@ def test_training_and_eval_data_logged_as_datasets(client):
     parent, stages = _runs(client)
     fingerprint = parent.data.tags["data_fingerprint"]
     for run in stages.values():
-        inputs = {tag.value: item.dataset for item in run.inputs.dataset_inputs for tag in item.tags
-                  if tag.key == "mlflow.data.context"}
+        inputs = {
+            tag.value: item.dataset
+            for item in run.inputs.dataset_inputs
+            for tag in item.tags
+            if tag.key == "mlflow.data.context"
+        }
         assert set(inputs) == {"training", "eval"}, inputs
         for context, split in (("training", "train"), ("eval", "eval")):
             dataset = inputs[context]
@@ -224,8 +283,9 @@ def test_system_metrics_follow_the_run_tag(tmp_path, monkeypatch, restored_track
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     monkeypatch.delenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", raising=False)
-    logger = StageLogger(StageConfig(name="s", model_name="tiny", cosmos_model_name="tiny",
-                                     output_dir=str(tmp_path / "out")))
+    logger = StageLogger(
+        StageConfig(name="s", model_name="tiny", cosmos_model_name="tiny", output_dir=str(tmp_path / "out"))
+    )
     c = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     experiment = c.create_experiment("sysm", artifact_location=(tmp_path / "a").as_uri())
     seen = {}
@@ -256,8 +316,12 @@ def test_champion_is_a_pyfunc_model_answering_paths_and_base64(run, client, tmp_
     version = client.get_model_version_by_alias(MODEL, "champion")
     champion = stages[parent.data.tags["champion"]]
     assert version.run_id == champion.info.run_id
-    for needle in (champion.data.tags["stage"], parent.data.tags["data_fingerprint"], parent.data.tags["config_hash"],
-                   f"eval_loss {champion.data.metrics['eval/final_loss']:.4f}"):
+    for needle in (
+        champion.data.tags["stage"],
+        parent.data.tags["data_fingerprint"],
+        parent.data.tags["config_hash"],
+        f"eval_loss {champion.data.metrics['eval/final_loss']:.4f}",
+    ):
         assert needle in version.description, (needle, version.description)
     card = Path(client.download_artifacts(champion.info.run_id, "stage_output/README.md", str(tmp_path))).read_text()
     assert parent.data.tags["data_fingerprint"] in card and "model_config" in card
@@ -269,8 +333,12 @@ def test_champion_is_a_pyfunc_model_answering_paths_and_base64(run, client, tmp_
     assert inputs == ["image", "prompt"], inputs
     picture = tmp_path / "blue.jpg"
     Image.new("RGB", (32, 32), (10, 10, 200)).save(picture, format="JPEG")
-    frame = pd.DataFrame({"image": [str(picture), png_base64(), f"data:image/png;base64,{png_base64((0, 200, 0))}"],
-                          "prompt": ["What is in the image?"] * 3})
+    frame = pd.DataFrame(
+        {
+            "image": [str(picture), png_base64(), f"data:image/png;base64,{png_base64((0, 200, 0))}"],
+            "prompt": ["What is in the image?"] * 3,
+        }
+    )
     answers = model.predict(frame, params={"max_new_tokens": 6})
     assert len(answers) == 3 and all(isinstance(a, str) for a in answers), answers
     with pytest.raises(Exception, match="row 0.*neither an existing file nor base64"):
@@ -300,19 +368,42 @@ def test_champion_registered_on_a_tracking_server_loads_from_it(run, tmp_path, m
         assert mlflow.get_experiment_by_name("served").tags["mlflow.experimentKind"] == "custom_model_development"
         child = lineage.create_child_run(parent, "projection", 1, {})
         lineage.log_folder(child, final, lineage.STAGE_OUTPUT_ARTIFACT)
-        lineage.log_summary(parent, [{"stage": "projection", "attempt": 1, "status": "completed", "steps": 20}],
-                            [{"label": "projection", "train_loss_history": [[5, 2.0], [10, 1.5]],
-                              "eval_loss_history": [[10, 1.7]], "global_end_step": 10, "decision": "next"}],
-                            "projection", tmp_path / "summary")
+        lineage.log_summary(
+            parent,
+            [{"stage": "projection", "attempt": 1, "status": "completed", "steps": 20}],
+            [
+                {
+                    "label": "projection",
+                    "train_loss_history": [[5, 2.0], [10, 1.5]],
+                    "eval_loss_history": [[10, 1.7]],
+                    "global_end_step": 10,
+                    "decision": "next",
+                }
+            ],
+            "projection",
+            tmp_path / "summary",
+        )
         assert {"stage_comparison.png", "stage_summary.json", "stage_summary.md"} <= {
-            f.path for f in mlflow.MlflowClient().list_artifacts(parent)}
-        version = lineage.register_champion(child, "served-model", "champion", {"stage": "projection"},
-                                            info={"stage": "projection", "eval_loss": 1.7, "steps": 20,
-                                                  "data_fingerprint": "ab" * 32, "config_hash": "cd" * 32})
+            f.path for f in mlflow.MlflowClient().list_artifacts(parent)
+        }
+        version = lineage.register_champion(
+            child,
+            "served-model",
+            "champion",
+            {"stage": "projection"},
+            info={
+                "stage": "projection",
+                "eval_loss": 1.7,
+                "steps": 20,
+                "data_fingerprint": "ab" * 32,
+                "config_hash": "cd" * 32,
+            },
+        )
         assert version == 1
         model = mlflow.pyfunc.load_model("models:/served-model@champion")
-        answers = model.predict(pd.DataFrame({"image": [png_base64()], "prompt": ["What is in the image?"]}),
-                                params={"max_new_tokens": 4})
+        answers = model.predict(
+            pd.DataFrame({"image": [png_base64()], "prompt": ["What is in the image?"]}), params={"max_new_tokens": 4}
+        )
         assert len(answers) == 1 and isinstance(answers[0], str)
         description = mlflow.MlflowClient().get_model_version("served-model", "1").description
         assert "ab" * 32 in description and "cd" * 32 in description and "projection" in description

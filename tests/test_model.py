@@ -150,10 +150,17 @@ def _variant_gemma(tiny_paths, folder: Path, **text_changes) -> Path:
 def test_parity_with_plain_gemma_when_world_disabled(no_world, plain) -> None:
     batch = _batch(no_world)
     # No world token anywhere: the plain model's vocabulary covers every id.
-    assert int(batch["input_ids"].max()) < min(no_world.token_ids.start, no_world.token_ids.end, no_world.token_ids.soft)
+    assert int(batch["input_ids"].max()) < min(
+        no_world.token_ids.start, no_world.token_ids.end, no_world.token_ids.soft
+    )
     assert int((batch["input_ids"] == plain.config.image_token_index).sum()) == 2 * plain.config.mm_tokens_per_image
     with torch.no_grad():
-        ours, _ = no_world(**{k: batch[k] for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "world_pixel_values")})
+        ours, _ = no_world(
+            **{
+                k: batch[k]
+                for k in ("input_ids", "attention_mask", "token_type_ids", "pixel_values", "world_pixel_values")
+            }
+        )
         reference = plain(
             input_ids=batch["input_ids"],
             pixel_values=batch["pixel_values"],
@@ -163,7 +170,9 @@ def test_parity_with_plain_gemma_when_world_disabled(no_world, plain) -> None:
     assert ours.shape == reference.shape
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=0)
     # The comparison covers the vision path: same text, two images, different answer logits.
-    same_text = no_world.builder.collate([no_world.builder.encode(_image(i), "What is in this picture?") for i in (0, 1)])
+    same_text = no_world.builder.collate(
+        [no_world.builder.encode(_image(i), "What is in this picture?") for i in (0, 1)]
+    )
     two = _logits(no_world, same_text)
     assert torch.equal(same_text["input_ids"][0], same_text["input_ids"][1])
     assert (two[0, -1] - two[1, -1]).abs().amax() > 1e-3
@@ -177,7 +186,9 @@ def test_world_tokens_change_the_logits(model, no_world, plain) -> None:
     ours, baseline = _logits(model, with_world), _logits(no_world, without)
     with torch.no_grad():
         # Plain Gemma on the very same ids (the world ids just read their unused embedding rows).
-        reference = plain(**{k: with_world[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}).logits
+        reference = plain(
+            **{k: with_world[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+        ).logits
     ours_other = _logits(model, dict(with_world, world_pixel_values=-with_world["world_pixel_values"]))
     start = int((with_world["input_ids"][0] == model.token_ids.start).nonzero())
     # Causal: everything before <start_of_world> is plain Gemma; everything after is not.
@@ -275,7 +286,9 @@ def _full_logits_loss(m: TheWorld, batch, reduction: str) -> torch.Tensor:
     logits, _ = m(**{k: v for k, v in batch.items() if k != "labels"})
     assert logits.dim() == 3 and logits.shape[-1] == m.gemma.config.text_config.vocab_size
     return torch.nn.functional.cross_entropy(
-        logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX,
+        logits[:, :-1].flatten(0, 1).float(),
+        batch["labels"][:, 1:].flatten(),
+        ignore_index=IGNORE_INDEX,
         reduction=reduction,
     )
 
@@ -330,7 +343,9 @@ def test_loss_never_materialises_the_full_logits(fp32_all_trainable) -> None:
     n_answer = answer_token_count(batch["labels"])
     assert 0 < n_answer < batch["input_ids"].numel() // 4
     seen: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
-    hook = m.gemma.lm_head.register_forward_hook(lambda mod, args, out: seen.append((tuple(args[0].shape), tuple(out.shape))))
+    hook = m.gemma.lm_head.register_forward_hook(
+        lambda mod, args, out: seen.append((tuple(args[0].shape), tuple(out.shape)))
+    )
     try:
         m.train()
         logits, loss = m(**batch)
@@ -617,7 +632,9 @@ def test_embedding_table_grows_when_the_tokenizer_fills_it(make, tiny_paths, tmp
     batch = _batch(m)
     ours = _logits(m, batch)
     with torch.no_grad():
-        reference = base(**{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}).logits
+        reference = base(
+            **{k: batch[k] for k in ("input_ids", "pixel_values", "attention_mask", "token_type_ids")}
+        ).logits
     torch.testing.assert_close(ours[..., :tokens], reference, atol=1e-5, rtol=0)
 
 
@@ -649,7 +666,9 @@ def test_prompt_too_long_after_world_tokens(model) -> None:
     assert f"{WORLD_TOKENS} world tokens" in message
     with pytest.raises(SequenceTooLongError, match="5 over"):  # with the answer too
         answer_len = len(model.processor.tokenizer("red<end_of_turn>", add_special_tokens=False)["input_ids"])
-        InputBuilder(model.processor, model.token_ids, WORLD_TOKENS, WORLD_IMAGE_SIZE, True, fits + answer_len - 5).encode(image, prompt, "red")
+        InputBuilder(
+            model.processor, model.token_ids, WORLD_TOKENS, WORLD_IMAGE_SIZE, True, fits + answer_len - 5
+        ).encode(image, prompt, "red")
 
 
 def _i16() -> Image.Image:
@@ -697,7 +716,11 @@ def test_config_image_token_mismatch_names_the_key(tiny_paths, tmp_path) -> None
     config["image_token_index"] = config["image_token_index"] + 1
     (broken / "config.json").write_text(json.dumps(config))
     with pytest.raises(BaseModelError) as info:
-        TheWorld.from_base(ModelConfig(model_name=str(broken), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4, world_image_size=32))
+        TheWorld.from_base(
+            ModelConfig(
+                model_name=str(broken), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4, world_image_size=32
+            )
+        )
     message = str(info.value)
     assert "image_token_index" in message and str(broken) in message
 
@@ -722,7 +745,9 @@ def test_vae_encoder_matches_diffusers_normalised_mean(model, tiny_paths) -> Non
         ours = model.vae(video)
         mean = full.encode(video).latent_dist.mean
     shape = (1, full.config.z_dim, 1, 1, 1)
-    expected = (mean - torch.tensor(full.config.latents_mean).view(shape)) / torch.tensor(full.config.latents_std).view(shape)
+    expected = (mean - torch.tensor(full.config.latents_mean).view(shape)) / torch.tensor(full.config.latents_std).view(
+        shape
+    )
     assert ours.shape == (2, full.config.z_dim, 1, WORLD_IMAGE_SIZE // 8, WORLD_IMAGE_SIZE // 8)
     torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(ours, mean, atol=1e-3)  # the normalisation really is applied
@@ -730,18 +755,24 @@ def test_vae_encoder_matches_diffusers_normalised_mean(model, tiny_paths) -> Non
     # The model feeds the VAE its own world view of the image: [-1, 1], 1 frame.
     sample = model.builder.encode(_image(4), "What?")
     wp = sample["world_pixel_values"]
-    expected_pixels = np.asarray(_image(4).resize((WORLD_IMAGE_SIZE,) * 2, Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1
+    expected_pixels = (
+        np.asarray(_image(4).resize((WORLD_IMAGE_SIZE,) * 2, Image.Resampling.BICUBIC), dtype=np.float32) / 127.5 - 1
+    )
     torch.testing.assert_close(wp, torch.from_numpy(expected_pixels).permute(2, 0, 1))
 
 
-@pytest.mark.parametrize("stage, vae_graph", [("stage1_projection", False), ("stage3_language", False), ("stage4_full", True)])
+@pytest.mark.parametrize(
+    "stage, vae_graph", [("stage1_projection", False), ("stage3_language", False), ("stage4_full", True)]
+)
 def test_frozen_vae_builds_no_autograd_graph(make, stage, vae_graph) -> None:
     m = make(seed=10)
     m.set_trainable(trainable_components(SEED_STAGES[stage]))
     seen = {}
     hooks = [
         m.vae.register_forward_hook(lambda mod, args, out: seen.__setitem__("vae", out.requires_grad)),
-        m.gemma.model.multi_modal_projector.register_forward_hook(lambda mod, args, out: seen.__setitem__("vision", out.requires_grad)),
+        m.gemma.model.multi_modal_projector.register_forward_hook(
+            lambda mod, args, out: seen.__setitem__("vision", out.requires_grad)
+        ),
     ]
     try:
         _, loss = m(**_batch(m))
@@ -840,8 +871,13 @@ def test_stock_tiny_gemma_lets_the_image_reach_the_language_model(tiny_paths) ->
     from transformers import Gemma3ForConditionalGeneration
 
     stock = TheWorld.from_base(
-        ModelConfig(model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), enable_world=False,
-                    world_tokens=WORLD_TOKENS, world_image_size=WORLD_IMAGE_SIZE)
+        ModelConfig(
+            model_name=str(tiny_paths.gemma),
+            cosmos_model_name=str(tiny_paths.cosmos),
+            enable_world=False,
+            world_tokens=WORLD_TOKENS,
+            world_image_size=WORLD_IMAGE_SIZE,
+        )
     ).eval()
     gemma = Gemma3ForConditionalGeneration.from_pretrained(tiny_paths.gemma).eval()
     batch = stock.builder.collate([stock.builder.encode(_image(i), "What is in this picture?") for i in (0, 1)])

@@ -78,33 +78,53 @@ def test_prefect_yaml_carries_the_served_settings():
     cfg = load_pipeline_config(STAGES_YAML)
     served = deployment_settings(cfg, "stages.yaml", None)
     deployment = yaml.safe_load(PREFECT_YAML.read_text())["deployments"][0]
-    assert deployment["entrypoint"] == "flows/multistage.py:multistage" and deployment["work_pool"]["name"] == "theworld"
+    assert (
+        deployment["entrypoint"] == "flows/multistage.py:multistage" and deployment["work_pool"]["name"] == "theworld"
+    )
     assert deployment["parameters"] == {"stages_yaml": "stages.yaml", "profile": None, "force": False}
-    assert [(s["cron"], s["timezone"]) for s in deployment["schedules"]] == [
-        (s.cron, s.timezone) for s in served["schedules"]] == [(cfg.schedule.cron, cfg.schedule.timezone)]
+    assert (
+        [(s["cron"], s["timezone"]) for s in deployment["schedules"]]
+        == [(s.cron, s.timezone) for s in served["schedules"]]
+        == [(cfg.schedule.cron, cfg.schedule.timezone)]
+    )
     [trigger] = deployment["triggers"]
     assert trigger["expect"] == [cfg.schedule.new_data_event]
-    assert trigger["match"] == {"prefect.resource.id": dataset_resource_id(cfg)} == {
-        "prefect.resource.id": "theworld.data.datacomp"}
+    assert (
+        trigger["match"]
+        == {"prefect.resource.id": dataset_resource_id(cfg)}
+        == {"prefect.resource.id": "theworld.data.datacomp"}
+    )
     assert deployment["concurrency_limit"] == {"limit": 1, "collision_strategy": "ENQUEUE"}
 
 
 def test_check_reports_a_drifted_prefect_yaml(tmp_path, capsys):
     """--check exits 1 naming the command to run; writing then checking again passes."""
     shutil.copy(STAGES_YAML, tmp_path / "stages.yaml")
-    (tmp_path / "prefect.yaml").write_text(PREFECT_YAML.read_text().replace('cron: 0 3 * * *', 'cron: 0 4 * * *'))
-    code, out = cli(capsys, "deployment", "prefect-yaml", "stages.yaml", "--out", "prefect.yaml", "--check",
-                    cwd=tmp_path)
+    (tmp_path / "prefect.yaml").write_text(PREFECT_YAML.read_text().replace("cron: 0 3 * * *", "cron: 0 4 * * *"))
+    code, out = cli(
+        capsys, "deployment", "prefect-yaml", "stages.yaml", "--out", "prefect.yaml", "--check", cwd=tmp_path
+    )
     assert code == 1 and "-  - cron: 0 4 * * *" in out and "+  - cron: 0 3 * * *" in out, out
     assert "run `theworld deployment prefect-yaml stages.yaml --out prefect.yaml`" in out, out
-    code, out = cli(capsys, "deployment", "prefect-yaml", "stages.yaml", "--profile", "local", "--out", "local.yaml",
-                    cwd=tmp_path)
+    code, out = cli(
+        capsys, "deployment", "prefect-yaml", "stages.yaml", "--profile", "local", "--out", "local.yaml", cwd=tmp_path
+    )
     assert code == 0, out
     local = yaml.safe_load((tmp_path / "local.yaml").read_text())["deployments"][0]
     assert local["schedules"] == [] and local["parameters"]["profile"] == "local"
     assert local["triggers"][0]["match"] == {"prefect.resource.id": "theworld.data.images"}
-    code, out = cli(capsys, "deployment", "prefect-yaml", "stages.yaml", "--profile", "local", "--out", "local.yaml",
-                    "--check", cwd=tmp_path)
+    code, out = cli(
+        capsys,
+        "deployment",
+        "prefect-yaml",
+        "stages.yaml",
+        "--profile",
+        "local",
+        "--out",
+        "local.yaml",
+        "--check",
+        cwd=tmp_path,
+    )
     assert code == 0 and "up to date" in out, out
 
 
@@ -120,8 +140,10 @@ def test_version(capsys):
     assert code == 0 and out.startswith("theworld 0.") and code_version() in out, out
 
 
-@pytest.mark.parametrize("command", [["run"], ["serve"], ["plan"], ["data"], ["data", "add"], ["data", "notify"],
-                                     ["deployment", "prefect-yaml"]])
+@pytest.mark.parametrize(
+    "command",
+    [["run"], ["serve"], ["plan"], ["data"], ["data", "add"], ["data", "notify"], ["deployment", "prefect-yaml"]],
+)
 def test_help_lists_the_profiles(capsys, command):
     names = list(yaml.safe_load(STAGES_YAML.read_text())["profiles"])
     assert {"tiny", "local"} <= set(names)
@@ -155,8 +177,17 @@ def test_data_sample_feeds_data_add(tmp_path, capsys):
     assert len(more) == 3 and not new & more
     for folder in ("new", "more"):
         sources = sorted(str(p) for p in (tmp_path / "data" / folder).glob("*.png"))
-        code, out = cli(capsys, "data", "add", *sources, "--to", "data/images", "--captions",
-                        f"data/{folder}/captions.jsonl", cwd=tmp_path)
+        code, out = cli(
+            capsys,
+            "data",
+            "add",
+            *sources,
+            "--to",
+            "data/images",
+            "--captions",
+            f"data/{folder}/captions.jsonl",
+            cwd=tmp_path,
+        )
         assert code == 0, out
     from theworld_core.config import load_pipeline_config
     from theworld_core.data import prepare_data
@@ -178,8 +209,20 @@ def test_data_add_notify_refuses_a_folder_the_config_does_not_read(tmp_path, cap
     code, out = cli(capsys, "data", "add", image, "--to", "data/images", "--caption", "x", "--notify", cwd=tmp_path)
     assert code == 2 and "--to data/images is not the data stages.yaml (no --profile) reads" in out, out
     assert "'datacomp'" in out and "profile `local` reads ./data/images" in out and "tiny, local" in out, out
-    code, out = cli(capsys, "data", "add", image, "--to", "elsewhere", "--caption", "x", "--notify", "--profile", "local",
-                    cwd=tmp_path)
+    code, out = cli(
+        capsys,
+        "data",
+        "add",
+        image,
+        "--to",
+        "elsewhere",
+        "--caption",
+        "x",
+        "--notify",
+        "--profile",
+        "local",
+        cwd=tmp_path,
+    )
     assert code == 2 and "'./data/images'" in out, out
     assert not (tmp_path / "data").exists() and not (tmp_path / "elsewhere").exists()
 
@@ -203,18 +246,36 @@ def fresh_machine_env(tmp_path: Path, project: Path) -> dict[str, str]:
     """No Prefect/MLflow/TheWorld settings and no virtual environment on PATH; this test's own
     PREFECT_HOME and model cache; offline; the copy's code first on the import path."""
     venv_bin = str(Path(sys.prefix) / "bin")
-    path = os.pathsep.join(p for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
-                           if p and Path(p).resolve() != Path(venv_bin).resolve())
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PREFECT_", "MLFLOW_", "THEWORLD_")) and k not in ("VIRTUAL_ENV", "PYTHONPATH")}
-    env.update({"PATH": path, "PREFECT_HOME": str(tmp_path / "prefect-home"),
-                "THEWORLD_HOME": str(tmp_path / "theworld-home"), "PYTHONPATH": str(project),
-                "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MLFLOW_DISABLE_TELEMETRY": "true", "DO_NOT_TRACK": "true",
-                "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-                "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1",
-                "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-                # a served flow run is picked up within a second (the default polls every 10 s)
-                "PREFECT_RUNNER_POLL_FREQUENCY": "1"})
+    path = os.pathsep.join(
+        p
+        for p in os.environ.get("PATH", "/usr/bin:/bin").split(os.pathsep)
+        if p and Path(p).resolve() != Path(venv_bin).resolve()
+    )
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("PREFECT_", "MLFLOW_", "THEWORLD_")) and k not in ("VIRTUAL_ENV", "PYTHONPATH")
+    }
+    env.update(
+        {
+            "PATH": path,
+            "PREFECT_HOME": str(tmp_path / "prefect-home"),
+            "THEWORLD_HOME": str(tmp_path / "theworld-home"),
+            "PYTHONPATH": str(project),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "DO_NOT_TRACK": "true",
+            "HF_HUB_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1",
+            "TRANSFORMERS_OFFLINE": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "PYTHONUNBUFFERED": "1",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            # a served flow run is picked up within a second (the default polls every 10 s)
+            "PREFECT_RUNNER_POLL_FREQUENCY": "1",
+        }
+    )
     return env
 
 
@@ -230,8 +291,16 @@ class Shell:
 
     def run(self, line: str, timeout: float = 300) -> str:
         script = f"set -e\nsource {self.state}\ncd {self.project}\n{line}\nexport -p > {self.state}\n"
-        proc = subprocess.Popen(["bash", "-c", script], cwd=self.project, env=self.env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            ["bash", "-c", script],
+            cwd=self.project,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         try:
             out, _ = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -246,8 +315,15 @@ class Shell:
         log = self.logs / f"{name}.log"
         script = f"source {self.state}\ncd {self.project}\nexec {command[:-1].strip()}\n"
         with open(log, "wb") as out:  # `exec`: the PID is the command's own
-            proc = subprocess.Popen(["bash", "-c", script], cwd=self.project, env=self.env, stdout=out,
-                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                ["bash", "-c", script],
+                cwd=self.project,
+                env=self.env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         self.background.append((name, proc, log))
         return proc, log
 
@@ -329,13 +405,19 @@ def test_readme_operating_lines_run_as_written(tmp_path):
                 prefect = Prefect(api)
             elif index == roles["serve"][0]:
                 serve, serve_log = shell.start(line, "serve")
-                deployment = wait_for("deployment multistage/full", lambda p=prefect: _deployment(p), 180, serve, serve_log)
-                assert deployment.parameters == {"stages_yaml": str((project / "stages.yaml").resolve()),
-                                                 "profile": "local", "force": False}
+                deployment = wait_for(
+                    "deployment multistage/full", lambda p=prefect: _deployment(p), 180, serve, serve_log
+                )
+                assert deployment.parameters == {
+                    "stages_yaml": str((project / "stages.yaml").resolve()),
+                    "profile": "local",
+                    "force": False,
+                }
                 assert deployment.schedules == [], "profile local has no nightly run"
                 automations = prefect.client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
                 assert [(a.trigger.expect, dict(a.trigger.match.root)) for a in automations] == [
-                    ({"theworld.data.updated"}, {"prefect.resource.id": "theworld.data.images"})]
+                    ({"theworld.data.updated"}, {"prefect.resource.id": "theworld.data.images"})
+                ]
             elif index == roles["run"][0]:
                 out = shell.run(line, timeout=120)
                 run_id = re.search(r"UUID:\s*([0-9a-f-]{36})", out)
@@ -347,6 +429,7 @@ def test_readme_operating_lines_run_as_written(tmp_path):
             elif index == roles["notify"][0]:
                 out = shell.run(line)
                 assert "emitted theworld.data.updated about theworld.data.images" in out, out
+
                 def new_runs(p=prefect, deployment_id=deployment.id, known=known):
                     return [r for r in p.manual_runs(deployment_id) if str(r.id) not in known]
 
@@ -356,8 +439,9 @@ def test_readme_operating_lines_run_as_written(tmp_path):
                 out = shell.run(line)
                 if index == roles["activate"][0]:
                     found = shutil.which("theworld", path=_exported(shell, "PATH"))
-                    assert found and Path(found).resolve().parent == (Path(sys.prefix) / "bin").resolve(), \
+                    assert found and Path(found).resolve().parent == (Path(sys.prefix) / "bin").resolve(), (
                         f"source .venv/bin/activate did not put the venv's theworld on PATH (found {found})"
+                    )
             timings[without_comment(line)[:40]] = round(time.monotonic() - began, 1)
         rows = (project / "data" / "images" / "metadata.jsonl").read_text().splitlines()
         assert len(rows) == 64, len(rows)  # 48 + 16 images, the README's counts

@@ -87,8 +87,13 @@ def project(tmp_path, launched_servers, theworld_home, mlflow_server, prefect_se
     def make(name: str = "main", prefect_home: Path | None = None) -> Project:
         folder = tmp_path / name
         home = prefect_home or (tmp_path / f"{name}-prefect-home")
-        env = client_env(mlflow=mlflow_server, prefect=prefect_server, project_dir=folder, prefect_home=home,
-                         theworld_home=theworld_home)
+        env = client_env(
+            mlflow=mlflow_server,
+            prefect=prefect_server,
+            project_dir=folder,
+            prefect_home=home,
+            theworld_home=theworld_home,
+        )
         return Project(name, folder, home, env, tmp_path / f"{name}.log")
 
     return make
@@ -124,22 +129,51 @@ def mlflow_uri_restored():
     tracking_utils._tracking_uri, registry_utils._registry_uri = saved
 
 
-def small_pipeline(name: str, stages: list[dict], *, gate: dict | None = None, defaults: dict | None = None,
-                   output_root: str = "./stages") -> dict:
+def small_pipeline(
+    name: str,
+    stages: list[dict],
+    *,
+    gate: dict | None = None,
+    defaults: dict | None = None,
+    output_root: str = "./stages",
+) -> dict:
     """A small pipeline document (tiny models, synthetic data) with its own experiment and model name."""
     doc = {
-        "model": {"model_name": "tiny", "cosmos_model_name": "tiny", "world_tokens": 4, "world_image_size": 32,
-                  "max_seq_length": 128},
-        "data": {"dataset_name": "synthetic", "streaming": False, "synthetic_samples": 120,
-                 "synthetic_image_size": 32, "eval_fraction": 0.15},
-        "defaults": {"batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 20, "eval_steps": EVAL_STEPS,
-                     "save_steps": 10, "logging_steps": 5, "mixed_precision": "no", "eval_max_samples": 16,
-                     "divergence_grad_norm": None, "warmup_steps": 5, **(defaults or {})},
+        "model": {
+            "model_name": "tiny",
+            "cosmos_model_name": "tiny",
+            "world_tokens": 4,
+            "world_image_size": 32,
+            "max_seq_length": 128,
+        },
+        "data": {
+            "dataset_name": "synthetic",
+            "streaming": False,
+            "synthetic_samples": 120,
+            "synthetic_image_size": 32,
+            "eval_fraction": 0.15,
+        },
+        "defaults": {
+            "batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 20,
+            "eval_steps": EVAL_STEPS,
+            "save_steps": 10,
+            "logging_steps": 5,
+            "mixed_precision": "no",
+            "eval_max_samples": 16,
+            "divergence_grad_norm": None,
+            "warmup_steps": 5,
+            **(defaults or {}),
+        },
         "stages": stages,
         "plateau": {"min_improvement": 0.01, "window_steps": 10, "patience_steps": 10, "min_steps": 10},
         "gate": {"diverged_warmup_steps": 10, **(gate or {})},
-        "mlflow": {"experiment": f"test-{name}", "registered_model": f"theworld-test-{name}",
-                   "log_system_metrics": False},
+        "mlflow": {
+            "experiment": f"test-{name}",
+            "registered_model": f"theworld-test-{name}",
+            "log_system_metrics": False,
+        },
         "output_root": output_root,
         "eval_generations": 2,
         "eval_task_samples": 4,
@@ -168,13 +202,17 @@ def experiment_id(client, name: str) -> str:
 
 
 def parent_runs(client, experiment: str) -> list:
-    runs = client.search_runs([experiment_id(client, experiment)], max_results=1000, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [experiment_id(client, experiment)], max_results=1000, order_by=["attributes.start_time ASC"]
+    )
     return [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
 
 
 def child_runs(client, experiment: str, parent_id: str | None = None) -> list:
     """Stage-attempt runs (children) of `experiment`, oldest first; of one parent when given."""
-    runs = client.search_runs([experiment_id(client, experiment)], max_results=1000, order_by=["attributes.start_time ASC"])
+    runs = client.search_runs(
+        [experiment_id(client, experiment)], max_results=1000, order_by=["attributes.start_time ASC"]
+    )
     runs = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
     if parent_id is not None:
         runs = [r for r in runs if r.data.tags["mlflow.parentRunId"] == parent_id]
@@ -199,7 +237,8 @@ def champion_run(client, model_name: str, alias: str = "champion"):
 def describe(runs) -> str:
     return "\n".join(
         f"  {r.data.tags.get('stage')} #{r.data.tags.get('attempt')} {r.info.status}: "
-        f"{r.data.tags.get('gate_decision')}: {r.data.tags.get('gate_reason')}" for r in runs
+        f"{r.data.tags.get('gate_decision')}: {r.data.tags.get('gate_reason')}"
+        for r in runs
     )
 
 
@@ -250,12 +289,16 @@ def test_gate_regression_keeps_stage_one(project, mlflow_client):
     stage1, stage2 = child_runs(c, "test-regress", parent.info.run_id)
     assert stage1.data.tags["stage"] == "language" and stage2.data.tags["stage"] == "hot"
     assert stage1.data.tags["gate_decision"] == "next"
-    assert stage2.info.status == "FINISHED" and stage2.data.tags["stage_status"] == "completed", describe([stage1, stage2])
+    assert stage2.info.status == "FINISHED" and stage2.data.tags["stage_status"] == "completed", describe(
+        [stage1, stage2]
+    )
     loss1, loss2 = stage1.data.metrics["eval/final_loss"], stage2.data.metrics["eval/final_loss"]
     assert math.isfinite(loss2) and loss2 > loss1 * 1.02, (loss1, loss2)
     assert stage2.data.tags["gate_decision"] == "stop_regressed", describe([stage1, stage2])
     reason = stage2.data.tags["gate_reason"]
-    assert fmt(loss2) in reason and fmt(loss1) in reason and "worse than" in reason and "keep 'language'" in reason, reason
+    assert fmt(loss2) in reason and fmt(loss1) in reason and "worse than" in reason and "keep 'language'" in reason, (
+        reason
+    )
     _, champion = champion_run(c, "theworld-test-regress")
     assert champion.data.tags["stage"] == "language"
     assert champion.info.run_id == stage1.info.run_id
@@ -274,7 +317,10 @@ def test_gate_nan_loss_retries_with_divergence_recipe(project, mlflow_client):
     parent = the_parent(c, "test-nan")
     children = child_runs(c, "test-nan", parent.info.run_id)
     assert [(r.data.tags["stage"], r.data.tags["attempt"]) for r in children] == [
-        ("projection", "1"), ("projection", "2"), ("language", "1")], describe(children)
+        ("projection", "1"),
+        ("projection", "2"),
+        ("language", "1"),
+    ], describe(children)
     first, second, stage2 = children
     assert first.data.tags["stage_status"] == "diverged" and first.info.status == "FAILED", describe(children)
     assert first.data.tags["gate_decision"] == "retry"
@@ -307,7 +353,10 @@ def test_gate_oom_retries_with_half_batch(project, mlflow_client):
     parent = the_parent(c, "test-oom")
     children = child_runs(c, "test-oom", parent.info.run_id)
     assert [(r.data.tags["stage"], r.data.tags["attempt"]) for r in children] == [
-        ("projection", "1"), ("projection", "2"), ("language", "1")], describe(children)
+        ("projection", "1"),
+        ("projection", "2"),
+        ("language", "1"),
+    ], describe(children)
     first, second, stage2 = children
     assert first.data.tags["stage_status"] == "oom" and first.info.status == "FAILED", describe(children)
     assert first.data.tags["gate_decision"] == "retry"
@@ -356,8 +405,9 @@ def test_bad_stages_yaml_refused_before_anything_starts(project, mlflow_client, 
 # --- 1. end to end on the repo's stages.yaml -------------------------------------------------------
 
 
-def test_end_to_end_tiny_profile(project, mlflow_client, prefect_client, mlflow_server, theworld_home, monkeypatch,
-                                 mlflow_uri_restored):
+def test_end_to_end_tiny_profile(
+    project, mlflow_client, prefect_client, mlflow_server, theworld_home, monkeypatch, mlflow_uri_restored
+):
     """The repo's stages.yaml with its `tiny` profile (four stages), shortened by the test: one parent
     run with lineage tags and the summary, a child run per stage with params, global-step metrics and
     gate tags, the champion registered and loadable, the Prefect flow run Completed with its table."""
@@ -389,8 +439,9 @@ def test_end_to_end_tiny_profile(project, mlflow_client, prefect_client, mlflow_
     assert re.fullmatch(r"[0-9a-f]{64}", tags["config_hash"])
     summary = artifact_paths(c, parent.info.run_id)
     assert {"stage_comparison.png", "stage_summary.json", "stage_summary.md"} <= summary
-    rows = json.loads(Path(c.download_artifacts(parent.info.run_id, "stage_summary.json",
-                                                str(p.dir / "downloaded"))).read_text())
+    rows = json.loads(
+        Path(c.download_artifacts(parent.info.run_id, "stage_summary.json", str(p.dir / "downloaded"))).read_text()
+    )
     assert [r["stage"] for r in rows] == stage_names
 
     # one child run per stage attempt
@@ -398,14 +449,18 @@ def test_end_to_end_tiny_profile(project, mlflow_client, prefect_client, mlflow_
     assert [r.data.tags["stage"] for r in children] == stage_names, describe(children)
     by_stage = {r.data.tags["stage"]: r for r in children}
     expected_frozen = {
-        "projection": (True, True, True), "vision": (False, True, True),
-        "language": (False, False, True), "full": (False, False, False),
+        "projection": (True, True, True),
+        "vision": (False, True, True),
+        "language": (False, False, True),
+        "full": (False, False, False),
     }
     for run in children:
         name, params, rtags = run.data.tags["stage"], run.data.params, run.data.tags
         assert run.info.status == "FINISHED", describe(children)
         assert float(params["learning_rate"]) > 0
-        flags = tuple(params[k] == "True" for k in ("freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae"))
+        flags = tuple(
+            params[k] == "True" for k in ("freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae")
+        )
         assert flags == expected_frozen[name], (name, params)
         trainable = {k.split("/", 1)[1]: int(v) for k, v in params.items() if k.startswith("trainable/")}
         assert set(trainable) == {"world_projector", "gemma_vision", "gemma_language", "cosmos_vae"}, params
@@ -461,8 +516,11 @@ def test_end_to_end_tiny_profile(project, mlflow_client, prefect_client, mlflow_
 
     flow_run = prefect_client.read_flow_run(uuid.UUID(tags["prefect_flow_run_id"]))
     assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
-    artifacts = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
-        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]), key=ArtifactFilterKey(any_=["stage-summary"])))
+    artifacts = prefect_client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run.id]), key=ArtifactFilterKey(any_=["stage-summary"])
+        )
+    )
     assert len(artifacts) == 1
     table = artifacts[0].data
     table = json.loads(table) if isinstance(table, str) else table
@@ -473,7 +531,8 @@ def test_end_to_end_tiny_profile(project, mlflow_client, prefect_client, mlflow_
     trained_on = {r.data.tags["data_fingerprint"] for r in children}
     assert trained_on == {tags["data_fingerprint"]}, (
         f"parent run data_fingerprint {tags['data_fingerprint'][:16]}, stage runs trained on "
-        f"{sorted(f[:16] for f in trained_on)}")
+        f"{sorted(f[:16] for f in trained_on)}"
+    )
 
 
 # --- 3. crash and rerun --------------------------------------------------------------------------
@@ -549,10 +608,12 @@ def test_crash_in_stage_two_then_rerun_resumes(project, mlflow_client):
 
     # the resumed attempt's MLflow run says what it trained with and where it started from
     assert resumed.data.params.get("learning_rate") == killed.data.params.get("learning_rate"), (
-        f"the resumed stage's child run has no params ({len(resumed.data.params)})")
+        f"the resumed stage's child run has no params ({len(resumed.data.params)})"
+    )
     assert resumed.data.tags.get("started_from", "").startswith("resumed"), (
         "the resumed stage's child run does not record where it started from: "
-        f"tags {sorted(resumed.data.tags)}, params {len(resumed.data.params)}")
+        f"tags {sorted(resumed.data.tags)}, params {len(resumed.data.params)}"
+    )
 
 
 # --- 5. forced rerun, then "no new data" ---------------------------------------------------------------
@@ -565,15 +626,19 @@ def _flow_run(prefect_client, parent):
 def _artifact(prefect_client, flow_run_id, key: str):
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
 
-    found = prefect_client.read_artifacts(artifact_filter=ArtifactFilter(
-        flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])))
+    found = prefect_client.read_artifacts(
+        artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]), key=ArtifactFilterKey(any_=[key])
+        )
+    )
     assert len(found) == 1, (key, found)
     data = found[0].data
     return json.loads(data) if key == "stage-summary" and isinstance(data, str) else data
 
 
-def test_force_retrains_every_stage_then_unchanged_data_is_skipped(project, mlflow_client, prefect_client,
-                                                                  mlflow_server):
+def test_force_retrains_every_stage_then_unchanged_data_is_skipped(
+    project, mlflow_client, prefect_client, mlflow_server
+):
     """Run, rerun with --force, run again. The forced run trains and evaluates every stage anew (no
     task Cached, child runs of its own, its stages in a folder of their own) and the champion alias
     moves to a version of its run; the third run has nothing new: a Completed state named Skipped.
@@ -608,12 +673,20 @@ def test_force_retrains_every_stage_then_unchanged_data_is_skipped(project, mlfl
 
     # Prefect: task runs named by stage; the trainer's own lines in the flow run's logs
     forced_flow = _flow_run(prefect_client, second)
-    names = {t.name for t in prefect_client.read_task_runs(
-        task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[forced_flow.id])))}
+    names = {
+        t.name
+        for t in prefect_client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[forced_flow.id]))
+        )
+    }
     for stage in ("projection", "language"):
         assert {f"train-{stage}", f"evaluate-{stage}", f"plateau-{stage}", f"gate-{stage}"} <= names, names
-    logs = [entry.message for entry in prefect_client.read_logs(
-        log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[forced_flow.id])))]
+    logs = [
+        entry.message
+        for entry in prefect_client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[forced_flow.id]))
+        )
+    ]
     assert any(m.startswith("stage language starts from stage output") for m in logs), logs[:40]
 
     # artifacts: numbers rounded, MLflow runs linked (an http tracking server: run pages)
@@ -632,8 +705,13 @@ def test_force_retrains_every_stage_then_unchanged_data_is_skipped(project, mlfl
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterName
     from prefect.client.schemas.sorting import FlowRunSort
 
-    newest = prefect_client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1, flow_run_filter=FlowRunFilter(
-        name=FlowRunFilterName(any_=[re.search(r"Beginning flow run '([^']+)'", skipped.output).group(1)])))[0]
+    newest = prefect_client.read_flow_runs(
+        sort=FlowRunSort.START_TIME_DESC,
+        limit=1,
+        flow_run_filter=FlowRunFilter(
+            name=FlowRunFilterName(any_=[re.search(r"Beginning flow run '([^']+)'", skipped.output).group(1)])
+        ),
+    )[0]
     assert newest.state.is_completed() and newest.state.name == "Skipped", newest.state
     assert newest.state.message.startswith("no new data"), newest.state
     markdown = _artifact(prefect_client, newest.id, "no-new-data")

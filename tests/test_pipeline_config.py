@@ -76,7 +76,13 @@ def test_shipped_file_has_the_seeds_four_stages():
         assert s.cosmos_model_name == "nvidia/Cosmos-Predict2-2B-Video2World"
         assert (s.dataset_name, s.streaming, s.num_samples) == ("datacomp", True, None)
         # eval_steps 1000, not the seed's 5000: the plateau rule needs 3 evaluations per window (docs/stages.md#plateau)
-        assert (s.mixed_precision, s.eval_steps, s.save_steps, s.save_total_limit, s.logging_steps) == ("bf16", 1000, 1000, 5, 100)
+        assert (s.mixed_precision, s.eval_steps, s.save_steps, s.save_total_limit, s.logging_steps) == (
+            "bf16",
+            1000,
+            1000,
+            5,
+            100,
+        )
         assert (s.num_epochs, s.weight_decay, s.max_grad_norm, s.max_steps) == (1.0, 0.01, 1.0, None)
         assert s.output_dir == TrainingConfig.model_fields["output_dir"].default  # the flow sets it
 
@@ -84,21 +90,35 @@ def test_shipped_file_has_the_seeds_four_stages():
 def test_shipped_plateau_gate_schedule_mlflow():
     pipeline = load_pipeline_config(STAGES_YAML)
     # patience 3000 (was the guide's 2000): 3 evaluations at eval_steps 1000, as the rule needs
-    assert pipeline.plateau == PipelinePlateauConfig(min_improvement=0.01, window_steps=5000, patience_steps=3000, min_steps=None)
+    assert pipeline.plateau == PipelinePlateauConfig(
+        min_improvement=0.01, window_steps=5000, patience_steps=3000, min_steps=None
+    )
     plateaus = [s.plateau for s in pipeline.resolved_stages()]
     assert [(p.min_improvement, p.window_steps, p.patience_steps) for p in plateaus] == [(0.01, 5000, 3000)] * 4
     assert [p.min_steps for p in plateaus] == [10000, 5000, 5000, 5000]  # the guide: 10K for stage 1, 5K after
     assert pipeline.gate == GateConfig()
     assert pipeline.gate.model_dump() == {
-        "metric": "eval_loss", "target": None, "regression_tolerance": 0.02, "max_diverged_retries": 1,
-        "max_oom_retries": 2, "diverged_lr_factor": 0.1, "diverged_max_grad_norm": 0.5, "diverged_warmup_steps": 500,
+        "metric": "eval_loss",
+        "target": None,
+        "regression_tolerance": 0.02,
+        "max_diverged_retries": 1,
+        "max_oom_retries": 2,
+        "diverged_lr_factor": 0.1,
+        "diverged_max_grad_norm": 0.5,
+        "diverged_warmup_steps": 500,
     }
     assert pipeline.schedule == ScheduleConfig(cron="0 3 * * *", timezone="UTC")
     assert pipeline.schedule.only_on_new_data and not pipeline.schedule.warm_start_from_champion
     assert pipeline.schedule.new_data_event == "theworld.data.updated"
-    assert pipeline.mlflow == MlflowConfig(experiment="theworld-multistage", registered_model="theworld", champion_alias="champion")
+    assert pipeline.mlflow == MlflowConfig(
+        experiment="theworld-multistage", registered_model="theworld", champion_alias="champion"
+    )
     assert pipeline.mlflow.log_system_metrics
-    assert (pipeline.output_root, pipeline.eval_generations, pipeline.eval_task_samples) == ("./.theworld/stages", 4, 64)
+    assert (pipeline.output_root, pipeline.eval_generations, pipeline.eval_task_samples) == (
+        "./.theworld/stages",
+        4,
+        64,
+    )
 
 
 def test_shipped_tiny_profile():
@@ -111,19 +131,32 @@ def test_shipped_tiny_profile():
     for s in stages:
         assert (s.model_name, s.cosmos_model_name) == ("tiny", "tiny")
         assert (s.world_tokens, s.world_image_size, s.max_seq_length) == (4, 32, 128)
-        assert (s.dataset_name, s.streaming, s.synthetic_samples, s.synthetic_image_size, s.eval_fraction) == ("synthetic", False, 400, 32, 0.1)
+        assert (s.dataset_name, s.streaming, s.synthetic_samples, s.synthetic_image_size, s.eval_fraction) == (
+            "synthetic",
+            False,
+            400,
+            32,
+            0.1,
+        )
         assert (s.batch_size, s.gradient_accumulation_steps, s.max_steps, s.warmup_steps) == (8, 1, 150, 10)
         assert (s.eval_steps, s.save_steps, s.logging_steps, s.eval_max_samples) == (10, 25, 5, 40)
         assert s.mixed_precision == "no" and s.divergence_grad_norm is None
-        assert s.plateau.model_dump() == {"min_improvement": 0.01, "window_steps": 30, "patience_steps": 30, "min_steps": 40}
+        assert s.plateau.model_dump() == {
+            "min_improvement": 0.01,
+            "window_steps": 30,
+            "patience_steps": 30,
+            "min_steps": 40,
+        }
     # the freeze flags are the base file's
     base = load_pipeline_config(STAGES_YAML)
     assert [s.freeze_flags for s in stages] == [s.freeze_flags for s in base.resolved_stages()]
     assert pipeline.schedule.cron is None
     assert pipeline.gate.diverged_warmup_steps <= 150
     # the divergence recipe's warmup fits a tiny stage
-    retried = stages[1].with_changes(learning_rate=stages[1].learning_rate * pipeline.gate.diverged_lr_factor,
-                                     warmup_steps=pipeline.gate.diverged_warmup_steps)
+    retried = stages[1].with_changes(
+        learning_rate=stages[1].learning_rate * pipeline.gate.diverged_lr_factor,
+        warmup_steps=pipeline.gate.diverged_warmup_steps,
+    )
     assert retried.learning_rate == pytest.approx(5e-4)
     assert pipeline.output_root == base.output_root
     assert pipeline.pipeline_hash() != base.pipeline_hash()
@@ -194,7 +227,9 @@ stages:
 
 
 def test_profile_changes_only_what_it_names(tmp_path):
-    text = MINIMAL + """\
+    text = (
+        MINIMAL
+        + """\
 gate:
   regression_tolerance: 0.05
 profiles:
@@ -207,6 +242,7 @@ profiles:
       b:
         learning_rate: 1.0e-2
 """
+    )
     path = write(tmp_path, text)
     base = load_pipeline_config(path).resolved_dict()
     profiled = load_pipeline_config(path, profile="p").resolved_dict()
@@ -220,7 +256,12 @@ profiles:
 
     before, after = flat(base), flat(profiled)
     changed = {k for k in before if before[k] != after[k]}
-    assert changed == {("gate", "target"), ("stages", 0, "max_steps"), ("stages", 1, "max_steps"), ("stages", 1, "learning_rate")}
+    assert changed == {
+        ("gate", "target"),
+        ("stages", 0, "max_steps"),
+        ("stages", 1, "max_steps"),
+        ("stages", 1, "learning_rate"),
+    }
     assert after[("gate", "regression_tolerance")] == 0.05  # deep merge: the rest of the section is kept
     assert after[("stages", 1, "learning_rate")] == 1e-2 and after[("stages", 0, "learning_rate")] == 1e-4
 
@@ -242,8 +283,12 @@ profiles:
 
 def test_unknown_profile_lists_the_known_ones(tmp_path):
     text = MINIMAL + "profiles:\n  tiny: {}\n  fast: {}\n"
-    assert problems_of(tmp_path, text, profile="tinny") == ["profile: 'tinny' is not allowed: must be one of 'tiny', 'fast'; did you mean 'tiny'?"]
-    assert problems_of(tmp_path, MINIMAL, profile="tiny") == ["profile: 'tiny' is not allowed: the file defines no profiles"]
+    assert problems_of(tmp_path, text, profile="tinny") == [
+        "profile: 'tinny' is not allowed: must be one of 'tiny', 'fast'; did you mean 'tiny'?"
+    ]
+    assert problems_of(tmp_path, MINIMAL, profile="tiny") == [
+        "profile: 'tiny' is not allowed: the file defines no profiles"
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,51 +301,131 @@ BAD_CASES = [
         "stages:\n  - name: a\n  - name: b\n  - name: c\n    learning_rate: -1.0\n",
         "stages[2].learning_rate: -1.0 is not allowed: must be greater than 0",
     ),
-    (MINIMAL + "gate:\n  target: -1\n", "gate.target: -1.0 is not allowed: must be greater than or equal to 0: metric eval_loss is a cross-entropy, never negative"),
+    (
+        MINIMAL + "gate:\n  target: -1\n",
+        "gate.target: -1.0 is not allowed: must be greater than or equal to 0: metric eval_loss is a cross-entropy, never negative",
+    ),
     (
         MINIMAL + "gate:\n  metric: task_accuracy\n  target: 1.5\n",
         "gate.target: 1.5 is not allowed: must be in [0, 1]: metric task_accuracy is a share of correct answers",
     ),
-    (MINIMAL + "gate:\n  metric: accuracy\n", "gate.metric: 'accuracy' is not allowed: must be one of 'eval_loss', 'task_accuracy'; did you mean 'task_accuracy'?"),
-    (MINIMAL + "gate:\n  diverged_lr_factor: 1.0\n", "gate.diverged_lr_factor: 1.0 is not allowed: must be less than 1"),
-    (MINIMAL + "gate:\n  max_oom_retries: -1\n", "gate.max_oom_retries: -1 is not allowed: must be greater than or equal to 0"),
-    (MINIMAL + "profiles:\n  tiny:\n    stages:\n      vison: {learning_rate: 1.0}\n", "profiles.tiny.stages.vison: unknown stage; the stages are 'a', 'b'"),
+    (
+        MINIMAL + "gate:\n  metric: accuracy\n",
+        "gate.metric: 'accuracy' is not allowed: must be one of 'eval_loss', 'task_accuracy'; did you mean 'task_accuracy'?",
+    ),
+    (
+        MINIMAL + "gate:\n  diverged_lr_factor: 1.0\n",
+        "gate.diverged_lr_factor: 1.0 is not allowed: must be less than 1",
+    ),
+    (
+        MINIMAL + "gate:\n  max_oom_retries: -1\n",
+        "gate.max_oom_retries: -1 is not allowed: must be greater than or equal to 0",
+    ),
+    (
+        MINIMAL + "profiles:\n  tiny:\n    stages:\n      vison: {learning_rate: 1.0}\n",
+        "profiles.tiny.stages.vison: unknown stage; the stages are 'a', 'b'",
+    ),
     (MINIMAL + "stagess: []\n", "stagess: unknown key; did you mean 'stages'?"),
     (MINIMAL + "gates: {}\n", "gates: unknown key; did you mean 'gate'?"),
-    ("stages:\n  - name: a\n  - name: a\n", "stages[1].name: 'a' is not allowed: stage names must be unique; stages[0] is already named 'a'"),
+    (
+        "stages:\n  - name: a\n  - name: a\n",
+        "stages[1].name: 'a' is not allowed: stage names must be unique; stages[0] is already named 'a'",
+    ),
     ("stages: []\n", "stages: [] is not allowed: must list at least one stage"),
     ("defaults: {}\n", "stages: required but missing: list the stages, each with a name and its training keys"),
     ("stages:\n  - learning_rate: 1.0\n", "stages[0].name: required but missing: every stage needs a unique name"),
-    ("stages:\n  - name: a b\n", "stages[0].name: 'a b' is not allowed: must start with a letter or digit and use only letters, digits, '_', '-' and '.'"),
-    (MINIMAL.replace("learning_rate: 5.0e-5", "lr: 5.0e-5"), "stages[1].lr: unknown key; did you mean 'learning_rate'?"),
-    (MINIMAL + "model:\n  world_tokens: 5\n", "model.world_tokens: 5 is not allowed: world_tokens=5 must be a perfect square (4, 16, 64, ...): the latent is pooled to a square grid"),
-    (MINIMAL + "model:\n  learning_rate: 1.0\n", "model.learning_rate: unknown key here; 'learning_rate' belongs in defaults or a stage"),
+    (
+        "stages:\n  - name: a b\n",
+        "stages[0].name: 'a b' is not allowed: must start with a letter or digit and use only letters, digits, '_', '-' and '.'",
+    ),
+    (
+        MINIMAL.replace("learning_rate: 5.0e-5", "lr: 5.0e-5"),
+        "stages[1].lr: unknown key; did you mean 'learning_rate'?",
+    ),
+    (
+        MINIMAL + "model:\n  world_tokens: 5\n",
+        "model.world_tokens: 5 is not allowed: world_tokens=5 must be a perfect square (4, 16, 64, ...): the latent is pooled to a square grid",
+    ),
+    (
+        MINIMAL + "model:\n  learning_rate: 1.0\n",
+        "model.learning_rate: unknown key here; 'learning_rate' belongs in defaults or a stage",
+    ),
     (MINIMAL + "data:\n  eval_fraction: 1.5\n", "data.eval_fraction: 1.5 is not allowed: must be less than 1"),
-    (MINIMAL + "plateau:\n  window_steps: 0\n", "plateau.window_steps: 0 is not allowed: must be greater than or equal to 1"),
-    (MINIMAL + "plateau:\n  min_improvment: 0.1\n", "plateau.min_improvment: unknown key; did you mean 'min_improvement'?"),
-    (MINIMAL + "defaults:\n  plateau_window_steps: 10\n", "defaults.plateau_window_steps: 10 is not allowed: set it in the plateau section as plateau.window_steps (a stage may override it)"),
-    (MINIMAL.replace("  - name: b\n", "  - name: b\n    dataset_name: x\n"), "stages[1].dataset_name: 'x' is not allowed: a data key: set it in the data section (one data set for all stages, so their eval losses compare)"),
-    (MINIMAL.replace("  - name: b\n", "  - name: b\n    output_dir: ./x\n"), "stages[1].output_dir: './x' is not allowed: the pipeline sets it (a folder per stage under output_root); change output_root instead"),
+    (
+        MINIMAL + "plateau:\n  window_steps: 0\n",
+        "plateau.window_steps: 0 is not allowed: must be greater than or equal to 1",
+    ),
+    (
+        MINIMAL + "plateau:\n  min_improvment: 0.1\n",
+        "plateau.min_improvment: unknown key; did you mean 'min_improvement'?",
+    ),
+    (
+        MINIMAL + "defaults:\n  plateau_window_steps: 10\n",
+        "defaults.plateau_window_steps: 10 is not allowed: set it in the plateau section as plateau.window_steps (a stage may override it)",
+    ),
+    (
+        MINIMAL.replace("  - name: b\n", "  - name: b\n    dataset_name: x\n"),
+        "stages[1].dataset_name: 'x' is not allowed: a data key: set it in the data section (one data set for all stages, so their eval losses compare)",
+    ),
+    (
+        MINIMAL.replace("  - name: b\n", "  - name: b\n    output_dir: ./x\n"),
+        "stages[1].output_dir: './x' is not allowed: the pipeline sets it (a folder per stage under output_root); change output_root instead",
+    ),
     (
         MINIMAL.replace("  - name: b\n", "  - name: b\n    resume_from_checkpoint: ./x\n"),
         "stages[1].resume_from_checkpoint: './x' is not allowed: only the first stage may name a checkpoint to start from; "
         "every later stage starts from the previous stage's output, which the pipeline passes on",
     ),
-    (MINIMAL.replace("  - name: b\n", "  - name: b\n    wandb_project: p\n"), "stages[1].wandb_project: 'p' is not allowed: MLflow names come from the mlflow section (mlflow.experiment); stage runs are named after the stages"),
-    (MINIMAL + "schedule:\n  cron: '0 3 * *'\n", "schedule.cron: '0 3 * *' is not allowed: must be a cron expression of 5 fields (minute hour day-of-month month day-of-week), e.g. '0 3 * * *' (03:00 daily); this has 4"),
-    (MINIMAL + "schedule:\n  cron: '0 24 * * *'\n", "schedule.cron: '0 24 * * *' is not allowed: hour field '24': values must be in 0-23"),
-    (MINIMAL + "schedule:\n  cron: '0 0 30 2 *'\n",
-     "schedule.cron: '0 0 30 2 *' is not allowed: day of month field '30': no such day in month field '2', so the schedule never fires"),
-    (MINIMAL + "schedule:\n  timezone: Europe/Berln\n", "schedule.timezone: 'Europe/Berln' is not allowed: must be an IANA time zone name such as 'UTC' or 'Europe/Berlin'; did you mean 'Europe/Berlin'?"),
-    (MINIMAL + "mlflow:\n  champion_alias: latest\n", "mlflow.champion_alias: 'latest' is not allowed: must be an MLflow alias: letters, digits, '_' and '-', and neither 'latest' nor a version like 'v3'"),
-    (MINIMAL + "mlflow:\n  registered_model: a/b\n", "mlflow.registered_model: 'a/b' is not allowed: must be a non-empty model name without '/' or ':' (MLflow Model Registry rule)"),
+    (
+        MINIMAL.replace("  - name: b\n", "  - name: b\n    wandb_project: p\n"),
+        "stages[1].wandb_project: 'p' is not allowed: MLflow names come from the mlflow section (mlflow.experiment); stage runs are named after the stages",
+    ),
+    (
+        MINIMAL + "schedule:\n  cron: '0 3 * *'\n",
+        "schedule.cron: '0 3 * *' is not allowed: must be a cron expression of 5 fields (minute hour day-of-month month day-of-week), e.g. '0 3 * * *' (03:00 daily); this has 4",
+    ),
+    (
+        MINIMAL + "schedule:\n  cron: '0 24 * * *'\n",
+        "schedule.cron: '0 24 * * *' is not allowed: hour field '24': values must be in 0-23",
+    ),
+    (
+        MINIMAL + "schedule:\n  cron: '0 0 30 2 *'\n",
+        "schedule.cron: '0 0 30 2 *' is not allowed: day of month field '30': no such day in month field '2', so the schedule never fires",
+    ),
+    (
+        MINIMAL + "schedule:\n  timezone: Europe/Berln\n",
+        "schedule.timezone: 'Europe/Berln' is not allowed: must be an IANA time zone name such as 'UTC' or 'Europe/Berlin'; did you mean 'Europe/Berlin'?",
+    ),
+    (
+        MINIMAL + "mlflow:\n  champion_alias: latest\n",
+        "mlflow.champion_alias: 'latest' is not allowed: must be an MLflow alias: letters, digits, '_' and '-', and neither 'latest' nor a version like 'v3'",
+    ),
+    (
+        MINIMAL + "mlflow:\n  registered_model: a/b\n",
+        "mlflow.registered_model: 'a/b' is not allowed: must be a non-empty model name without '/' or ':' (MLflow Model Registry rule)",
+    ),
     (MINIMAL + "eval_generations: -1\n", "eval_generations: -1 is not allowed: must be greater than or equal to 0"),
-    (MINIMAL + "gate: {metric: task_accuracy}\neval_task_samples: 0\n", "eval_task_samples: 0 is not allowed: must be at least 1 when gate.metric is task_accuracy (the metric is computed on these samples)"),
+    (
+        MINIMAL + "gate: {metric: task_accuracy}\neval_task_samples: 0\n",
+        "eval_task_samples: 0 is not allowed: must be at least 1 when gate.metric is task_accuracy (the metric is computed on these samples)",
+    ),
     (MINIMAL + "profiles:\n  p:\n    gat: {}\n", "profiles.p.gat: unknown key; did you mean 'gate'?"),
-    (MINIMAL + "profiles:\n  p:\n    stages:\n      b: {learning_rate: 0}\n", "profiles.p.stages.b.learning_rate: 0 is not allowed: must be greater than 0"),
-    (MINIMAL + "profiles:\n  p:\n    stages:\n      b: {lr: 1}\n", "profiles.p.stages.b.lr: unknown key; did you mean 'learning_rate'?"),
-    (MINIMAL + "profiles:\n  p:\n    gate: {target: -0.5}\n", "profiles.p.gate.target: -0.5 is not allowed: must be greater than or equal to 0: metric eval_loss is a cross-entropy, never negative"),
-    ("stages:\n  - name: a\n    batch_size: 2\n    batch_size: 3\n", "stages[0].batch_size: duplicate key: written on lines 3 and 4 (YAML would silently keep the last)"),
+    (
+        MINIMAL + "profiles:\n  p:\n    stages:\n      b: {learning_rate: 0}\n",
+        "profiles.p.stages.b.learning_rate: 0 is not allowed: must be greater than 0",
+    ),
+    (
+        MINIMAL + "profiles:\n  p:\n    stages:\n      b: {lr: 1}\n",
+        "profiles.p.stages.b.lr: unknown key; did you mean 'learning_rate'?",
+    ),
+    (
+        MINIMAL + "profiles:\n  p:\n    gate: {target: -0.5}\n",
+        "profiles.p.gate.target: -0.5 is not allowed: must be greater than or equal to 0: metric eval_loss is a cross-entropy, never negative",
+    ),
+    (
+        "stages:\n  - name: a\n    batch_size: 2\n    batch_size: 3\n",
+        "stages[0].batch_size: duplicate key: written on lines 3 and 4 (YAML would silently keep the last)",
+    ),
 ]
 
 
@@ -310,7 +435,10 @@ def test_bad_files_name_the_key_path(tmp_path, text, expected):
 
 
 def test_problem_only_a_profile_brings_out_says_so(tmp_path):
-    text = MINIMAL.replace("  - name: a\n", "  - name: a\n    warmup_steps: 100\n") + "profiles:\n  short:\n    defaults: {max_steps: 50}\n"
+    text = (
+        MINIMAL.replace("  - name: a\n", "  - name: a\n    warmup_steps: 100\n")
+        + "profiles:\n  short:\n    defaults: {max_steps: 50}\n"
+    )
     assert problems_of(tmp_path, text) == [
         f"stages[{i}].warmup_steps: 100 is not allowed: must not exceed max_steps (50): the learning rate would never "
         "reach its peak (with profile 'short')"
@@ -376,8 +504,12 @@ def test_yaml_syntax_error_has_line_and_column(tmp_path):
 
 
 def test_empty_missing_and_non_mapping_files(tmp_path):
-    assert problems_of(tmp_path, "") == ["the file is empty: a pipeline file is a YAML mapping with at least a stages list"]
-    assert problems_of(tmp_path, "# only a comment\n") == ["the file is empty: a pipeline file is a YAML mapping with at least a stages list"]
+    assert problems_of(tmp_path, "") == [
+        "the file is empty: a pipeline file is a YAML mapping with at least a stages list"
+    ]
+    assert problems_of(tmp_path, "# only a comment\n") == [
+        "the file is empty: a pipeline file is a YAML mapping with at least a stages list"
+    ]
     assert problems_of(tmp_path, "- 1\n")[0].startswith("(top level): [1] is not allowed: must be a YAML mapping")
     with pytest.raises(ConfigError, match="file not found"):
         load_pipeline_config(tmp_path / "missing.yaml")
@@ -403,7 +535,12 @@ def test_yaml_12_scalars(tmp_path):
     (stage,) = load_pipeline_config(write(tmp_path, text)).resolved_stages()
     assert stage.mixed_precision == "no" and stage.learning_rate == 1e-4 and stage.use_gradient_checkpointing is True
     assert parse_pipeline_yaml("a: yes\nb: on\nc: 1e3\nd: .5\ne: 10\nf: false\n") == {
-        "a": "yes", "b": "on", "c": 1000.0, "d": 0.5, "e": 10, "f": False
+        "a": "yes",
+        "b": "on",
+        "c": 1000.0,
+        "d": 0.5,
+        "e": 10,
+        "f": False,
     }
 
 
@@ -443,7 +580,9 @@ def test_pipeline_hash_is_stable_and_tracks_values(tmp_path):
         base + "plateau: {min_steps: 3}\n",
         base.replace("batch_size: 4", "batch_size: 2"),
     ]:
-        assert load_pipeline_config(write(tmp_path, changed, "changed.yaml")).pipeline_hash() != first.pipeline_hash(), changed
+        assert (
+            load_pipeline_config(write(tmp_path, changed, "changed.yaml")).pipeline_hash() != first.pipeline_hash()
+        ), changed
 
 
 def test_programmatic_construction_validates():
@@ -466,15 +605,32 @@ def test_plateau_section_defaults_agree_with_the_flat_stage_keys():
 @pytest.mark.parametrize(
     ("cron", "ok"),
     [
-        ("0 3 * * *", True), ("*/15 * * * *", True), ("0 0 1,15 * mon-fri", True), ("30 2 * jan-mar 0", True),
-        ("0 0 * * 7", True), ("0-30/5 8-18 * * 1-5", True), ("@daily", False), ("60 * * * *", False),
-        ("* * 0 * *", False), ("* * * 13 *", False), ("*/0 * * * *", False), ("5-1 * * * *", False),
-        ("0 3 * * * *", False), ("x * * * *", False),
+        ("0 3 * * *", True),
+        ("*/15 * * * *", True),
+        ("0 0 1,15 * mon-fri", True),
+        ("30 2 * jan-mar 0", True),
+        ("0 0 * * 7", True),
+        ("0-30/5 8-18 * * 1-5", True),
+        ("@daily", False),
+        ("60 * * * *", False),
+        ("* * 0 * *", False),
+        ("* * * 13 *", False),
+        ("*/0 * * * *", False),
+        ("5-1 * * * *", False),
+        ("0 3 * * * *", False),
+        ("x * * * *", False),
         # parses, but never fires; with a weekday as well, it fires on that weekday (cron's OR rule)
-        ("0 0 31 2 *", False), ("0 0 30 feb *", False), ("0 0 31 4,6 *", False), ("0 0 30 2,4 *", True),
-        ("0 0 31 2 mon", True), ("0 0 29 2 *", True),
+        ("0 0 31 2 *", False),
+        ("0 0 30 feb *", False),
+        ("0 0 31 4,6 *", False),
+        ("0 0 30 2,4 *", True),
+        ("0 0 31 2 mon", True),
+        ("0 0 29 2 *", True),
         # outside what Prefect's croniter and cronsim both read the same way
-        ("0 0 L * *", False), ("0 0 LW * *", False), ("0 0 * * 1#2", False), ("0 0 ? * *", False),
+        ("0 0 L * *", False),
+        ("0 0 LW * *", False),
+        ("0 0 * * 1#2", False),
+        ("0 0 ? * *", False),
     ],
 )
 def test_cron_validation(cron, ok):

@@ -15,8 +15,10 @@ from theworld_core.config import ModelConfig
 
 # In CI the repository is a fresh clone with `shared/` beside it (in a worktree: beside the worktrees).
 _REPO = Path(__file__).resolve().parents[1]
-SHARED = next((p / "shared" for p in (_REPO.parent, _REPO.parent.parent) if (p / "shared" / "reference").is_dir()),
-              _REPO.parent / "shared")
+SHARED = next(
+    (p / "shared" for p in (_REPO.parent, _REPO.parent.parent) if (p / "shared" / "reference").is_dir()),
+    _REPO.parent / "shared",
+)
 GEMMA_CONFIG = SHARED / "reference" / "gemma-3-4b-it.config.json"
 COSMOS_CONFIG = SHARED / "reference" / "cosmos-predict2-vae.config.json"
 
@@ -54,7 +56,9 @@ def _run(*args: str) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def real_plan() -> dict:
     if not (GEMMA_CONFIG.is_file() and COSMOS_CONFIG.is_file()):
-        pytest.skip(f"reference configs not found under {SHARED / 'reference'} (shared/ must sit beside the repository)")
+        pytest.skip(
+            f"reference configs not found under {SHARED / 'reference'} (shared/ must sit beside the repository)"
+        )
     done = _run("plan", "--json", "--gemma", str(GEMMA_CONFIG), "--cosmos", str(COSMOS_CONFIG))
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)
@@ -112,8 +116,16 @@ def test_stage_totals_are_consistent(real_plan) -> None:
     assert by_name["stage3_language"] == by_name["stage2_vision"] + LANGUAGE_MODEL
     assert by_name["stage4_full"] == by_name["stage3_language"] + VAE_ENCODER + VAE_QUANT_CONV == total
     assert stages[-1]["trainable_share"] == 1.0
-    assert stages[0]["freeze_flags"] == {"freeze_gemma_vision": True, "freeze_gemma_language": True, "freeze_cosmos_vae": True}
-    assert stages[-1]["freeze_flags"] == {"freeze_gemma_vision": False, "freeze_gemma_language": False, "freeze_cosmos_vae": False}
+    assert stages[0]["freeze_flags"] == {
+        "freeze_gemma_vision": True,
+        "freeze_gemma_language": True,
+        "freeze_cosmos_vae": True,
+    }
+    assert stages[-1]["freeze_flags"] == {
+        "freeze_gemma_vision": False,
+        "freeze_gemma_language": False,
+        "freeze_cosmos_vae": False,
+    }
 
 
 def test_plain_text_plan_on_the_tiny_models(tiny_paths) -> None:
@@ -156,8 +168,17 @@ GIB = 2**30
 def real_stages_plan() -> dict:
     if not (GEMMA_CONFIG.is_file() and COSMOS_CONFIG.is_file()):
         pytest.skip(f"reference configs not found under {SHARED / 'reference'}")
-    done = _run("plan", str(STAGES_YAML), "--json", "--gpu-memory", "80", "--gemma", str(GEMMA_CONFIG),
-                "--cosmos", str(COSMOS_CONFIG))
+    done = _run(
+        "plan",
+        str(STAGES_YAML),
+        "--json",
+        "--gpu-memory",
+        "80",
+        "--gemma",
+        str(GEMMA_CONFIG),
+        "--cosmos",
+        str(COSMOS_CONFIG),
+    )
     assert done.returncode == 0, done.stderr  # 0: every stage fits
     return json.loads(done.stdout)
 
@@ -196,7 +217,9 @@ def test_memory_parts_follow_the_precision_policy(real_stages_plan) -> None:
     # The frozen vision tower keeps no activations; trained (stage 2, no checkpointing) it dominates.
     assert by_name["projection"]["activations_gib"]["vision_tower"] == 0
     assert by_name["vision"]["activations_gib"]["vision_tower"] > by_name["vision"]["activations_gib"]["language_model"]
-    assert by_name["full"]["activations_gib"]["vae_encoder"] > 0 == by_name["language"]["activations_gib"]["vae_encoder"]
+    assert (
+        by_name["full"]["activations_gib"]["vae_encoder"] > 0 == by_name["language"]["activations_gib"]["vae_encoder"]
+    )
     # autocast's bf16 copies of the trainable weights: 2 bytes per trainable matrix parameter
     casts = by_name["language"]["activations_gib"]["weight_casts"] * GIB
     assert 2 * 0.95 * (components["gemma_vision"] + components["gemma_language"]) < casts
@@ -204,15 +227,36 @@ def test_memory_parts_follow_the_precision_policy(real_stages_plan) -> None:
 
 
 def test_stage_over_the_gpu_memory_is_named_and_exits_1(tiny_paths, tmp_path) -> None:
-    done = _run("plan", str(STAGES_YAML), "--profile", "tiny", "--gpu-memory", "0.001",
-                "--gemma", str(tiny_paths.gemma), "--cosmos", str(tiny_paths.cosmos))
+    done = _run(
+        "plan",
+        str(STAGES_YAML),
+        "--profile",
+        "tiny",
+        "--gpu-memory",
+        "0.001",
+        "--gemma",
+        str(tiny_paths.gemma),
+        "--cosmos",
+        str(tiny_paths.cosmos),
+    )
     assert done.returncode == 1, done.stderr
     lines = [line for line in done.stderr.splitlines() if "does not fit" in line]
     assert len(lines) == 4 and lines[0].startswith("theworld plan: does not fit: projection needs "), done.stderr
     assert "GiB over 0.001 GiB" in lines[0]
     assert "NO +" in done.stdout
-    fits = _run("plan", str(STAGES_YAML), "--profile", "tiny", "--gpu-memory", "80", "--json",
-                "--gemma", str(tiny_paths.gemma), "--cosmos", str(tiny_paths.cosmos))
+    fits = _run(
+        "plan",
+        str(STAGES_YAML),
+        "--profile",
+        "tiny",
+        "--gpu-memory",
+        "80",
+        "--json",
+        "--gemma",
+        str(tiny_paths.gemma),
+        "--cosmos",
+        str(tiny_paths.cosmos),
+    )
     assert fits.returncode == 0 and all(row["fits"] for row in json.loads(fits.stdout)["stages"])
     bad = _run("plan", "--seq-len", "lots", "--gemma", str(tiny_paths.gemma), "--cosmos", str(tiny_paths.cosmos))
     assert bad.returncode == 2 and "--seq-len 'lots' is not allowed" in bad.stderr
@@ -224,17 +268,35 @@ def test_feature_cache_size_per_sample_and_for_num_samples(tiny_paths, tmp_path)
 
     pipeline_file = tmp_path / "stages.yaml"
     pipeline_file.write_text(STAGES_YAML.read_text().replace("  num_samples: null ", "  num_samples: 1000 ", 1))
-    done = _run("plan", str(pipeline_file), "--profile", "tiny", "--json",
-                "--gemma", str(tiny_paths.gemma), "--cosmos", str(tiny_paths.cosmos))
+    done = _run(
+        "plan",
+        str(pipeline_file),
+        "--profile",
+        "tiny",
+        "--json",
+        "--gemma",
+        str(tiny_paths.gemma),
+        "--cosmos",
+        str(tiny_paths.cosmos),
+    )
     assert done.returncode == 0, done.stderr
     cache = json.loads(done.stdout)["feature_cache"]
     model = load_pipeline_config(pipeline_file, profile="tiny").model.model_copy(
-        update={"model_name": str(tiny_paths.gemma), "cosmos_model_name": str(tiny_paths.cosmos)})
+        update={"model_name": str(tiny_paths.gemma), "cosmos_model_name": str(tiny_paths.cosmos)}
+    )
     expected = bytes_per_sample(model, dtype_bytes=2)
     assert cache["bytes_per_sample"] == expected and cache["num_samples"] == 1000
     assert cache["total_bytes"] == 1000 * expected["total"]
-    text = _run("plan", str(pipeline_file), "--profile", "tiny", "--gemma", str(tiny_paths.gemma),
-                "--cosmos", str(tiny_paths.cosmos)).stdout
+    text = _run(
+        "plan",
+        str(pipeline_file),
+        "--profile",
+        "tiny",
+        "--gemma",
+        str(tiny_paths.gemma),
+        "--cosmos",
+        str(tiny_paths.cosmos),
+    ).stdout
     assert f"feature cache: {expected['total'] / 1e6:.2f} MB per sample" in text
     assert "for num_samples=1,000" in text
 
@@ -254,10 +316,21 @@ def test_decoder_layer_activation_formula_matches_saved_tensors() -> None:
     layers, tokens = 2, 96
     config = Gemma3TextConfig(**{**text, "num_hidden_layers": layers, "vocab_size": 512})
     config._attn_implementation = "sdpa"
-    arch = Architecture(text_layers=layers, hidden=config.hidden_size, intermediate=config.intermediate_size,
-                        q_width=config.num_attention_heads * config.head_dim,
-                        kv_width=config.num_key_value_heads * config.head_dim, vocab=512, vision_layers=0,
-                        vision_hidden=0, vision_intermediate=0, patches=0, mm_tokens=0, matrix_params={}, adam8_params={})
+    arch = Architecture(
+        text_layers=layers,
+        hidden=config.hidden_size,
+        intermediate=config.intermediate_size,
+        q_width=config.num_attention_heads * config.head_dim,
+        kv_width=config.num_key_value_heads * config.head_dim,
+        vocab=512,
+        vision_layers=0,
+        vision_hidden=0,
+        vision_intermediate=0,
+        patches=0,
+        mm_tokens=0,
+        matrix_params={},
+        adam8_params={},
+    )
     for trainable in (True, False):
         torch.manual_seed(0)
         model = Gemma3TextModel(config).train()
@@ -269,13 +342,16 @@ def test_decoder_layer_activation_formula_matches_saved_tensors() -> None:
 
         def keep(t, weights=weights, shapes=shapes, seen=seen):
             storage = t.untyped_storage()
-            is_cast = t.ndim == 2 and tokens not in t.shape and (tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes)
+            is_cast = (
+                t.ndim == 2 and tokens not in t.shape and (tuple(t.shape) in shapes or tuple(t.shape[::-1]) in shapes)
+            )
             if storage.data_ptr() not in weights and not is_cast:
                 seen[storage.data_ptr()] = storage.nbytes()
             return t
 
-        x = torch.randn(1, tokens, config.hidden_size, dtype=torch.float32 if trainable else torch.bfloat16,
-                        requires_grad=True)
+        x = torch.randn(
+            1, tokens, config.hidden_size, dtype=torch.float32 if trainable else torch.bfloat16, requires_grad=True
+        )
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
             model(inputs_embeds=x, attention_mask=torch.ones(1, tokens, dtype=torch.long), use_cache=False)
         measured = sum(seen.values()) / layers / tokens

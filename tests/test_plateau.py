@@ -42,14 +42,18 @@ def test_window_not_yet_covered():
     rule = PlateauConfig(min_improvement=0.01, window_steps=500, patience_steps=1000, min_steps=0)
     v = plateau_verdict([(100, 2.0), (200, 1.9), (300, 1.95)], rule)
     assert (v.plateaued, v.code, v.improvement) == (False, "window_not_covered", None)
-    assert "window of 500 steps not covered (first evaluation at step 100, needs one at or before step -200)" in v.reason
+    assert (
+        "window of 500 steps not covered (first evaluation at step 100, needs one at or before step -200)" in v.reason
+    )
 
 
 def test_improving():
     history = series([2.0 * 0.95**i for i in range(12)])  # -5% per eval
     v = plateau_verdict(history, RULE)
     assert (v.plateaued, v.code) == (False, "improving")
-    assert v.window_start_step == 70 and v.window_reference_loss == history[6][1] and v.window_best_loss == history[-1][1]
+    assert (
+        v.window_start_step == 70 and v.window_reference_loss == history[6][1] and v.window_best_loss == history[-1][1]
+    )
     assert v.improvement == pytest.approx(1 - 0.95**5)
     assert v.reason.startswith("no plateau: best loss improved 22.6219% over the last 50 steps (")
 
@@ -128,7 +132,13 @@ def test_non_finite_losses_are_not_improvements():
     # No finite loss at all: patience counts from the first evaluation (3 evaluations after it).
     rule = PlateauConfig(min_improvement=0.01, window_steps=1000, patience_steps=50, min_steps=0)
     v = plateau_verdict([(10, float("nan")), (30, float("nan")), (45, float("nan")), (60, float("nan"))], rule)
-    assert (v.best_loss, v.best_step, v.steps_since_best, v.evaluations_since_best, v.code) == (None, None, 50, 3, "patience")
+    assert (v.best_loss, v.best_step, v.steps_since_best, v.evaluations_since_best, v.code) == (
+        None,
+        None,
+        50,
+        3,
+        "patience",
+    )
     assert "no finite eval loss yet" in v.reason
 
 
@@ -231,7 +241,11 @@ def test_verdict_to_dict_is_json_safe():
     v = plateau_verdict([(0, 1.0), (100, float("nan"))], PlateauConfig(window_steps=100, min_steps=0))
     d = v.to_dict()
     assert json.loads(json.dumps(d, allow_nan=False)) == d
-    assert d["eval_loss"] == "nan" and d["reason"] == v.reason and set(d) >= {"plateaued", "code", "best_loss", "improvement"}
+    assert (
+        d["eval_loss"] == "nan"
+        and d["reason"] == v.reason
+        and set(d) >= {"plateaued", "code", "best_loss", "improvement"}
+    )
     assert isinstance(v, PlateauVerdict)
     with pytest.raises(dataclasses.FrozenInstanceError):
         v.plateaued = False  # frozen
@@ -301,7 +315,12 @@ def histories(draw, losses=any_losses, max_size=25):
 
 def same_verdict(a: PlateauVerdict, b: PlateauVerdict) -> bool:
     return (a.plateaued, a.code, a.stop, a.step, a.best_step, a.steps_since_best) == (
-        b.plateaued, b.code, b.stop, b.step, b.best_step, b.steps_since_best
+        b.plateaued,
+        b.code,
+        b.stop,
+        b.step,
+        b.best_step,
+        b.steps_since_best,
     )
 
 
@@ -318,8 +337,12 @@ def test_decreasing_fast_enough_never_plateaus_via_the_window(rule, every, n, ex
 
 
 @settings(max_examples=300, deadline=None)
-@given(rules.filter(lambda r: r.min_improvement > 0 and r.window_steps >= MIN_EVALUATIONS), st.data(), finite_losses,
-       st.integers(0, 5))
+@given(
+    rules.filter(lambda r: r.min_improvement > 0 and r.window_steps >= MIN_EVALUATIONS),
+    st.data(),
+    finite_losses,
+    st.integers(0, 5),
+)
 def test_constant_after_min_steps_and_window_plateaus(rule, data, loss, extra_evals):
     # Evaluations from step 0 every `every` steps until past min_steps + window (+ a few more), at a
     # cadence that puts at least 3 evaluations in the window (the rule needs them; updated for it).

@@ -89,17 +89,19 @@ def pg_databases():
 def prefect_on_postgres(root: Path, dbname: str, auth_string: str) -> Server:
     """`prefect server start` on Postgres through asyncpg, the database as parts, basic auth on the API."""
     spec = prefect_server_spec(root)
-    spec.env.update({
-        "PREFECT_SERVER_DATABASE_DRIVER": "postgresql+asyncpg",
-        "PREFECT_SERVER_DATABASE_HOST": PG_HOST,
-        "PREFECT_SERVER_DATABASE_PORT": str(PG_PORT),
-        "PREFECT_SERVER_DATABASE_NAME": dbname,
-        "PREFECT_SERVER_DATABASE_USER": PG_USER,
-        "PREFECT_SERVER_DATABASE_PASSWORD": "unused-trust-auth",
-        "PREFECT_SERVER_API_AUTH_STRING": auth_string,
-        # an enqueued run retries its concurrency slot every 2 s (as in test_deploy)
-        "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
-    })
+    spec.env.update(
+        {
+            "PREFECT_SERVER_DATABASE_DRIVER": "postgresql+asyncpg",
+            "PREFECT_SERVER_DATABASE_HOST": PG_HOST,
+            "PREFECT_SERVER_DATABASE_PORT": str(PG_PORT),
+            "PREFECT_SERVER_DATABASE_NAME": dbname,
+            "PREFECT_SERVER_DATABASE_USER": PG_USER,
+            "PREFECT_SERVER_DATABASE_PASSWORD": "unused-trust-auth",
+            "PREFECT_SERVER_API_AUTH_STRING": auth_string,
+            # an enqueued run retries its concurrency slot every 2 s (as in test_deploy)
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+        }
+    )
     return spec
 
 
@@ -118,17 +120,26 @@ def mlflow_on_postgres(root: Path, dbname: str, admin_password: str) -> Server:
     with open(auth_ini, "w") as out:
         ini.write(out)
     cmd = [
-        _bin("mlflow"), "server", f"--host={LOCALHOST}", f"--port={port}", "--workers=1", "--app-name=basic-auth",
-        "--serve-artifacts", f"--artifacts-destination={root / 'artifacts'}", f"--backend-store-uri={uri}",
+        _bin("mlflow"),
+        "server",
+        f"--host={LOCALHOST}",
+        f"--port={port}",
+        "--workers=1",
+        "--app-name=basic-auth",
+        "--serve-artifacts",
+        f"--artifacts-destination={root / 'artifacts'}",
+        f"--backend-store-uri={uri}",
         f"--allowed-hosts={LOCALHOST}:{port},localhost:{port}",
     ]
-    env = _base_env({
-        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-        "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
-        "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
-        "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(24),
-    })
+    env = _base_env(
+        {
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+            "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
+            "MLFLOW_AUTH_ADMIN_USERNAME": "admin",
+            "MLFLOW_AUTH_ADMIN_PASSWORD": admin_password,
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(24),
+        }
+    )
     url = f"http://{LOCALHOST}:{port}"
     return Server("mlflow", url, f"{url}/health", port, cmd, env, root, root / "mlflow-server.log")
 
@@ -211,13 +222,22 @@ def test_stack_on_postgres_serves_two_overlapping_runs(pg_databases, tmp_path, m
 
         # basic auth is on: no credentials, no API (health stays open)
         assert http_status(f"{prefect_srv.url}/admin/version") == 401, "Prefect API open without credentials"
-        assert http_status(f"{mlflow_srv.url}/api/2.0/mlflow/experiments/search?max_results=1") == 401, "MLflow API open"
+        assert http_status(f"{mlflow_srv.url}/api/2.0/mlflow/experiments/search?max_results=1") == 401, (
+            "MLflow API open"
+        )
 
-        env = base_env(PREFECT_API_URL=prefect_srv.url, PREFECT_API_AUTH_STRING=auth_string,
-                       PREFECT_HOME=str(tmp_path / "prefect-home"), PREFECT_RUNNER_POLL_FREQUENCY="1",
-                       PREFECT_RUNNER_HEARTBEAT_FREQUENCY="30", MLFLOW_TRACKING_URI=mlflow_srv.url,
-                       MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=mlflow_password,
-                       THEWORLD_PROJECT_DIR=str(tmp_path / "project"), THEWORLD_HOME=str(theworld_home))
+        env = base_env(
+            PREFECT_API_URL=prefect_srv.url,
+            PREFECT_API_AUTH_STRING=auth_string,
+            PREFECT_HOME=str(tmp_path / "prefect-home"),
+            PREFECT_RUNNER_POLL_FREQUENCY="1",
+            PREFECT_RUNNER_HEARTBEAT_FREQUENCY="30",
+            MLFLOW_TRACKING_URI=mlflow_srv.url,
+            MLFLOW_TRACKING_USERNAME="admin",
+            MLFLOW_TRACKING_PASSWORD=mlflow_password,
+            THEWORLD_PROJECT_DIR=str(tmp_path / "project"),
+            THEWORLD_HOME=str(theworld_home),
+        )
         log = tmp_path / "serve.log"
         serve = start_theworld(["serve", str(stages_yaml), "--profile", "tiny"], env, tmp_path, log)
         prefect = AuthedPrefect(prefect_srv.url, auth_string)
@@ -238,8 +258,9 @@ def test_stack_on_postgres_serves_two_overlapping_runs(pg_databases, tmp_path, m
         fired = [deployment_run(env, tmp_path), deployment_run(env, tmp_path)]
         runs = {r: prefect.wait_final(r, 300, log) for r in fired}
         timings["two overlapping runs"] = time.monotonic() - t0
-        assert all(fr.state.is_completed() for fr in runs.values()), \
+        assert all(fr.state.is_completed() for fr in runs.values()), (
             f"{[fr.state for fr in runs.values()]}:\n{tail(log)}"
+        )
         earlier, later = sorted(runs.values(), key=lambda fr: fr.start_time)
         assert later.start_time >= earlier.end_time, (earlier.start_time, earlier.end_time, later.start_time)
         assert "AwaitingConcurrencySlot" in prefect.state_names(str(later.id))
@@ -258,23 +279,29 @@ def test_stack_on_postgres_serves_two_overlapping_runs(pg_databases, tmp_path, m
         assert parents[0].info.run_id in later.state.message
         champion = client.get_model_version_by_alias(f"{experiment}-model", "champion")
         assert champion.run_id, champion
-        assert (tmp_path / "mlflow-server" / "artifacts").is_dir() and any((tmp_path / "mlflow-server" / "artifacts").rglob(
-            "model.safetensors")), "no stage output in the server's artifacts destination"
+        assert (tmp_path / "mlflow-server" / "artifacts").is_dir() and any(
+            (tmp_path / "mlflow-server" / "artifacts").rglob("model.safetensors")
+        ), "no stage output in the server's artifacts destination"
 
         # ... and the rows are really in Postgres
         mdb = pg_databases["mlflow"]
         assert query(mdb, "SELECT count(*) FROM runs")[0][0] >= 3  # the pipeline run and its two stage runs
-        pipeline_rows = query(mdb, "SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
-                                   "WHERE t.key = 'run_kind' AND t.value = 'pipeline'")
+        pipeline_rows = query(
+            mdb,
+            "SELECT r.run_uuid, r.status FROM runs r JOIN tags t ON t.run_uuid = r.run_uuid "
+            "WHERE t.key = 'run_kind' AND t.value = 'pipeline'",
+        )
         assert pipeline_rows == [(parents[0].info.run_id, "FINISHED")]
-        aliases = query(mdb, "SELECT alias, version FROM registered_model_aliases WHERE name = %s",
-                        (f"{experiment}-model",))
+        aliases = query(
+            mdb, "SELECT alias, version FROM registered_model_aliases WHERE name = %s", (f"{experiment}-model",)
+        )
         assert aliases == [("champion", int(champion.version))]
         assert query(mdb, "SELECT count(*) FROM users WHERE username = 'admin' AND is_admin")[0][0] == 1
         assert query(mdb, "SELECT count(*) FROM alembic_version_auth")[0][0] == 1
         pdb = pg_databases["prefect"]
-        flow_rows = dict(query(pdb, "SELECT id::text, state_name FROM flow_run WHERE deployment_id = %s",
-                               (deployment.id,)))
+        flow_rows = dict(
+            query(pdb, "SELECT id::text, state_name FROM flow_run WHERE deployment_id = %s", (deployment.id,))
+        )
         assert {r: flow_rows.get(r) for r in fired} == {r: "Completed" for r in fired}, flow_rows
     finally:
         if prefect is not None:

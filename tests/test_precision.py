@@ -39,13 +39,16 @@ def _image(seed: int) -> Image.Image:
 
 
 def _config(tiny_paths) -> ModelConfig:
-    return ModelConfig(model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos),
-                       world_tokens=4, world_image_size=32)
+    return ModelConfig(
+        model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4, world_image_size=32
+    )
 
 
 def _batch(m: TheWorld) -> dict[str, torch.Tensor]:
     answers = ("a red circle", "a blue square at the top left")
-    return m.builder.collate([m.builder.encode(_image(i), "What is in this picture?", a) for i, a in enumerate(answers)])
+    return m.builder.collate(
+        [m.builder.encode(_image(i), "What is in this picture?", a) for i, a in enumerate(answers)]
+    )
 
 
 @pytest.fixture
@@ -64,7 +67,10 @@ def test_tiny_checkpoints_are_bf16_like_the_real_ones(tiny_paths) -> None:
 
     config = json.loads((tiny_paths.gemma / "config.json").read_text())
     assert config["dtype"] == "bfloat16"  # transformers 5's spelling of gemma-3-4b-it's `torch_dtype: bfloat16`
-    weights = [tiny_paths.gemma / "model.safetensors", tiny_paths.cosmos / "vae" / "diffusion_pytorch_model.safetensors"]
+    weights = [
+        tiny_paths.gemma / "model.safetensors",
+        tiny_paths.cosmos / "vae" / "diffusion_pytorch_model.safetensors",
+    ]
     for path in weights:
         with safe_open(str(path), "pt") as f:
             stored = {f.get_slice(key).get_dtype() for key in f.keys()}  # noqa: SIM118 - safe_open is not iterable
@@ -183,12 +189,16 @@ def test_check_names_the_parameter_in_the_wrong_dtype(base) -> None:
     apply_precision(base, BF16_ON_CPU, trainable)
     master = base.world.projector.weight
     master.data = master.data.to(torch.bfloat16)  # a bf16 weight the optimizer would step
-    with pytest.raises(PrecisionError, match=r"world\.projector\.weight \(world_projector, trainable\) is bfloat16, expected float32"):
+    with pytest.raises(
+        PrecisionError, match=r"world\.projector\.weight \(world_projector, trainable\) is bfloat16, expected float32"
+    ):
         check_precision(base, BF16_ON_CPU)
     master.data = master.data.float()
     frozen = base.vae.quant_conv.weight
     frozen.data = frozen.data.float()
-    with pytest.raises(PrecisionError, match=r"vae\.quant_conv\.weight \(cosmos_vae, frozen\) is float32, expected bfloat16"):
+    with pytest.raises(
+        PrecisionError, match=r"vae\.quant_conv\.weight \(cosmos_vae, frozen\) is float32, expected bfloat16"
+    ):
         check_precision(base, BF16_ON_CPU)
     with pytest.raises(KeyError, match="gemma_text"):
         apply_precision(base, BF16_ON_CPU, ["gemma_text"])

@@ -69,8 +69,11 @@ def varied_length_folder(tiny_paths, tmp_path_factory) -> Path:
 
 def _bf16_on_cpu(monkeypatch):
     """Resolve the policy as on a bf16 GPU (the CPU runs bf16 autocast too): frozen bf16."""
-    monkeypatch.setattr(trainer_module, "resolve_precision",
-                        lambda mp, device, bf16_supported=None: resolve_precision(mp, device, bf16_supported=True))
+    monkeypatch.setattr(
+        trainer_module,
+        "resolve_precision",
+        lambda mp, device, bf16_supported=None: resolve_precision(mp, device, bf16_supported=True),
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -86,8 +89,16 @@ def fresh_accelerator_state():
 
 def test_setup_applies_and_checks_the_precision_policy(tiny_paths, tmp_path, monkeypatch, local_mlflow):
     _bf16_on_cpu(monkeypatch)
-    cfg = small_cfg(tiny_paths, tmp_path / "stage", "stage2_vision.json", resume_from_checkpoint=None,
-                    max_steps=4, eval_steps=4, save_steps=4, logging_steps=2)
+    cfg = small_cfg(
+        tiny_paths,
+        tmp_path / "stage",
+        "stage2_vision.json",
+        resume_from_checkpoint=None,
+        max_steps=4,
+        eval_steps=4,
+        save_steps=4,
+        logging_steps=2,
+    )
     trainer = StageTrainer(cfg)
     result = trainer.run()
     assert result.status == "completed", result.reason
@@ -108,11 +119,14 @@ def test_stage_output_goes_into_fp32_trainable_weights(tiny_paths, tmp_path, mon
     _bf16_on_cpu(monkeypatch)
     first = train_stage(small_cfg(tiny_paths, tmp_path / "s1", max_steps=2, eval_steps=2, save_steps=2))
     saved = weights(first.stage_output)
-    trainer = StageTrainer(small_cfg(tiny_paths, tmp_path / "s2", "stage2_vision.json",
-                                     resume_from_checkpoint=first.stage_output))
+    trainer = StageTrainer(
+        small_cfg(tiny_paths, tmp_path / "s2", "stage2_vision.json", resume_from_checkpoint=first.stage_output)
+    )
     trainer.setup()
     world = dict(parameters_by_component(unwrapped(trainer))["world_projector"])
-    assert saved and all(torch.equal(world[n].detach(), t) and world[n].dtype == torch.float32 for n, t in saved.items())
+    assert saved and all(
+        torch.equal(world[n].detach(), t) and world[n].dtype == torch.float32 for n, t in saved.items()
+    )
 
 
 def test_a_parameter_outside_the_policy_fails_setup(tiny_paths, tmp_path, monkeypatch):
@@ -128,9 +142,20 @@ def test_a_parameter_outside_the_policy_fails_setup(tiny_paths, tmp_path, monkey
 
 
 def _split_run(tiny, data: Path, out: Path, batch_size: int, accumulation: int, **changes):
-    cfg = small_cfg(tiny, out, dataset_name=str(data), batch_size=batch_size, gradient_accumulation_steps=accumulation,
-                    learning_rate=1e-3, max_steps=4, warmup_steps=1, do_eval=False, save_steps=100, logging_steps=1,
-                    **changes)
+    cfg = small_cfg(
+        tiny,
+        out,
+        dataset_name=str(data),
+        batch_size=batch_size,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-3,
+        max_steps=4,
+        warmup_steps=1,
+        do_eval=False,
+        save_steps=100,
+        logging_steps=1,
+        **changes,
+    )
     trainer = StageTrainer(cfg)
     result = trainer.run()
     assert result.status == "completed", result.reason
@@ -151,8 +176,10 @@ def test_splits_of_an_optimizer_step_train_the_same_weights(tiny_paths, varied_l
 
     from theworld_core.model.theworld import TheWorld
 
-    runs = {split: _split_run(tiny_paths, varied_length_folder, tmp_path / f"{split[0]}x{split[1]}", *split)
-            for split in ((8, 1), (4, 2), (2, 4))}
+    runs = {
+        split: _split_run(tiny_paths, varied_length_folder, tmp_path / f"{split[0]}x{split[1]}", *split)
+        for split in ((8, 1), (4, 2), (2, 4))
+    }
     finals = {split: weights(r.stage_output) for split, r in runs.items()}
     reference = finals[(8, 1)]
     from accelerate.utils import set_seed
@@ -171,8 +198,10 @@ def test_splits_of_an_optimizer_step_train_the_same_weights(tiny_paths, varied_l
 
     # The logged train loss is the same token-weighted estimator in every split.
     client = MlflowClient(tracking_uri=f"sqlite:///{local_mlflow}/mlflow.db")
-    histories = {split: [m.value for m in sorted(client.get_metric_history(r.mlflow_run_id, "train/loss"),
-                                                   key=lambda m: m.step)] for split, r in runs.items()}
+    histories = {
+        split: [m.value for m in sorted(client.get_metric_history(r.mlflow_run_id, "train/loss"), key=lambda m: m.step)]
+        for split, r in runs.items()
+    }
     for split, history in histories.items():
         assert len(history) == 4
         assert all(math.isclose(a, b, rel_tol=1e-5) for a, b in zip(history, histories[(8, 1)])), (split, history)
@@ -192,12 +221,16 @@ def _no_work(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-@pytest.mark.parametrize(("key", "value", "allowed"), [
-    ("optimizer", "adamw_8bit", "use 'adamw' here"),
-    ("mixed_precision", "fp16", "use 'bf16' (fp32 where bf16 is not supported) or 'no'"),
-])
-def test_options_this_machine_cannot_run_are_refused_before_any_work(key, value, allowed, tiny_paths, tmp_path,
-                                                                      monkeypatch):
+@pytest.mark.parametrize(
+    ("key", "value", "allowed"),
+    [
+        ("optimizer", "adamw_8bit", "use 'adamw' here"),
+        ("mixed_precision", "fp16", "use 'bf16' (fp32 where bf16 is not supported) or 'no'"),
+    ],
+)
+def test_options_this_machine_cannot_run_are_refused_before_any_work(
+    key, value, allowed, tiny_paths, tmp_path, monkeypatch
+):
     _no_work(monkeypatch)
     with pytest.raises(ConfigError) as error:
         StageTrainer(small_cfg(tiny_paths, tmp_path / "stage", **{key: value})).setup()
@@ -243,9 +276,12 @@ def test_embeddings_and_norms_are_not_decayed(stage3_model):
     optimizer, names = build_optimizer(model, 1e-4, 0.1, {"gemma_vision": 3e-5})
     decayed = {n for g, ns in zip(optimizer.param_groups, names) if g["weight_decay"] > 0 for n in ns}
     exempt = {n for g, ns in zip(optimizer.param_groups, names) if g["weight_decay"] == 0 for n in ns}
-    for embedding in ("gemma.model.language_model.embed_tokens.weight",  # tied with lm_head
-                      "gemma.model.vision_tower.embeddings.position_embedding.weight",
-                      "world.temporal_embedding.weight", "world.marker_embeddings"):
+    for embedding in (
+        "gemma.model.language_model.embed_tokens.weight",  # tied with lm_head
+        "gemma.model.vision_tower.embeddings.position_embedding.weight",
+        "world.temporal_embedding.weight",
+        "world.marker_embeddings",
+    ):
         assert embedding in exempt, embedding
     assert not any("embed_tokens" in n or "position_embedding" in n or "norm" in n for n in decayed)
     assert "gemma.model.vision_tower.embeddings.patch_embedding.weight" in decayed  # a conv, not an embedding
@@ -321,8 +357,17 @@ def test_stage_resumed_from_a_resume_state_ends_with_the_same_weights(kind, tiny
     if kind == "adamw_8bit":
         pytest.importorskip("torchao.optim", reason="the `gpu` extra (torchao) is not installed")
         monkeypatch.setattr(trainer_module, "refuse_unavailable_options", lambda cfg, cuda: None)
-    cfg = small_cfg(tiny_paths, tmp_path / "A", optimizer=kind, max_steps=4, warmup_steps=2, eval_steps=2,
-                    save_steps=2, save_total_limit=None, learning_rate=1e-3)
+    cfg = small_cfg(
+        tiny_paths,
+        tmp_path / "A",
+        optimizer=kind,
+        max_steps=4,
+        warmup_steps=2,
+        eval_steps=2,
+        save_steps=2,
+        save_total_limit=None,
+        learning_rate=1e-3,
+    )
     first = train_stage(cfg)
     assert first.status == "completed", first.reason
     (tmp_path / "B").mkdir()
@@ -373,8 +418,14 @@ def _images(count: int):
     return [Image.open(io.BytesIO(render_png(shape_spec(0, i), 32))) for i in range(count)]
 
 
-PROMPTS = ["Describe the image.", "What is it?", "Describe this picture in a few words, colours included.", "Hi",
-           "Shape?", "Tell me about the colour and the shape you see here, please."]
+PROMPTS = [
+    "Describe the image.",
+    "What is it?",
+    "Describe this picture in a few words, colours included.",
+    "Hi",
+    "Shape?",
+    "Tell me about the colour and the shape you see here, please.",
+]
 
 
 def test_batched_generation_answers_as_one_at_a_time(eval_model):
@@ -397,8 +448,10 @@ def test_batched_generation_answers_as_one_at_a_time(eval_model):
 
 def test_evaluation_loss_weights_every_answer_token_once(eval_model):
     images = _images(5)
-    rows = [{"image": im, "prompt": "Describe the image.", "text": "a shape" + " and more words" * i}
-            for i, im in enumerate(images)]
+    rows = [
+        {"image": im, "prompt": "Describe the image.", "text": "a shape" + " and more words" * i}
+        for i, im in enumerate(images)
+    ]
     builder = eval_model.builder
     total, tokens = 0.0, 0
     for row in rows:

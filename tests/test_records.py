@@ -28,12 +28,29 @@ REPO = Path(__file__).resolve().parents[1]
 
 def stage_record(**changes) -> StageRecord:
     values = {
-        "stage": "vision", "attempt": 2, "run_id": "run-2", "content_key": "c" * 64, "status": "plateaued",
-        "reason": "plateau: window", "steps": 20, "global_end_step": 40, "eval_history": [[30, 1.5], [40, 1.25]],
-        "stage_eval_history": [[10, 1.5], [20, 1.25]], "train_loss_history": [[21, 2.0], [40, 1.0]],
-        "stage_output_uri": "runs:/run-2/stage_output", "trainable": {"world_projector": 64, "vision": 128},
-        "evidence": {}, "config": {"name": "vision", "batch_size": 4, "gradient_accumulation_steps": 2,
-                               "learning_rate": 0.01, "max_grad_norm": 1.0, "warmup_steps": 5, "max_steps": 20},
+        "stage": "vision",
+        "attempt": 2,
+        "run_id": "run-2",
+        "content_key": "c" * 64,
+        "status": "plateaued",
+        "reason": "plateau: window",
+        "steps": 20,
+        "global_end_step": 40,
+        "eval_history": [[30, 1.5], [40, 1.25]],
+        "stage_eval_history": [[10, 1.5], [20, 1.25]],
+        "train_loss_history": [[21, 2.0], [40, 1.0]],
+        "stage_output_uri": "runs:/run-2/stage_output",
+        "trainable": {"world_projector": 64, "vision": 128},
+        "evidence": {},
+        "config": {
+            "name": "vision",
+            "batch_size": 4,
+            "gradient_accumulation_steps": 2,
+            "learning_rate": 0.01,
+            "max_grad_norm": 1.0,
+            "warmup_steps": 5,
+            "max_steps": 20,
+        },
     }
     return StageRecord(**{**values, **changes})
 
@@ -42,12 +59,31 @@ RECORDS = [
     stage_record(),
     stage_record(attempt=1, status="diverged", stage_output_uri=None, evidence={"grad_norm": 1.0e4}),
     PreparedData(fingerprint="f" * 64, train=100, eval=20, bad=1, bad_reasons={"unreadable image": 1}),
-    NewDataCheck(new_data=False, reason="no new data", fingerprint="fp", config_hash="cfg", experiment="exp",
-                 previous_run_id="r1", previous_run_name="one", previous_fingerprint="fp"),
+    NewDataCheck(
+        new_data=False,
+        reason="no new data",
+        fingerprint="fp",
+        config_hash="cfg",
+        experiment="exp",
+        previous_run_id="r1",
+        previous_run_name="one",
+        previous_fingerprint="fp",
+    ),
     WarmStart(uri="models:/m/3", version=3, reason="stage 1 warm-starts from champion"),
-    SummaryRow(stage="vision", attempt=1, status="completed", steps=20, eval_loss=1.25, task_accuracy=None,
-               stage_reason="max_steps", plateau="improving", decision="next", decision_reason="next stage",
-               run_id="run-1", stage_output_uri="runs:/run-1/stage_output"),
+    SummaryRow(
+        stage="vision",
+        attempt=1,
+        status="completed",
+        steps=20,
+        eval_loss=1.25,
+        task_accuracy=None,
+        stage_reason="max_steps",
+        plateau="improving",
+        decision="next",
+        decision_reason="next stage",
+        run_id="run-1",
+        stage_output_uri="runs:/run-1/stage_output",
+    ),
     PipelineSummary(champion="vision", model_version=2, plot="p.png", table="t.json", markdown="m.md"),
 ]
 
@@ -64,8 +100,11 @@ def test_from_dict_names_unknown_and_missing_keys():
     data = RECORDS[0].to_dict()
     del data["run_id"]
     data["stage_key"] = "old name"
-    with pytest.raises(ValueError, match=r"StageRecord.from_dict: unknown keys \['stage_key'\]; missing keys "
-                                         r"\['run_id'\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"StageRecord.from_dict: unknown keys \['stage_key'\]; missing keys "
+        r"\['run_id'\]",
+    ):
         StageRecord.from_dict(data)
 
 
@@ -83,8 +122,12 @@ def test_persisted_records_come_back_as_their_types(tmp_path):
     from flows import tasks
     from theworld_core.training.evaluation import EvalReport
 
-    report = EvalReport(eval_loss=1.25, task_accuracy=math.nan, exact_match=0.0,
-                        samples=[{"id": "7", "prompt": "p", "reference": "a cat", "generated": "a dog"}])
+    report = EvalReport(
+        eval_loss=1.25,
+        task_accuracy=math.nan,
+        exact_match=0.0,
+        samples=[{"id": "7", "prompt": "p", "reference": "a cat", "generated": "a dog"}],
+    )
     record = stage_record(eval_history=[[30, math.inf]])
     for task, value in ((tasks.train_stage, record), (tasks.evaluate_stage, report)):
         assert task.persist_result and task.cache_key_fn is not None
@@ -112,14 +155,29 @@ def test_readers_take_the_record_types():
     verdict = pipeline.plateau_step(record)
     outcome = pipeline.outcome_of(record, report)
     assert (outcome.name, outcome.attempt, outcome.eval_loss, outcome.batch_size, outcome.max_steps) == (
-        "vision", 2, 1.25, 4, 20)
+        "vision",
+        2,
+        1.25,
+        4,
+        20,
+    )
     assert pipeline.outcome_of(record, None).eval_loss is None
     decision = GateDecision(action="next", reason="next stage", numbers={}, champion="vision")
     row = pipeline.summary_row(record, report, verdict, decision)
-    assert row == SummaryRow(stage="vision", attempt=2, status="plateaued", steps=20, eval_loss=1.25,
-                             task_accuracy=0.5, stage_reason="plateau: window", plateau=verdict.code,
-                             decision="next", decision_reason="next stage", run_id="run-2",
-                             stage_output_uri="runs:/run-2/stage_output")
+    assert row == SummaryRow(
+        stage="vision",
+        attempt=2,
+        status="plateaued",
+        steps=20,
+        eval_loss=1.25,
+        task_accuracy=0.5,
+        stage_reason="plateau: window",
+        plateau=verdict.code,
+        decision="next",
+        decision_reason="next stage",
+        run_id="run-2",
+        stage_output_uri="runs:/run-2/stage_output",
+    )
     assert record.label == "vision #2" and stage_record(attempt=1).label == "vision"
     markdown = pipeline.no_new_data_markdown(RECORDS[3])
     assert "| earlier MLflow run | `r1` (one) |" in markdown and "| config hash | `cfg` |" in markdown
@@ -131,13 +189,21 @@ def test_stage_content_key_ignores_output_dir_and_follows_the_rest():
     config = {"name": "vision", "learning_rate": 0.01, "output_dir": "/a"}
     key = pipeline.stage_content_key(config, None, "fp", "code-1")
     assert pipeline.stage_content_key({**config, "output_dir": "/b"}, None, "fp", "code-1") == key
-    for other in (pipeline.stage_content_key({**config, "learning_rate": 0.02}, None, "fp", "code-1"),
-                  pipeline.stage_content_key(config, "runs:/x/stage_output", "fp", "code-1"),
-                  pipeline.stage_content_key(config, None, "fp-2", "code-1"),
-                  pipeline.stage_content_key(config, None, "fp", "code-2")):
+    for other in (
+        pipeline.stage_content_key({**config, "learning_rate": 0.02}, None, "fp", "code-1"),
+        pipeline.stage_content_key(config, "runs:/x/stage_output", "fp", "code-1"),
+        pipeline.stage_content_key(config, None, "fp-2", "code-1"),
+        pipeline.stage_content_key(config, None, "fp", "code-2"),
+    ):
         assert other != key
-    parameters = {"stage_config": config, "upstream_uri": None, "data_fingerprint": "fp", "code_version": "code-1",
-                  "parent_run_id": "changes every run", "attempt": 1}
+    parameters = {
+        "stage_config": config,
+        "upstream_uri": None,
+        "data_fingerprint": "fp",
+        "code_version": "code-1",
+        "parent_run_id": "changes every run",
+        "attempt": 1,
+    }
     assert tasks._train_cache_key(None, parameters) == f"train-{key}"
 
 
@@ -161,5 +227,7 @@ def test_public_api_is_lazy():
         "    raise SystemExit('no AttributeError')\n"
         "print('ok')\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stdout + result.stderr

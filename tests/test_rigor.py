@@ -51,9 +51,13 @@ def test_shipped_stages_yaml_feeds_the_plateau_rule(profile):
     assert _cadence_warnings(lambda: load_pipeline_config(STAGES_YAML, profile=profile)) == []
     stages = load_pipeline_config(STAGES_YAML, profile=profile).resolved_stages()
     for stage in stages:
-        assert stage.plateau.window_steps >= 3 * stage.eval_steps and stage.plateau.patience_steps >= 3 * stage.eval_steps
+        assert (
+            stage.plateau.window_steps >= 3 * stage.eval_steps and stage.plateau.patience_steps >= 3 * stage.eval_steps
+        )
     if profile is None:
-        assert {(s.eval_steps, s.plateau.window_steps, s.plateau.patience_steps) for s in stages} == {(1000, 5000, 3000)}
+        assert {(s.eval_steps, s.plateau.window_steps, s.plateau.patience_steps) for s in stages} == {
+            (1000, 5000, 3000)
+        }
 
 
 def test_sparse_cadence_in_a_pipeline_file_is_warned_with_key_paths(tmp_path):
@@ -76,8 +80,13 @@ def test_sparse_cadence_in_a_pipeline_file_is_warned_with_key_paths(tmp_path):
         "or plateau_patience_steps to at least 15000 (stages 'projection', 'vision', 'full')"
     ) in lines
     # Every profile is checked, as for problems; a value a profile wrote is named where it wrote it.
-    assert any(line.startswith("profiles.tiny.plateau.window_steps: 20 is shorter than 3 evaluations at "
-                               "profiles.tiny.defaults.eval_steps 10") for line in lines), lines
+    assert any(
+        line.startswith(
+            "profiles.tiny.plateau.window_steps: 20 is shorter than 3 evaluations at "
+            "profiles.tiny.defaults.eval_steps 10"
+        )
+        for line in lines
+    ), lines
     # A profile that keeps the base's cadence (multi_gpu) repeats the base's lines word for word;
     # Python's default warning filter shows each once.
     assert len(set(lines)) == 3, lines
@@ -104,7 +113,10 @@ def test_sparse_cadence_in_a_stage_file_is_warned_with_the_file(tmp_path):
         ({"eval_steps": 1001}, ["plateau_patience_steps"]),
         ({"eval_steps": 5000, "do_eval": False}, []),  # no evaluation: no plateau rule to feed
         ({"eval_steps": 5000, "max_steps": 9999}, []),  # the stage ends before min_steps (10000)
-        ({"eval_steps": 5000, "max_steps": 9999, "plateau_min_steps": 0}, ["plateau_window_steps", "plateau_patience_steps"]),
+        (
+            {"eval_steps": 5000, "max_steps": 9999, "plateau_min_steps": 0},
+            ["plateau_window_steps", "plateau_patience_steps"],
+        ),
     ],
 )
 def test_cadence_problems(changes, keys):
@@ -198,8 +210,12 @@ def _unshare_prefix() -> list[str] | None:
     if not shutil.which("unshare") or sys.platform != "linux":
         return None
     for prefix in (["unshare", "-m"], ["unshare", "-rm"]):
-        probe = subprocess.run([*prefix, "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d"],
-                               capture_output=True, timeout=30, check=False)
+        probe = subprocess.run(
+            [*prefix, "sh", "-c", "d=$(mktemp -d) && mount -t tmpfs -o size=64k tmpfs $d && umount $d"],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
         if probe.returncode == 0:
             return prefix
     return None
@@ -214,10 +230,13 @@ def test_disk_full_during_saves_names_the_folder_and_the_size_and_keeps_earlier_
     (tmp_path / "worker.py").write_text(_WORKER)
     env = {**os.environ, "THEWORLD_PROJECT_DIR": str(tmp_path / "project"), "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    script = (f'mount -t tmpfs -o size=64m tmpfs "{mount}" && exec "{sys.executable}" "{tmp_path / "worker.py"}" '
-              f'"{mount}" "{tiny_paths.gemma}" "{tiny_paths.cosmos}" "{SEED / "stage1_projection.json"}" "{tmp_path}"')
-    done = subprocess.run([*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path,
-                          check=False)
+    script = (
+        f'mount -t tmpfs -o size=64m tmpfs "{mount}" && exec "{sys.executable}" "{tmp_path / "worker.py"}" '
+        f'"{mount}" "{tiny_paths.gemma}" "{tiny_paths.cosmos}" "{SEED / "stage1_projection.json"}" "{tmp_path}"'
+    )
+    done = subprocess.run(
+        [*prefix, "sh", "-c", script], capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path, check=False
+    )
     report_line = next((line for line in done.stdout.splitlines() if line.startswith("REPORT ")), None)
     assert done.returncode == 0 and report_line, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads(report_line.removeprefix("REPORT "))
@@ -233,7 +252,10 @@ def test_disk_full_during_saves_names_the_folder_and_the_size_and_keeps_earlier_
 
     # `theworld train`: one line on stderr, no traceback, exit 1; checkpoint-5 is there to resume from.
     assert report["cli_rc"] == 1
-    assert f"theworld train: error: no space left on {mount / 'stage'}: resume state checkpoint-10 needs about" in done.stderr
+    assert (
+        f"theworld train: error: no space left on {mount / 'stage'}: resume state checkpoint-10 needs about"
+        in done.stderr
+    )
     assert "the earlier resume states are kept (newest: checkpoint-5)" in done.stderr
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     assert report["cli_latest"] == "checkpoint-5"
@@ -258,8 +280,10 @@ def test_push_failure_says_when_the_hub_lacks_the_stage_output(hub, tmp_path):  
         time.sleep(0.05)
     partial.on_end(tmp_path / "missing", {"step": 10})
     line = push_failure(partial.close(timeout=30))
-    assert line.startswith(f"hub push to {REPO} failed: the final stage output did not reach it (1 of 2 upload(s) failed; "
-                           "last error: cannot stage missing for upload")
+    assert line.startswith(
+        f"hub push to {REPO} failed: the final stage output did not reach it (1 of 2 upload(s) failed; "
+        "last error: cannot stage missing for upload"
+    )
 
     hub.mode = "fail"
     failing = HubPusher(REPO, "every_save", endpoint=hub.url)
@@ -276,7 +300,9 @@ def test_push_failure_says_when_the_hub_lacks_the_stage_output(hub, tmp_path):  
     hub.release.set()
 
 
-def test_theworld_train_exits_3_when_every_push_fails_and_the_stage_stays_usable(hub, tiny_paths, tmp_path, monkeypatch, capsys):  # noqa: F811
+def test_theworld_train_exits_3_when_every_push_fails_and_the_stage_stays_usable(
+    hub, tiny_paths, tmp_path, monkeypatch, capsys
+):  # noqa: F811
     from huggingface_hub import constants
     from mlflow.tracking import MlflowClient
 
@@ -289,18 +315,33 @@ def test_theworld_train_exits_3_when_every_push_fails_and_the_stage_stays_usable
     monkeypatch.setenv("THEWORLD_PROJECT_DIR", str(tmp_path / "project"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = load_stage_config(SEED / "stage1_projection.json").with_changes(
-        model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4,
-        world_image_size=32, dataset_name="synthetic", synthetic_samples=60, synthetic_image_size=32,
-        streaming=False, batch_size=4, gradient_accumulation_steps=1, max_steps=10, warmup_steps=2,
-        eval_steps=5, save_steps=5, logging_steps=5, output_dir=str(tmp_path / "stage"), name="stage1",
-        push_to_hub=True, hub_model_id=REPO, hub_strategy="every_save",
+        model_name=str(tiny_paths.gemma),
+        cosmos_model_name=str(tiny_paths.cosmos),
+        world_tokens=4,
+        world_image_size=32,
+        dataset_name="synthetic",
+        synthetic_samples=60,
+        synthetic_image_size=32,
+        streaming=False,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=10,
+        warmup_steps=2,
+        eval_steps=5,
+        save_steps=5,
+        logging_steps=5,
+        output_dir=str(tmp_path / "stage"),
+        name="stage1",
+        push_to_hub=True,
+        hub_model_id=REPO,
+        hub_strategy="every_save",
     )
     config = tmp_path / "stage1.json"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
 
     assert theworld(["train", "--config", str(config), "--json"]) == EXIT_HUB_PUSH_FAILED
     out, err = capsys.readouterr()
-    result = json.loads(out[out.index("{"):])
+    result = json.loads(out[out.index("{") :])
     assert f"theworld train: error: hub push to {REPO} failed: the final stage output did not reach it (" in err
     assert TOKEN not in out + err
 
@@ -312,14 +353,30 @@ def test_theworld_train_exits_3_when_every_push_fails_and_the_stage_stays_usable
     report = result["evidence"][HUB_EVIDENCE_KEY]
     assert report["final_requested"] and not report["pushed_final"] and report["uploads_done"] == 0
     assert report["uploads_failed"] >= 1 and hub.commits == []
-    tags = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'project'}/mlflow.db").get_run(result["mlflow_run_id"]).data.tags
+    tags = (
+        MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'project'}/mlflow.db")
+        .get_run(result["mlflow_run_id"])
+        .data.tags
+    )
     assert tags["hub_pushed_final"] == "False" and tags["stage_status"] == "completed"
 
     # The gate passes a completed stage on, whatever happened on the hub.
-    outcome = StageOutcome(name="stage1", attempt=1, status=result["status"], eval_loss=result["eval_loss"],
-                           task_accuracy=None, steps=result["steps"], batch_size=4, gradient_accumulation_steps=1,
-                           learning_rate=cfg.learning_rate, max_grad_norm=cfg.max_grad_norm, warmup_steps=2,
-                           max_steps=10, stage_output_uri=str(final), reason=result["reason"],
-                           evidence=result["evidence"])
+    outcome = StageOutcome(
+        name="stage1",
+        attempt=1,
+        status=result["status"],
+        eval_loss=result["eval_loss"],
+        task_accuracy=None,
+        steps=result["steps"],
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        learning_rate=cfg.learning_rate,
+        max_grad_norm=cfg.max_grad_norm,
+        warmup_steps=2,
+        max_steps=10,
+        stage_output_uri=str(final),
+        reason=result["reason"],
+        evidence=result["evidence"],
+    )
     decision = decide(outcome, [], GateConfig(), retries_used=0, is_last_stage=False)
     assert outcome.succeeded and decision.action == "next", decision

@@ -22,7 +22,10 @@ def _tree(root: Path) -> dict[str, bytes]:
 def _chat(image: Image.Image) -> list[dict]:
     return [
         {"role": "system", "content": [{"type": "text", "text": "Answer briefly."}]},
-        {"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}]},
+        {
+            "role": "user",
+            "content": [{"type": "image", "image": image}, {"type": "text", "text": "Describe this image."}],
+        },
     ]
 
 
@@ -258,9 +261,14 @@ def test_racing_processes(tiny_paths: TinyModelPaths, tmp_path: Path) -> None:
 
     root = tmp_path / "raced"
     code = "import sys; from theworld_core.model.tiny import ensure_tiny_models; print(ensure_tiny_models(sys.argv[1]).gemma)"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(tiny.__file__).parents[2]), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(Path(tiny.__file__).parents[2]), os.environ.get("PYTHONPATH", "")]),
+    }
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )
         for _ in range(2)
     ]
     outputs = [proc.communicate(timeout=120) for proc in procs]

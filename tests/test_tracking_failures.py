@@ -32,7 +32,11 @@ from servers import client_env, kill_process_group, mlflow_server_spec, run_thew
 from stage_helpers import small_cfg
 
 # the session's servers (fixtures of servers.py)
-launched_servers, mlflow_server, prefect_server = servers.launched_servers, servers.mlflow_server, servers.prefect_server
+launched_servers, mlflow_server, prefect_server = (
+    servers.launched_servers,
+    servers.mlflow_server,
+    servers.prefect_server,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
@@ -77,8 +81,9 @@ def client_of(url: str):
 
 
 def stage_config(tiny_paths, folder: Path, experiment: str):
-    return small_cfg(tiny_paths, folder, max_steps=STEPS, logging_steps=1, eval_steps=6, save_steps=6,
-                     wandb_project=experiment)
+    return small_cfg(
+        tiny_paths, folder, max_steps=STEPS, logging_steps=1, eval_steps=6, save_steps=6, wandb_project=experiment
+    )
 
 
 def steps_logged(client, run_id: str, key: str = "train/loss") -> list[int]:
@@ -228,8 +233,15 @@ def test_kill_after_final_before_upload_then_rerun_completes_the_run(tiny_paths,
     cfg = stage_config(tiny_paths, tmp_path / "stage", "tf-kill")
     config = write_config(cfg, tmp_path / "stage.json")
     env = {**os.environ, "MLFLOW_TRACKING_URI": own_mlflow.url, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    killed = subprocess.run([sys.executable, "-c", KILL_BEFORE_UPLOAD, str(config)], check=False, env=env, cwd=tmp_path,
-                            capture_output=True, text=True, timeout=600)
+    killed = subprocess.run(
+        [sys.executable, "-c", KILL_BEFORE_UPLOAD, str(config)],
+        check=False,
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert killed.returncode == -9, killed.stderr[-3000:]
     final = tmp_path / "stage" / "final"
     assert (final / "manifest.json").is_file()
@@ -273,15 +285,25 @@ def test_processes_starting_together_on_a_fresh_sqlite_store_all_start(tmp_path)
     project, go = tmp_path / "project", tmp_path / "go"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING")}
     env.update({"THEWORLD_PROJECT_DIR": str(project), "PYTHONPATH": str(REPO)})
-    procs = [subprocess.Popen([sys.executable, "-c", OPEN_STORE, str(go)], env=env, cwd=tmp_path,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OPEN_STORE, str(go)],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
     time.sleep(8)  # past the imports
     go.touch()
     outcomes = [p.communicate(timeout=300) for p in procs]
     for proc, (_, err) in zip(procs, outcomes):
         assert proc.returncode == 0, err[-3000:]
     runs = client_of(f"sqlite:///{project / 'mlflow.db'}").search_runs(
-        [client_of(f"sqlite:///{project / 'mlflow.db'}").get_experiment_by_name("race").experiment_id])
+        [client_of(f"sqlite:///{project / 'mlflow.db'}").get_experiment_by_name("race").experiment_id]
+    )
     assert len(runs) == 4
 
 
@@ -307,9 +329,14 @@ def test_runs_of_a_dead_pipeline_are_killed_by_the_next_run_of_its_config(own_ml
     env = {**os.environ, "MLFLOW_TRACKING_URI": own_mlflow.url, "PYTHONPATH": str(REPO)}
 
     def pipeline_process(name: str, config_hash: str, stay: bool) -> tuple[subprocess.Popen, list[str]]:
-        proc = subprocess.Popen([sys.executable, "-c", OPEN_PIPELINE_RUN, name, config_hash, "stay" if stay else "go"],
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", OPEN_PIPELINE_RUN, name, config_hash, "stay" if stay else "go"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
         line = proc.stdout.readline()
         assert line, proc.stderr.read()[-3000:]
         return proc, line.split()
@@ -346,15 +373,36 @@ def theworld_home(tmp_path_factory) -> Path:
 
 def two_stage_pipeline(experiment: str) -> dict:
     return {
-        "model": {"model_name": "tiny", "cosmos_model_name": "tiny", "world_tokens": 4, "world_image_size": 32,
-                  "max_seq_length": 128},
-        "data": {"dataset_name": "synthetic", "streaming": False, "synthetic_samples": 60,
-                 "synthetic_image_size": 32, "eval_fraction": 0.2},
-        "defaults": {"batch_size": 8, "gradient_accumulation_steps": 1, "max_steps": 4, "eval_steps": 2,
-                     "save_steps": 2, "logging_steps": 2, "mixed_precision": "no", "eval_max_samples": 8,
-                     "divergence_grad_norm": None, "warmup_steps": 1},
-        "stages": [{"name": "projection", "learning_rate": 3.0e-2},
-                   {"name": "language", "freeze_gemma_language": False, "learning_rate": 2.0e-3}],
+        "model": {
+            "model_name": "tiny",
+            "cosmos_model_name": "tiny",
+            "world_tokens": 4,
+            "world_image_size": 32,
+            "max_seq_length": 128,
+        },
+        "data": {
+            "dataset_name": "synthetic",
+            "streaming": False,
+            "synthetic_samples": 60,
+            "synthetic_image_size": 32,
+            "eval_fraction": 0.2,
+        },
+        "defaults": {
+            "batch_size": 8,
+            "gradient_accumulation_steps": 1,
+            "max_steps": 4,
+            "eval_steps": 2,
+            "save_steps": 2,
+            "logging_steps": 2,
+            "mixed_precision": "no",
+            "eval_max_samples": 8,
+            "divergence_grad_norm": None,
+            "warmup_steps": 1,
+        },
+        "stages": [
+            {"name": "projection", "learning_rate": 3.0e-2},
+            {"name": "language", "freeze_gemma_language": False, "learning_rate": 2.0e-3},
+        ],
         "gate": {"regression_tolerance": 100.0},
         "schedule": {"only_on_new_data": False},
         "mlflow": {"experiment": experiment, "registered_model": f"{experiment}-model", "log_system_metrics": False},
@@ -364,10 +412,17 @@ def two_stage_pipeline(experiment: str) -> dict:
     }
 
 
-def run_env(mlflow_server, prefect_server, project: Path, prefect_home: Path, theworld_home: Path,
-            tracking_uri: str | None) -> dict[str, str]:
-    env = client_env(mlflow=mlflow_server, prefect=prefect_server, project_dir=project, prefect_home=prefect_home,
-                     theworld_home=theworld_home, extra={"OMP_NUM_THREADS": "1"})
+def run_env(
+    mlflow_server, prefect_server, project: Path, prefect_home: Path, theworld_home: Path, tracking_uri: str | None
+) -> dict[str, str]:
+    env = client_env(
+        mlflow=mlflow_server,
+        prefect=prefect_server,
+        project_dir=project,
+        prefect_home=prefect_home,
+        theworld_home=theworld_home,
+        extra={"OMP_NUM_THREADS": "1"},
+    )
     if tracking_uri is None:
         env.pop("MLFLOW_TRACKING_URI")  # the project's SQLite store
     else:
@@ -413,7 +468,8 @@ def test_two_runs_together_on_a_fresh_store_share_every_stage(tmp_path, mlflow_s
 
 @pytest.mark.e2e
 def test_cached_stage_records_of_another_store_or_deleted_runs_are_recorded_again(
-        tmp_path, mlflow_server, prefect_server, theworld_home):
+    tmp_path, mlflow_server, prefect_server, theworld_home
+):
     """One PREFECT_HOME (so one task cache): `theworld run` on the project's SQLite store, then on the
     MLflow server, then again after the server's stage runs were deleted. Each run succeeds, no
     stage trains twice, and the stage runs of each store hold their stage output."""

@@ -129,7 +129,11 @@ def stage1(tiny_paths, tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         cfg = load_stage_config(SEED / "stage1_projection.json").with_changes(
             **tiny_swap(tiny_paths, root / "stage1_projection"),
-            max_steps=8, warmup_steps=2, eval_steps=4, save_steps=4, logging_steps=4,
+            max_steps=8,
+            warmup_steps=2,
+            eval_steps=4,
+            save_steps=4,
+            logging_steps=4,
         )
         result = train_stage(cfg)
     return cfg, result
@@ -145,9 +149,15 @@ def test_seed_configs_parse_as_written():
         cfg = load_stage_config(SEED / name)
         for key, value in seed_file_values(SEED / name).items():
             assert getattr(cfg, key) == value, f"{name}: {key} loaded as {getattr(cfg, key)!r}, file says {value!r}"
-    assert load_stage_config(SEED / "stage2_vision.json").trainable_component_names == ("world_projector", "gemma_vision")
+    assert load_stage_config(SEED / "stage2_vision.json").trainable_component_names == (
+        "world_projector",
+        "gemma_vision",
+    )
     assert load_stage_config(SEED / "stage3_language.json").trainable_component_names == (
-        "world_projector", "gemma_vision", "gemma_language")
+        "world_projector",
+        "gemma_vision",
+        "gemma_language",
+    )
 
 
 def test_seed_stages_chain_with_tiny_models(stage1, tiny_paths, tmp_path):
@@ -165,7 +175,11 @@ def test_seed_stages_chain_with_tiny_models(stage1, tiny_paths, tmp_path):
         cfg = seed_cfg.with_changes(
             **tiny_swap(tiny_paths, tmp_path / name.removesuffix(".json")),
             resume_from_checkpoint=str(previous),
-            max_steps=4, warmup_steps=1, eval_steps=2, save_steps=2, logging_steps=2,
+            max_steps=4,
+            warmup_steps=1,
+            eval_steps=2,
+            save_steps=2,
+            logging_steps=2,
         )
         result = train_stage(cfg)
         assert result.status == "completed", result.reason
@@ -200,8 +214,16 @@ def test_sigkill_and_resume_gives_the_same_weights(tiny_paths, tmp_path):
     assert THEWORLD_CLI.is_file(), f"console script missing: {THEWORLD_CLI}"
 
     def write_config(out: Path) -> Path:
-        cfg = small_cfg(tiny_paths, out, max_steps=40, warmup_steps=5, gradient_accumulation_steps=2,
-                        eval_steps=10, save_steps=10, save_total_limit=3)
+        cfg = small_cfg(
+            tiny_paths,
+            out,
+            max_steps=40,
+            warmup_steps=5,
+            gradient_accumulation_steps=2,
+            eval_steps=10,
+            save_steps=10,
+            save_total_limit=3,
+        )
         path = tmp_path / f"{out.name}.json"
         path.write_text(json.dumps(cfg.model_dump(mode="json", exclude_unset=True), indent=2))
         return path
@@ -332,8 +354,9 @@ def _drop_vision_in_set_trainable(monkeypatch):
 
 def _drop_vision_in_trainable_components(monkeypatch):
     original = trainer_module.trainable_components
-    monkeypatch.setattr(trainer_module, "trainable_components",
-                        lambda flags: tuple(c for c in original(flags) if c != "gemma_vision"))
+    monkeypatch.setattr(
+        trainer_module, "trainable_components", lambda flags: tuple(c for c in original(flags) if c != "gemma_vision")
+    )
 
 
 def _set_trainable_lies(monkeypatch):
@@ -346,9 +369,11 @@ def _set_trainable_lies(monkeypatch):
     monkeypatch.setattr(TheWorld, "set_trainable", lying)
 
 
-@pytest.mark.parametrize("breakage", [_drop_vision_in_set_trainable, _drop_vision_in_trainable_components,
-                                      _set_trainable_lies],
-                         ids=["set_trainable_ignores_flag", "trainable_components_drops_it", "set_trainable_lies"])
+@pytest.mark.parametrize(
+    "breakage",
+    [_drop_vision_in_set_trainable, _drop_vision_in_trainable_components, _set_trainable_lies],
+    ids=["set_trainable_ignores_flag", "trainable_components_drops_it", "set_trainable_lies"],
+)
 def test_broken_unfreeze_is_caught_by_the_audit(breakage, stage1, tiny_paths, tmp_path, monkeypatch):
     cfg2 = stage2_cfg(tiny_paths, tmp_path / "stage2", stage1[1].stage_output, max_steps=10, save_steps=10)
     assert "gemma_vision" in cfg2.trainable_component_names
@@ -481,9 +506,16 @@ def test_exploding_gradient_gives_diverged_result(tiny_paths, tmp_path):
 
 def test_plateau_ends_the_stage_early(tiny_paths, tmp_path):
     cfg = small_cfg(
-        tiny_paths, tmp_path / "stage", max_steps=200, eval_steps=5, save_steps=50,
+        tiny_paths,
+        tmp_path / "stage",
+        max_steps=200,
+        eval_steps=5,
+        save_steps=50,
         # window and patience 15 = 3 evaluations at eval_steps 5, as the plateau rule needs (docs/stages.md#plateau)
-        plateau_min_steps=10, plateau_window_steps=15, plateau_patience_steps=15, plateau_min_improvement=0.5,
+        plateau_min_steps=10,
+        plateau_window_steps=15,
+        plateau_patience_steps=15,
+        plateau_min_improvement=0.5,
     )
     result = train_stage(cfg)
     assert result.status == "plateaued", result.reason

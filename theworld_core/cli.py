@@ -44,8 +44,9 @@ def _cmd_plan(args) -> int:
         raise ValueError(f"--seq-len {args.seq_len!r} is not allowed: a positive number of tokens, or max")
     if args.gpu_memory is not None and args.gpu_memory <= 0:
         raise ValueError(f"--gpu-memory {args.gpu_memory:g} is not allowed: GiB of one device, greater than 0")
-    result = plan(ModelConfig(**overrides), stages, seq_len=args.seq_len, gpu_memory_gib=args.gpu_memory,
-                  num_samples=num_samples)
+    result = plan(
+        ModelConfig(**overrides), stages, seq_len=args.seq_len, gpu_memory_gib=args.gpu_memory, num_samples=num_samples
+    )
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     over = stages_that_do_not_fit(result)
     for line in over:
@@ -66,8 +67,13 @@ def _cmd_train(args) -> int:
     from theworld_core.tracking.hub_push import EXIT_HUB_PUSH_FAILED, HUB_EVIDENCE_KEY, push_failure
 
     try:
-        result = train_stage(cfg, accelerate_config=args.accelerate_config, fresh=args.fresh,
-                             mlflow_run_id=args.mlflow_run_id, global_step_offset=args.global_step_offset)
+        result = train_stage(
+            cfg,
+            accelerate_config=args.accelerate_config,
+            fresh=args.fresh,
+            mlflow_run_id=args.mlflow_run_id,
+            global_step_offset=args.global_step_offset,
+        )
     except DiskFullError as exc:  # one line, no traceback; the earlier resume states are kept
         print(f"theworld train: error: {exc}", file=sys.stderr)
         return 1
@@ -76,9 +82,12 @@ def _cmd_train(args) -> int:
     if args.result_file:  # launched by run_distributed: the parent process reports
         Path(args.result_file).write_text(json.dumps(result.to_dict()))
         return 0
-    print(json.dumps(result.to_dict(), indent=2) if args.json else
-          f"{result.status}: {result.reason}\nstage output: {result.stage_output}\nMLflow run: {result.mlflow_run_id}"
-          + (f"\ntracking incomplete: {result.tracking_incomplete}" if result.tracking_incomplete else ""))
+    print(
+        json.dumps(result.to_dict(), indent=2)
+        if args.json
+        else f"{result.status}: {result.reason}\nstage output: {result.stage_output}\nMLflow run: {result.mlflow_run_id}"
+        + (f"\ntracking incomplete: {result.tracking_incomplete}" if result.tracking_incomplete else "")
+    )
     if result.exit_status:  # failed (1), or trained but its output not in MLflow (4)
         return result.exit_status
     failure = push_failure(result.evidence.get(HUB_EVIDENCE_KEY))
@@ -156,7 +165,9 @@ def build_parser(extend: Callable | None = None, argv: Sequence[str] = ()) -> ar
     in flows/cli.py), `profiles` being the `profile_listing` of the pipeline file `argv` names (or
     ./stages.yaml), shown in the help of every --profile."""
     profiles = profile_listing(stages_yaml_named_in(argv))
-    parser = argparse.ArgumentParser(prog="theworld", description="Train TheWorld through progressive unfreezing stages.")
+    parser = argparse.ArgumentParser(
+        prog="theworld", description="Train TheWorld through progressive unfreezing stages."
+    )
     parser.add_argument("--version", action=_VersionAction, help="print the version (release and code hash) and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     if extend is not None:
@@ -168,35 +179,58 @@ def build_parser(extend: Callable | None = None, argv: Sequence[str] = ()) -> ar
     tiny.set_defaults(func=_cmd_tiny)
 
     plan = sub.add_parser(
-        "plan", help="trainable parameters and estimated memory per stage (meta device: no weights, no GPU)",
+        "plan",
+        help="trainable parameters and estimated memory per stage (meta device: no weights, no GPU)",
         description="Trainable parameters per component and stage, and the estimated memory of one device per "
         "stage (weights, gradients, optimizer, activations; docs/stages.md#memory), computed on the meta device. "
         "Exit status: 0; 1 when --gpu-memory is given and a stage does not fit (each such stage named on "
-        "stderr, with how much it is over); 2 on bad input.")
+        "stderr, with how much it is over); 2 on bad input.",
+    )
     plan.add_argument("stages", nargs="?", help="a stages.yaml (default: the four stages of docs/stages.md)")
     plan.add_argument("--profile", help=profile_option_help(profiles))
     plan.add_argument("--gemma", help="Gemma 3: hub id, model folder or config.json")
     plan.add_argument("--cosmos", help="Cosmos: hub id, folder (with vae/) or the VAE's config.json")
-    plan.add_argument("--json", action="store_true", help="print one JSON object (per stage: memory_gib with weights, "
-                      "gradients, optimizer, activations, total)")
-    plan.add_argument("--gpu-memory", type=float, metavar="GIB",
-                      help="memory of one device in GiB: say which stages fit; exit 1 when one does not")
-    plan.add_argument("--seq-len", metavar="TOKENS|max",
-                      help="tokens per sample for the activations (default: a typical sample, 400 on Gemma 3 4B; "
-                      "max: the model's max_seq_length)")
+    plan.add_argument(
+        "--json",
+        action="store_true",
+        help="print one JSON object (per stage: memory_gib with weights, gradients, optimizer, activations, total)",
+    )
+    plan.add_argument(
+        "--gpu-memory",
+        type=float,
+        metavar="GIB",
+        help="memory of one device in GiB: say which stages fit; exit 1 when one does not",
+    )
+    plan.add_argument(
+        "--seq-len",
+        metavar="TOKENS|max",
+        help="tokens per sample for the activations (default: a typical sample, 400 on Gemma 3 4B; "
+        "max: the model's max_seq_length)",
+    )
     plan.set_defaults(func=_cmd_plan)
-    train = sub.add_parser("train", help="train one stage from a stage JSON file (e.g. configs/seed/*.json)",
-                           epilog="exit status: 0 trained (completed or plateaued); 1 diverged, out of memory or out of "
-                                  "disk space; 2 bad input; 3 trained, but the stage output did not reach the hub "
-                                  "(push_to_hub); 4 trained, but the stage output did not reach its MLflow run "
-                                  "(rerun once the tracking server is back)")
+    train = sub.add_parser(
+        "train",
+        help="train one stage from a stage JSON file (e.g. configs/seed/*.json)",
+        epilog="exit status: 0 trained (completed or plateaued); 1 diverged, out of memory or out of "
+        "disk space; 2 bad input; 3 trained, but the stage output did not reach the hub "
+        "(push_to_hub); 4 trained, but the stage output did not reach its MLflow run "
+        "(rerun once the tracking server is back)",
+    )
     train.add_argument("--config", required=True, help="stage config JSON (// comments and _comment keys allowed)")
-    train.add_argument("--fresh", action="store_true",
-                       help="ignore resume states in output_dir and start the stage afresh (default: continue the newest)")
+    train.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore resume states in output_dir and start the stage afresh (default: continue the newest)",
+    )
     train.add_argument("--json", action="store_true", help="print the stage result as JSON")
-    train.add_argument("--num-processes", type=int, help="data-parallel processes (overrides the config's num_processes): "
-                       "one per GPU, or CPU processes over gloo")
-    train.add_argument("--accelerate-config", help="an accelerate config file (configs/accelerate/: ddp, fsdp, deepspeed)")
+    train.add_argument(
+        "--num-processes",
+        type=int,
+        help="data-parallel processes (overrides the config's num_processes): one per GPU, or CPU processes over gloo",
+    )
+    train.add_argument(
+        "--accelerate-config", help="an accelerate config file (configs/accelerate/: ddp, fsdp, deepspeed)"
+    )
     train.add_argument("--mlflow-run-id", help=argparse.SUPPRESS)  # the pipeline's child run
     train.add_argument("--global-step-offset", type=int, default=0, help=argparse.SUPPRESS)
     train.add_argument("--result-file", help=argparse.SUPPRESS)  # where rank 0 writes the StageResult

@@ -50,7 +50,7 @@ class ConsoleFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         source = getattr(record, "task_run_name", None) or getattr(record, "flow_run_name", None) or record.name
         if source.startswith(LIBRARY_LOGGER + "."):
-            source = source[len(LIBRARY_LOGGER) + 1:]
+            source = source[len(LIBRARY_LOGGER) + 1 :]
         level = "" if record.levelno == logging.INFO else f"{record.levelname}: "
         line = f"{self.formatTime(record, self.datefmt)} {source:<{self.SOURCE_WIDTH}} {level}{record.getMessage()}"
         if record.exc_info:

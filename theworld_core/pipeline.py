@@ -30,8 +30,9 @@ SUCCESS = ("completed", "plateaued")
 log = logging.getLogger("theworld.pipeline")
 
 
-def stage_content_key(stage_config: dict[str, Any], upstream: str | None, data_fingerprint: str,
-                      code_version: str) -> str:
+def stage_content_key(
+    stage_config: dict[str, Any], upstream: str | None, data_fingerprint: str, code_version: str
+) -> str:
     """The content key of a stage's work: its config (without output_dir), its input (`upstream`:
     `upstream_content_id` of the stage output it starts from), the data, the code.
 
@@ -65,8 +66,9 @@ def upstream_content_id(upstream_uri: str | None) -> str | None:
         import mlflow
 
         with tempfile.TemporaryDirectory() as tmp:
-            path = mlflow.artifacts.download_artifacts(artifact_uri=f"{upstream_uri.rstrip('/')}/{MANIFEST_FILE}",
-                                                       dst_path=tmp)
+            path = mlflow.artifacts.download_artifacts(
+                artifact_uri=f"{upstream_uri.rstrip('/')}/{MANIFEST_FILE}", dst_path=tmp
+            )
             files = read_manifest(Path(path).parent)["files"]
     elif upstream_uri.startswith(("models:/", "mlflow-artifacts:")) or Path(upstream_uri).expanduser().exists():
         files = read_manifest(resolve_source(upstream_uri))["files"]
@@ -88,8 +90,13 @@ def prepare_data_step(stage_config: dict[str, Any]) -> PreparedData:
 
     prepared = prepare_stage_data(StageConfig(**stage_config))
     stats = prepared.stats
-    return PreparedData(fingerprint=prepared.fingerprint, train=stats.train, eval=stats.eval, bad=stats.bad,
-                        bad_reasons=dict(stats.bad_reasons))
+    return PreparedData(
+        fingerprint=prepared.fingerprint,
+        train=stats.train,
+        eval=stats.eval,
+        bad=stats.bad,
+        bad_reasons=dict(stats.bad_reasons),
+    )
 
 
 def train_stage_step(
@@ -109,20 +116,27 @@ def train_stage_step(
 
     key = stage_content_key(stage_config, upstream_content_id(upstream_uri), data_fingerprint, code_version)
     name = stage_config["name"]
-    cfg = StageConfig(**{**stage_config, "output_dir": str(Path(output_root) / f"{name}-{key[:12]}"),
-                         "resume_from_checkpoint": upstream_uri or stage_config.get("resume_from_checkpoint")})
+    cfg = StageConfig(
+        **{
+            **stage_config,
+            "output_dir": str(Path(output_root) / f"{name}-{key[:12]}"),
+            "resume_from_checkpoint": upstream_uri or stage_config.get("resume_from_checkpoint"),
+        }
+    )
     # The folder is keyed by content, so another pipeline run may be training the very same stage:
     # wait for it, then the trainer finds the finished stage and returns at once.
     with stage_lock(cfg.output_dir):
-        run_id = lineage.create_child_run(parent_run_id, name, attempt,
-                                          {**tags, "run_kind": lineage.STAGE_RUN_KIND, "stage_key": key})
+        run_id = lineage.create_child_run(
+            parent_run_id, name, attempt, {**tags, "run_kind": lineage.STAGE_RUN_KIND, "stage_key": key}
+        )
         try:
             result = train_stage(cfg, mlflow_run_id=run_id, global_step_offset=global_step_offset)
             if result.stage_output and not result.stage_output_logged:
                 raise StageNotRecorded(
                     f"stage {name} {result.status}; its output is in {result.stage_output}, but MLflow could not "
                     f"record it: {result.tracking_incomplete}. Rerun the pipeline once the tracking server is "
-                    "back: the stage is not trained again (its folder is keyed by content) and its records are sent")
+                    "back: the stage is not trained again (its folder is keyed by content) and its records are sent"
+                )
             if result.stage_output and not lineage.has_artifact(run_id, lineage.STAGE_OUTPUT_ARTIFACT):
                 # A stage finished earlier in this folder (by another run): its output goes to this run too,
                 # so the stage output URI below is valid.
@@ -155,8 +169,9 @@ def train_stage_step(
     )
 
 
-def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run_id: str, *,
-                        task_samples: int, generations: int) -> EvalReport:
+def evaluate_stage_step(
+    stage_output_uri: str, stage_config: dict[str, Any], run_id: str, *, task_samples: int, generations: int
+) -> EvalReport:
     """Held-out loss, task metric and sample generations of a stage output; logged to its run.
 
     Runs on the training device (CUDA when there is one) in the stage's precision policy with
@@ -177,8 +192,16 @@ def evaluate_stage_step(stage_output_uri: str, stage_config: dict[str, Any], run
     model.requires_grad_(False)
     model.to(device).eval()
     data = prepare_stage_data(cfg)
-    report = evaluate_model(model, data.eval, batch_size=cfg.batch_size, loss_samples=cfg.eval_max_samples,
-                            task_samples=task_samples, generations=generations, device=device, precision=precision)
+    report = evaluate_model(
+        model,
+        data.eval,
+        batch_size=cfg.batch_size,
+        loss_samples=cfg.eval_max_samples,
+        task_samples=task_samples,
+        generations=generations,
+        device=device,
+        precision=precision,
+    )
     c = lineage.client()
     c.log_metric(run_id, "eval/final_loss", report.eval_loss)
     c.log_metric(run_id, "eval/task_accuracy", report.task_accuracy)
@@ -218,9 +241,18 @@ def outcome_of(record: StageRecord, evaluation: EvalReport | None) -> StageOutco
     )
 
 
-def gate_step(outcome: StageOutcome, earlier: list[StageOutcome], gate: GateConfig, *, retries_used: int,
-              is_last_stage: bool, run_id: str, plateau: PlateauVerdict | None,
-              parent_run_id: str | None = None, stage_number: int | None = None) -> GateDecision:
+def gate_step(
+    outcome: StageOutcome,
+    earlier: list[StageOutcome],
+    gate: GateConfig,
+    *,
+    retries_used: int,
+    is_last_stage: bool,
+    run_id: str,
+    plateau: PlateauVerdict | None,
+    parent_run_id: str | None = None,
+    stage_number: int | None = None,
+) -> GateDecision:
     """The gate's decision for one attempt, recorded on its MLflow run: params `gate_decision`,
     `gate_reason`, `plateau_verdict` (columns of the runs table) and the same as tags, with the
     numbers. On the parent run (when given): the attempt's summary metrics `<stage>/eval_loss`,
@@ -244,9 +276,17 @@ def gate_step(outcome: StageOutcome, earlier: list[StageOutcome], gate: GateConf
     return decision
 
 
-def finish_step(parent_run_id: str, rows: list[SummaryRow], records: list[StageRecord],
-                champion: StageOutcome | None, champion_run_id: str | None, registered_model: str, alias: str,
-                workdir: str, tags: dict[str, str]) -> PipelineSummary:
+def finish_step(
+    parent_run_id: str,
+    rows: list[SummaryRow],
+    records: list[StageRecord],
+    champion: StageOutcome | None,
+    champion_run_id: str | None,
+    registered_model: str,
+    alias: str,
+    workdir: str,
+    tags: dict[str, str],
+) -> PipelineSummary:
     """Register the champion (alias; an MLflow pyfunc model whose description names its stage,
     metrics, data fingerprint and config hash), log its metrics (`champion/eval_loss`,
     `champion/task_accuracy`, `champion/steps`) and the stage comparison plot and table to the parent run."""
@@ -254,26 +294,41 @@ def finish_step(parent_run_id: str, rows: list[SummaryRow], records: list[StageR
     if champion is not None and champion_run_id is not None:
         summary = {"eval_loss": champion.eval_loss, "task_accuracy": champion.task_accuracy, "steps": champion.steps}
         lineage.log_stage_summary_metrics(parent_run_id, "champion", summary)
-        info = {"stage": champion.name, "attempt": champion.attempt, **summary,
-                "data_fingerprint": tags.get("data_fingerprint"), "config_hash": tags.get("config_hash"),
-                "code_version": tags.get("code_version"), "pipeline_run_id": parent_run_id,
-                "pipeline_run_name": lineage.client().get_run(parent_run_id).info.run_name}
-        version = lineage.register_champion(champion_run_id, registered_model, alias,
-                                            {**tags, "stage": champion.name}, info=info)
+        info = {
+            "stage": champion.name,
+            "attempt": champion.attempt,
+            **summary,
+            "data_fingerprint": tags.get("data_fingerprint"),
+            "config_hash": tags.get("config_hash"),
+            "code_version": tags.get("code_version"),
+            "pipeline_run_id": parent_run_id,
+            "pipeline_run_name": lineage.client().get_run(parent_run_id).info.run_name,
+        }
+        version = lineage.register_champion(
+            champion_run_id, registered_model, alias, {**tags, "stage": champion.name}, info=info
+        )
     plot_stages = [
-        {"label": r.label, "train_loss_history": r.train_loss_history, "eval_loss_history": r.eval_history,
-         "global_end_step": r.global_end_step, "decision": row.decision}
+        {
+            "label": r.label,
+            "train_loss_history": r.train_loss_history,
+            "eval_loss_history": r.eval_history,
+            "global_end_step": r.global_end_step,
+            "decision": row.decision,
+        }
         for r, row in zip(records, rows)
     ]
-    paths = lineage.log_summary(parent_run_id, [row.to_dict() for row in rows], plot_stages,
-                                champion.name if champion else None, Path(workdir))
-    lineage.set_tags(parent_run_id, {"champion": champion.name if champion else "none",
-                                     "champion_version": version or "none"})
+    paths = lineage.log_summary(
+        parent_run_id, [row.to_dict() for row in rows], plot_stages, champion.name if champion else None, Path(workdir)
+    )
+    lineage.set_tags(
+        parent_run_id, {"champion": champion.name if champion else "none", "champion_version": version or "none"}
+    )
     return PipelineSummary(champion=champion.name if champion else None, model_version=version, **paths)
 
 
-def summary_row(record: StageRecord, evaluation: EvalReport | None, plateau: PlateauVerdict | None,
-                decision: GateDecision) -> SummaryRow:
+def summary_row(
+    record: StageRecord, evaluation: EvalReport | None, plateau: PlateauVerdict | None, decision: GateDecision
+) -> SummaryRow:
     return SummaryRow(
         stage=record.stage,
         attempt=record.attempt,
@@ -293,8 +348,9 @@ def summary_row(record: StageRecord, evaluation: EvalReport | None, plateau: Pla
 # --- operating it: new data, warm start, overlapping runs ---------------------------------------
 
 
-def new_data_step(experiment: str, config_hash: str, fingerprint: str, *, only_on_new_data: bool,
-                  force: bool) -> NewDataCheck:
+def new_data_step(
+    experiment: str, config_hash: str, fingerprint: str, *, only_on_new_data: bool, force: bool
+) -> NewDataCheck:
     """Whether this pipeline run trains (`new_data`), and why (`reason`).
 
     It does not (`new_data` False) when `only_on_new_data` is set, the run is not forced, and the
@@ -302,9 +358,16 @@ def new_data_step(experiment: str, config_hash: str, fingerprint: str, *, only_o
     (FINISHED, with a champion) with the same `config_hash` in the experiment. A changed config
     therefore always trains; so does a first run, or one whose last attempt failed.
     """
+
     def check(reason: str, new_data: bool = True, **previous_run) -> NewDataCheck:
-        return NewDataCheck(new_data=new_data, reason=reason, fingerprint=fingerprint, config_hash=config_hash,
-                            experiment=experiment, **previous_run)
+        return NewDataCheck(
+            new_data=new_data,
+            reason=reason,
+            fingerprint=fingerprint,
+            config_hash=config_hash,
+            experiment=experiment,
+            **previous_run,
+        )
 
     if force:
         return check("forced run (force=True): the data check is skipped")
@@ -313,13 +376,23 @@ def new_data_step(experiment: str, config_hash: str, fingerprint: str, *, only_o
     previous = lineage.last_pipeline_run(experiment, config_hash)
     if previous is None:
         return check(f"no earlier successful pipeline run of config {config_hash[:12]} in experiment {experiment!r}")
-    previous_run = {"previous_run_id": previous["run_id"], "previous_run_name": previous["run_name"],
-                    "previous_fingerprint": previous["data_fingerprint"]}
+    previous_run = {
+        "previous_run_id": previous["run_id"],
+        "previous_run_name": previous["run_name"],
+        "previous_fingerprint": previous["data_fingerprint"],
+    }
     if previous["data_fingerprint"] == fingerprint:
-        return check(f"no new data: fingerprint {fingerprint[:16]} equals that of the last successful run "
-                     f"{previous['run_id']} ({previous['run_name']})", new_data=False, **previous_run)
-    return check(f"new data: fingerprint {fingerprint[:16]} differs from {str(previous['data_fingerprint'])[:16]} "
-                 f"of the last successful run {previous['run_id']}", **previous_run)
+        return check(
+            f"no new data: fingerprint {fingerprint[:16]} equals that of the last successful run "
+            f"{previous['run_id']} ({previous['run_name']})",
+            new_data=False,
+            **previous_run,
+        )
+    return check(
+        f"new data: fingerprint {fingerprint[:16]} differs from {str(previous['data_fingerprint'])[:16]} "
+        f"of the last successful run {previous['run_id']}",
+        **previous_run,
+    )
 
 
 def no_new_data_markdown(check: NewDataCheck) -> str:
@@ -335,7 +408,6 @@ def no_new_data_markdown(check: NewDataCheck) -> str:
         "Add data (`theworld data add ... --notify`) or rerun regardless with `theworld run --force` "
         "(deployment parameter `force: true`).\n"
     )
-
 
 
 def warm_start_step(registered_model: str, alias: str, model_config: dict[str, Any]) -> WarmStart:
@@ -356,16 +428,25 @@ def warm_start_step(registered_model: str, alias: str, model_config: dict[str, A
     try:
         manifest = read_manifest(resolve_source(uri))
     except (StageOutputError, OSError, ValueError) as error:
-        return WarmStart(uri=None, version=version, reason=f"champion {alias_uri} (version {version}) cannot be read "
-                                                           f"({error}): stage 1 starts fresh")
+        return WarmStart(
+            uri=None,
+            version=version,
+            reason=f"champion {alias_uri} (version {version}) cannot be read ({error}): stage 1 starts fresh",
+        )
     saved = manifest.get("model_config") or {}
     wanted = {k: v for k, v in model_config.items() if k in ARCHITECTURE_KEYS}
-    differs = [f"{k}: champion {saved.get(k)!r}, config {wanted.get(k)!r}" for k in ARCHITECTURE_KEYS
-               if k in wanted and saved.get(k) != wanted[k]]
+    differs = [
+        f"{k}: champion {saved.get(k)!r}, config {wanted.get(k)!r}"
+        for k in ARCHITECTURE_KEYS
+        if k in wanted and saved.get(k) != wanted[k]
+    ]
     if differs:
-        return WarmStart(uri=None, version=version,
-                         reason=f"champion {alias_uri} (version {version}) has another architecture "
-                                f"({'; '.join(differs)}): stage 1 starts fresh")
+        return WarmStart(
+            uri=None,
+            version=version,
+            reason=f"champion {alias_uri} (version {version}) has another architecture "
+            f"({'; '.join(differs)}): stage 1 starts fresh",
+        )
     return WarmStart(uri=uri, version=version, reason=f"stage 1 warm-starts from champion {alias_uri} = {uri}")
 
 

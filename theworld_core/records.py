@@ -29,14 +29,22 @@ class Record:
 def _construct(cls: type, data: dict[str, Any]):
     """`cls(**data)`, refusing unknown and missing keys by name."""
     names = {f.name for f in dataclasses.fields(cls)}
-    required = {f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    required = {
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
     unknown, missing = sorted(set(data) - names), sorted(required - set(data))
     if unknown or missing:
-        raise ValueError(f"{cls.__name__}.from_dict: " + "; ".join(
-            part for part in (f"unknown keys {unknown}" if unknown else "",
-                              f"missing keys {missing}" if missing else "") if part)
-                         + f" (allowed: {sorted(names)})")
+        raise ValueError(
+            f"{cls.__name__}.from_dict: "
+            + "; ".join(
+                part
+                for part in (f"unknown keys {unknown}" if unknown else "", f"missing keys {missing}" if missing else "")
+                if part
+            )
+            + f" (allowed: {sorted(names)})"
+        )
     return cls(**data)
 
 

@@ -8,7 +8,8 @@ Modules, leaf first (each imports only those above it):
 - `stage_schema`: `ModelConfig`, `DataConfig`, `TrainingConfig`, `PlateauConfig`, `StageConfig`
   and the key classifications `ARCHITECTURE_KEYS`, `RESUME_COMPATIBLE_KEYS`.
 - `stage_file`: the stage JSON files (with comments) -> `load_stage_config`.
-- `pipeline_schema`: the pipeline sections, stage layering, `PipelineConfig`.
+- `pipeline_sections`: the gate, schedule, MLflow and plateau sections of stages.yaml.
+- `pipeline_schema`: stage layering, `PipelineConfig`.
 - `pipeline_file`: `stages.yaml` (duplicate keys, profiles) -> `load_pipeline_config`.
 """
 
@@ -22,13 +23,11 @@ from theworld_core.config.errors import (
     validate_config,
 )
 from theworld_core.config.pipeline_file import load_pipeline_config, parse_pipeline_yaml
-from theworld_core.config.pipeline_schema import (
-    PIPELINE_KEYS,
-    PROFILE_KEYS,
+from theworld_core.config.pipeline_schema import PIPELINE_KEYS, PROFILE_KEYS, PipelineConfig
+from theworld_core.config.pipeline_sections import (
     GateConfig,
     GateMetric,
     MlflowConfig,
-    PipelineConfig,
     PipelinePlateauConfig,
     ScheduleConfig,
 )

@@ -49,9 +49,8 @@ def _field_problem(text: str, label: str, low: int, high: int) -> str | None:
         a = number(first)
         b = number(last) if dash else a
         if a is None or b is None:
-            return (
-                f"{label} field {text!r}: {part!r} is not '*', a number, a range 'a-b' or a step '/n'"
-                + (" (names like 'mon' or 'jan' are allowed)" if names else "")
+            return f"{label} field {text!r}: {part!r} is not '*', a number, a range 'a-b' or a step '/n'" + (
+                " (names like 'mon' or 'jan' are allowed)" if names else ""
             )
         if not (low <= a <= high and low <= b <= high):
             return f"{label} field {text!r}: values must be in {low}-{high}"

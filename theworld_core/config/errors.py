@@ -35,7 +35,9 @@ class ConfigError(ValueError):
     `<key path>: <value> is not allowed: <what is allowed>` (or `<key path>: unknown key; ...`);
     `source` is the file (or other origin); `line`/`column` are set for syntax errors."""
 
-    def __init__(self, problems: list[str], source: str | None = None, *, line: int | None = None, column: int | None = None):
+    def __init__(
+        self, problems: list[str], source: str | None = None, *, line: int | None = None, column: int | None = None
+    ):
         self.problems = list(problems)
         self.source = source
         self.line = line
@@ -59,7 +61,9 @@ def cross_field_error(title: str, problems: list[tuple[str, Any, str]]) -> Valid
     return ValidationError.from_exception_data(
         title,
         [
-            InitErrorDetails(type=PydanticCustomError("cross_field", "{allowed}", {"allowed": allowed}), loc=(key,), input=value)
+            InitErrorDetails(
+                type=PydanticCustomError("cross_field", "{allowed}", {"allowed": allowed}), loc=(key,), input=value
+            )
             for key, value, allowed in problems
         ],
     )
@@ -253,7 +257,9 @@ def _what_is_allowed(error: dict[str, Any]) -> str:
     value = error.get("input")
     if kind == "literal_error":
         choices = re.findall(r"'([^']*)'", ctx.get("expected", ""))
-        allowed = "must be one of " + ", ".join(repr(c) for c in choices) if choices else f"must be {ctx.get('expected')}"
+        allowed = (
+            "must be one of " + ", ".join(repr(c) for c in choices) if choices else f"must be {ctx.get('expected')}"
+        )
         if isinstance(value, str) and choices:
             hint = suggest_key(value, choices)
             if hint:
@@ -299,7 +305,9 @@ def _strict_model_named(name: str) -> type[BaseModel] | None:
     return None
 
 
-def format_validation_error(exc: ValidationError, source: str | None = None, prefix: str = "", model: type[BaseModel] | None = None) -> list[str]:
+def format_validation_error(
+    exc: ValidationError, source: str | None = None, prefix: str = "", model: type[BaseModel] | None = None
+) -> list[str]:
     """Turn a pydantic `ValidationError` into problem lines, one per error:
     `<key path>: <value> is not allowed: <what is allowed>`, or for unknown keys
     `<key path>: unknown key; did you mean '<field>'?`.

@@ -40,10 +40,14 @@ class _Yaml12Loader(yaml.SafeLoader):
 
 
 _Yaml12Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")]
+    first: [
+        (tag, regexp) for tag, regexp in resolvers if tag not in ("tag:yaml.org,2002:bool", "tag:yaml.org,2002:float")
+    ]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Yaml12Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+_Yaml12Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
 _Yaml12Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(
@@ -109,7 +113,10 @@ def parse_pipeline_yaml(text: str, source: str | None = None) -> Any:
             where = f", line {exc.context_mark.line + 1}" if exc.context_mark is not None else ""
             detail = f"{exc.problem} ({exc.context}{where})"
         raise ConfigError(
-            [f"invalid YAML: {detail}"], source, line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None
+            [f"invalid YAML: {detail}"],
+            source,
+            line=mark.line + 1 if mark else None,
+            column=mark.column + 1 if mark else None,
         ) from None
     except yaml.YAMLError as exc:
         raise ConfigError([f"invalid YAML: {exc}"], source) from None
@@ -121,7 +128,11 @@ def parse_pipeline_yaml(text: str, source: str | None = None) -> Any:
 
 
 def _deep_merge(
-    base: Mapping[str, Any], overlay: Mapping[str, Any], at: tuple[Any, ...], origin: tuple[Any, ...], origins: dict[tuple[Any, ...], tuple[Any, ...]]
+    base: Mapping[str, Any],
+    overlay: Mapping[str, Any],
+    at: tuple[Any, ...],
+    origin: tuple[Any, ...],
+    origins: dict[tuple[Any, ...], tuple[Any, ...]],
 ) -> dict[str, Any]:
     merged = dict(base)
     for key, value in overlay.items():
@@ -144,7 +155,9 @@ def _apply_profile(
         if key == "stages":
             for stage_name, changes in (value or {}).items():
                 index = stage_index[stage_name]
-                document["stages"][index] = _deep_merge(document["stages"][index], changes or {}, ("stages", index), origin + (stage_name,), origins)
+                document["stages"][index] = _deep_merge(
+                    document["stages"][index], changes or {}, ("stages", index), origin + (stage_name,), origins
+                )
         elif isinstance(value, Mapping) and isinstance(document.get(key), Mapping):
             document[key] = _deep_merge(document[key], value, (key,), origin, origins)
         else:
@@ -165,24 +178,33 @@ def _check_profiles(raw: Any, stage_index: Mapping[str, int] | None, problems: l
     for name, overlay in raw.items():
         at = f"profiles.{name}"
         if not isinstance(name, str) or not STAGE_NAME_PATTERN.match(name):
-            problems.append(f"{at}: {render_value(name)} is not allowed: a profile name uses only letters, digits, '_', '-' and '.'")
+            problems.append(
+                f"{at}: {render_value(name)} is not allowed: a profile name uses only letters, digits, '_', '-' and '.'"
+            )
             continue
         if overlay is None:
             overlay = {}
         if not isinstance(overlay, Mapping):
-            problems.append(f"{at}: {render_value(overlay)} is not allowed: must be a mapping with the keys of the file ({', '.join(PROFILE_KEYS)})")
+            problems.append(
+                f"{at}: {render_value(overlay)} is not allowed: must be a mapping with the keys of the file ({', '.join(PROFILE_KEYS)})"
+            )
             continue
         kept: dict[str, Any] = {}
         for key, value in overlay.items():
             if key not in PROFILE_KEYS:
                 hint = suggest_key(str(key), PROFILE_KEYS)
-                problems.append(f"{at}.{key}: unknown key" + (f"; did you mean {hint!r}?" if hint else f" (a profile may set {', '.join(PROFILE_KEYS)})"))
+                problems.append(
+                    f"{at}.{key}: unknown key"
+                    + (f"; did you mean {hint!r}?" if hint else f" (a profile may set {', '.join(PROFILE_KEYS)})")
+                )
             elif key != "stages":
                 kept[key] = value
             elif value is None:
                 continue
             elif not isinstance(value, Mapping):
-                problems.append(f"{at}.stages: {render_value(value)} is not allowed: must be a mapping of stage names to the keys to change")
+                problems.append(
+                    f"{at}.stages: {render_value(value)} is not allowed: must be a mapping of stage names to the keys to change"
+                )
             elif stage_index is not None:
                 kept_stages: dict[str, Any] = {}
                 for stage_name, changes in value.items():
@@ -190,11 +212,18 @@ def _check_profiles(raw: Any, stage_index: Mapping[str, int] | None, problems: l
                     if stage_name not in stage_index:
                         hint = suggest_key(str(stage_name), list(stage_index))
                         known = ", ".join(repr(s) for s in stage_index)
-                        problems.append(f"{where}: unknown stage" + (f"; did you mean {hint!r}?" if hint else f"; the stages are {known}"))
+                        problems.append(
+                            f"{where}: unknown stage"
+                            + (f"; did you mean {hint!r}?" if hint else f"; the stages are {known}")
+                        )
                     elif changes is not None and not isinstance(changes, Mapping):
-                        problems.append(f"{where}: {render_value(changes)} is not allowed: must be a mapping of keys to change")
+                        problems.append(
+                            f"{where}: {render_value(changes)} is not allowed: must be a mapping of keys to change"
+                        )
                     elif isinstance(changes, Mapping) and "name" in changes and changes["name"] != stage_name:
-                        problems.append(f"{where}.name: {render_value(changes['name'])} is not allowed: a profile cannot rename a stage")
+                        problems.append(
+                            f"{where}.name: {render_value(changes['name'])} is not allowed: a profile cannot rename a stage"
+                        )
                     else:
                         kept_stages[stage_name] = changes or {}
                 kept["stages"] = kept_stages
@@ -229,14 +258,22 @@ def load_pipeline_config(path: str | os.PathLike[str], profile: str | None = Non
     if raw is None:
         raise ConfigError(["the file is empty: a pipeline file is a YAML mapping with at least a stages list"], source)
     if not isinstance(raw, Mapping):
-        raise ConfigError([f"(top level): {render_value(raw)} is not allowed: must be a YAML mapping of the keys {', '.join(PIPELINE_KEYS)}"], source)
+        raise ConfigError(
+            [
+                f"(top level): {render_value(raw)} is not allowed: must be a YAML mapping of the keys {', '.join(PIPELINE_KEYS)}"
+            ],
+            source,
+        )
 
     problems: list[str] = []
     document = clean_config_data(raw, "", problems)  # secrets refused (values never shown), `_` keys dropped
     for key in list(document):
         if key not in PIPELINE_KEYS:
             hint = suggest_key(str(key), PIPELINE_KEYS)
-            problems.append(f"{key}: unknown key" + (f"; did you mean {hint!r}?" if hint else f" (the keys are {', '.join(PIPELINE_KEYS)})"))
+            problems.append(
+                f"{key}: unknown key"
+                + (f"; did you mean {hint!r}?" if hint else f" (the keys are {', '.join(PIPELINE_KEYS)})")
+            )
             del document[key]
 
     base = {k: v for k, v in document.items() if k != "profiles"}
@@ -256,14 +293,20 @@ def load_pipeline_config(path: str | os.PathLike[str], profile: str | None = Non
         for name, overlay in overlays.items():
             merged, origins = _apply_profile(base, name, overlay, stage_index)
             configs[name], found = build_pipeline(merged, _where_mapped(origins))
-            problems += [p if p in known or p.startswith(f"profiles.{name}.") else f"{p} (with profile {name!r})" for p in found]
+            problems += [
+                p if p in known or p.startswith(f"profiles.{name}.") else f"{p} (with profile {name!r})" for p in found
+            ]
 
     if profile is not None and profile not in overlays:
-        names = [str(n) for n in (document.get("profiles") or {})] if isinstance(document.get("profiles"), Mapping) else []
+        names = (
+            [str(n) for n in (document.get("profiles") or {})] if isinstance(document.get("profiles"), Mapping) else []
+        )
         if profile not in names:
             allowed = "must be one of " + ", ".join(repr(n) for n in names) if names else "the file defines no profiles"
             hint = suggest_key(profile, names) if names else None
-            problems.append(f"profile: {profile!r} is not allowed: {allowed}" + (f"; did you mean {hint!r}?" if hint else ""))
+            problems.append(
+                f"profile: {profile!r} is not allowed: {allowed}" + (f"; did you mean {hint!r}?" if hint else "")
+            )
 
     problems = list(dict.fromkeys(problems))
     if problems:

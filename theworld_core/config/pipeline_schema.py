@@ -1,6 +1,6 @@
-"""The pipeline schema (`stages.yaml`): its sections, and how each stage is layered from them.
+"""The pipeline schema (`stages.yaml`): `PipelineConfig`, and how each stage is layered from its sections.
 
-- `GateConfig`, `ScheduleConfig`, `MlflowConfig`, `PipelinePlateauConfig`: the sections.
+- The sections besides the stages are in `pipeline_sections.py`.
 - `PipelineConfig`: a validated pipeline; `resolved_stages()` gives each stage as a `StageConfig`,
   `pipeline_hash()` the identity of its resolved content.
 - `build_pipeline`: a parsed document (profiles already applied) -> `PipelineConfig`, or every problem.
@@ -16,198 +16,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 import warnings
-import zoneinfo
 from collections.abc import Callable, Mapping
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from theworld_core.config.cron import cron_problem
 from theworld_core.config.errors import (
     ConfigError,
     M,
     StrictModel,
-    cross_field_error,
     describe_error,
     errors_of,
     join_path,
     render_value,
-    suggest_key,
     unknown_key_problem,
 )
+from theworld_core.config.pipeline_sections import GateConfig, MlflowConfig, PipelinePlateauConfig, ScheduleConfig
 from theworld_core.config.stage_file import PlateauCadenceWarning, cadence_lines
-from theworld_core.config.stage_schema import (
-    DEFAULT_MLFLOW_EXPERIMENT,
-    DataConfig,
-    ModelConfig,
-    PlateauConfig,
-    PlateauMinSteps,
-    PositiveFloat,
-    StageConfig,
-    TrainingConfig,
-)
-
-GateMetric = Literal["eval_loss", "task_accuracy"]
-"""What the gate judges: `eval_loss` (lower is better) or `task_accuracy` (higher is better, in [0, 1])."""
-
-class GateConfig(StrictModel):
-    """What the gate after each stage decides on (docs/stages.md#gate).
-
-    After a stage: diverged -> retry with the divergence recipe (up to `max_diverged_retries`);
-    out of memory -> retry with half the batch and twice the accumulation (up to `max_oom_retries`);
-    metric meets `target` -> stop and deploy this stage; metric worse than the best earlier stage by
-    more than `regression_tolerance` -> stop and keep the best earlier stage; otherwise the next stage.
-    `theworld_core.training.gate.decide` applies these rules.
-    """
-
-    model_config = ConfigDict(use_attribute_docstrings=True)
-
-    metric: GateMetric = "eval_loss"
-    """What "good enough" and "regression" are judged on: `eval_loss` (the held-out loss; lower is
-    better) or `task_accuracy` (share of `eval_task_samples` held-out samples answered correctly;
-    higher is better)."""
-    target: float | None = Field(None, allow_inf_nan=False)
-    """The stage is good enough, and the pipeline stops and deploys it, once the metric reaches this
-    value (eval_loss <= target, or task_accuracy >= target; a task_accuracy target is in [0, 1]).
-    Null: never stop early for quality; every stage runs unless one regresses or fails."""
-    regression_tolerance: float = Field(0.02, ge=0, allow_inf_nan=False)
-    """A stage whose metric is worse than the best earlier stage's by more than this share of it
-    (0.02 = 2%) stops the pipeline, and the best earlier stage is kept (rollback)."""
-    max_diverged_retries: int = Field(1, ge=0)
-    """How often a stage that diverged (NaN/inf loss, or gradient norm above `divergence_grad_norm`)
-    is retried with the divergence recipe before the pipeline stops as failed."""
-    max_oom_retries: int = Field(2, ge=0)
-    """How often a stage that ran out of memory is retried with half the batch size and twice the
-    gradient accumulation (the same effective batch) before the pipeline stops as failed."""
-    diverged_lr_factor: float = Field(0.1, gt=0, lt=1, allow_inf_nan=False)
-    """Divergence recipe: the retry's learning rates are the failed attempt's times this
-    (docs/stages.md#retries)."""
-    diverged_max_grad_norm: PositiveFloat = 0.5
-    """Divergence recipe: the retry clips gradients to at most this norm (docs/stages.md#retries)."""
-    diverged_warmup_steps: int = Field(500, ge=0)
-    """Divergence recipe: the retry warms up for at least this many steps, capped at
-    the stage's `max_steps` (docs/stages.md#retries)."""
-
-    @model_validator(mode="after")
-    def _target_range(self) -> GateConfig:
-        if self.target is None:
-            return self
-        if self.metric == "task_accuracy" and not 0 <= self.target <= 1:
-            raise cross_field_error(
-                type(self).__name__, [("target", self.target, "must be in [0, 1]: metric task_accuracy is a share of correct answers")]
-            )
-        if self.metric == "eval_loss" and self.target < 0:
-            raise cross_field_error(
-                type(self).__name__,
-                [("target", self.target, "must be greater than or equal to 0: metric eval_loss is a cross-entropy, never negative")],
-            )
-        return self
-
-
-
-
-class ScheduleConfig(StrictModel):
-    """When the pipeline reruns on its own (the Prefect deployment's triggers)."""
-
-    model_config = ConfigDict(use_attribute_docstrings=True)
-
-    cron: str | None = None
-    """Standard 5-field cron expression (minute hour day-of-month month day-of-week) of scheduled
-    runs, e.g. `0 3 * * *` for 03:00 every day, in `timezone`. Null: no schedule (runs only on demand
-    or on `new_data_event`)."""
-    timezone: str = "UTC"
-    """IANA time zone the cron expression is read in (e.g. `UTC`, `Europe/Berlin`)."""
-    new_data_event: str = "theworld.data.updated"
-    """Name of the Prefect event that triggers a rerun when new data lands (emit it after adding data)."""
-    only_on_new_data: bool = True
-    """A scheduled run whose data fingerprint equals the last completed run's completes at once with
-    "no new data" instead of training again."""
-    warm_start_from_champion: bool = False
-    """Start a rerun's first stage from the registered champion's stage output instead of from the
-    pretrained base."""
-
-    @field_validator("cron")
-    @classmethod
-    def _cron(cls, value: str | None) -> str | None:
-        if value is not None:
-            problem = cron_problem(value)
-            if problem:
-                raise ValueError(problem)
-            value = " ".join(value.split())
-        return value
-
-    @field_validator("timezone")
-    @classmethod
-    def _timezone(cls, value: str) -> str:
-        try:
-            zoneinfo.ZoneInfo(value)
-        except (ValueError, zoneinfo.ZoneInfoNotFoundError):
-            hint = suggest_key(value, sorted(zoneinfo.available_timezones()))
-            raise ValueError(
-                "must be an IANA time zone name such as 'UTC' or 'Europe/Berlin'" + (f"; did you mean {hint!r}?" if hint else "")
-            ) from None
-        return value
-
-    @field_validator("new_data_event")
-    @classmethod
-    def _event_name(cls, value: str) -> str:
-        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*", value):
-            raise ValueError("must be a Prefect event name: letters, digits, '.', '_', '-', ':' (e.g. 'theworld.data.updated')")
-        return value
-
-
-_MLFLOW_ALIAS = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-class MlflowConfig(StrictModel):
-    """Where the pipeline's runs and models go in MLflow (the tracking server comes from the
-    `MLFLOW_TRACKING_URI` environment variable, never from this file)."""
-
-    model_config = ConfigDict(use_attribute_docstrings=True)
-
-    experiment: str = DEFAULT_MLFLOW_EXPERIMENT
-    """MLflow experiment of the pipeline run (parent) and its stage runs (children, named after the stages)."""
-    registered_model: str = "theworld"
-    """Model Registry name the winning stage output is registered under."""
-    champion_alias: str = "champion"
-    """Registry alias moved to the newly registered version (load it as `models:/<registered_model>@<alias>`)."""
-    log_system_metrics: bool = True
-    """Also record CPU/GPU/memory usage in the stage runs (MLflow system metrics)."""
-
-    @field_validator("experiment")
-    @classmethod
-    def _experiment(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must be a non-empty experiment name")
-        return value
-
-    @field_validator("registered_model")
-    @classmethod
-    def _registered_model(cls, value: str) -> str:
-        if not value.strip() or "/" in value or ":" in value:
-            raise ValueError("must be a non-empty model name without '/' or ':' (MLflow Model Registry rule)")
-        return value
-
-    @field_validator("champion_alias")
-    @classmethod
-    def _alias(cls, value: str) -> str:
-        if not _MLFLOW_ALIAS.match(value) or value.lower() == "latest" or re.fullmatch(r"[vV]\d+", value):
-            raise ValueError(
-                "must be an MLflow alias: letters, digits, '_' and '-', and neither 'latest' nor a version like 'v3'"
-            )
-        return value
-
-
-class PipelinePlateauConfig(PlateauConfig):
-    """The `plateau:` section of a pipeline file: `PlateauConfig`, with `min_steps` optional. Each
-    key becomes the flat stage key `plateau_<key>` of every stage (a stage may override it)."""
-
-    min_steps: PlateauMinSteps | None = None
-    """No plateau verdict before this optimizer step. Null: the per-stage default
-    (docs/stages.md#plateau), 10000 for a projection-only stage (all three components frozen) and
-    5000 for the others."""
+from theworld_core.config.stage_schema import DataConfig, ModelConfig, PlateauConfig, StageConfig, TrainingConfig
 
 
 class _PipelineSettings(StrictModel):
@@ -240,7 +67,18 @@ _SECTIONS: dict[str, type[StrictModel]] = {
     "schedule": ScheduleConfig,
     "mlflow": MlflowConfig,
 }
-PIPELINE_KEYS: tuple[str, ...] = ("model", "data", "defaults", "stages", "plateau", "gate", "schedule", "mlflow", *_SETTINGS_KEYS, "profiles")
+PIPELINE_KEYS: tuple[str, ...] = (
+    "model",
+    "data",
+    "defaults",
+    "stages",
+    "plateau",
+    "gate",
+    "schedule",
+    "mlflow",
+    *_SETTINGS_KEYS,
+    "profiles",
+)
 """The top-level keys of a pipeline file."""
 PROFILE_KEYS: tuple[str, ...] = tuple(k for k in PIPELINE_KEYS if k != "profiles")
 """The keys of a profile overlay (`stages` there maps a stage name to its overrides)."""
@@ -261,13 +99,19 @@ def _stage_key_problem(key: Any, value: Any, path: str, *, in_defaults: bool, fi
     if key == "name":
         return refuse("stage names are given per stage, in the stages list") if in_defaults else None
     if key in _PLATEAU_FLAT:
-        return refuse(f"set it in the plateau section as plateau.{_PLATEAU_FLAT[key]} (a stage may override it)") if in_defaults else None
+        return (
+            refuse(f"set it in the plateau section as plateau.{_PLATEAU_FLAT[key]} (a stage may override it)")
+            if in_defaults
+            else None
+        )
     if key == "plateau":
         return refuse("a stage overrides the plateau rule with the flat keys " + ", ".join(_PLATEAU_FLAT))
     if key == "output_dir":
         return refuse("the pipeline sets it (a folder per stage under output_root); change output_root instead")
     if key in _WANDB_KEYS:
-        return refuse("MLflow names come from the mlflow section (mlflow.experiment); stage runs are named after the stages")
+        return refuse(
+            "MLflow names come from the mlflow section (mlflow.experiment); stage runs are named after the stages"
+        )
     if key == "resume_from_checkpoint" and not first_stage:
         return refuse(
             "only the first stage may name a checkpoint to start from; every later stage starts from the "
@@ -281,7 +125,9 @@ def _stage_key_problem(key: Any, value: Any, path: str, *, in_defaults: bool, fi
     if key in ModelConfig.model_fields and key not in _TRAINING_KEYS:
         return refuse("a model key: set it in the model section (one model for all stages)")
     if key in DataConfig.model_fields and key not in _TRAINING_KEYS:
-        return refuse("a data key: set it in the data section (one data set for all stages, so their eval losses compare)")
+        return refuse(
+            "a data key: set it in the data section (one data set for all stages, so their eval losses compare)"
+        )
     if key in _TRAINING_KEYS:
         return None
     allowed = [k for k in _TRAINING_KEYS if k not in ("output_dir", *_WANDB_KEYS)]
@@ -293,7 +139,9 @@ def where_plain(loc: tuple[Any, ...]) -> str:
     return join_path("", loc)
 
 
-def _validate_section(cls: type[M], raw: Any, at: tuple[Any, ...], where: Callable[[tuple[Any, ...]], str], problems: list[str]) -> M | None:
+def _validate_section(
+    cls: type[M], raw: Any, at: tuple[Any, ...], where: Callable[[tuple[Any, ...]], str], problems: list[str]
+) -> M | None:
     """Validate one section, adding a problem line per error (paths rendered by `where`)."""
     if raw is None:
         raw = {}
@@ -333,7 +181,12 @@ def _home_of(key: Any) -> str | None:
 
 
 def _stage_layers(
-    model: Mapping[str, Any], data: Mapping[str, Any], defaults: Mapping[str, Any], plateau: Mapping[str, Any], stage: Mapping[str, Any], index: int
+    model: Mapping[str, Any],
+    data: Mapping[str, Any],
+    defaults: Mapping[str, Any],
+    plateau: Mapping[str, Any],
+    stage: Mapping[str, Any],
+    index: int,
 ) -> tuple[dict[str, Any], dict[str, tuple[Any, ...]]]:
     """The flat stage dict (later layers win, key by key) and, per key, the path it came from."""
     merged: dict[str, Any] = {}
@@ -373,7 +226,9 @@ def _check_stages(
     if defaults is None:
         defaults = {}
     if not isinstance(defaults, Mapping):
-        problems.append(f"{where(('defaults',))}: {render_value(defaults)} is not allowed: must be a mapping of training keys to values")
+        problems.append(
+            f"{where(('defaults',))}: {render_value(defaults)} is not allowed: must be a mapping of training keys to values"
+        )
         defaults = {}
     for key, value in defaults.items():
         problem = _stage_key_problem(key, value, where(("defaults", key)), in_defaults=True, first_stage=False)
@@ -388,10 +243,14 @@ def _check_stages(
         )
 
     if not stages_given:
-        problems.append(f"{where(('stages',))}: required but missing: list the stages, each with a name and its training keys")
+        problems.append(
+            f"{where(('stages',))}: required but missing: list the stages, each with a name and its training keys"
+        )
         return [], clean_defaults, []
     if not isinstance(stages, list):
-        problems.append(f"{where(('stages',))}: {render_value(stages)} is not allowed: must be a list of stages (mappings with a name)")
+        problems.append(
+            f"{where(('stages',))}: {render_value(stages)} is not allowed: must be a list of stages (mappings with a name)"
+        )
         return [], clean_defaults, []
     if not stages:
         problems.append(f"{where(('stages',))}: [] is not allowed: must list at least one stage")
@@ -405,7 +264,9 @@ def _check_stages(
     for index, entry in enumerate(stages):
         at = ("stages", index)
         if not isinstance(entry, Mapping):
-            problems.append(f"{where(at)}: {render_value(entry)} is not allowed: must be a mapping with a name and training keys")
+            problems.append(
+                f"{where(at)}: {render_value(entry)} is not allowed: must be a mapping with a name and training keys"
+            )
             ok = False
             continue
         own: dict[str, Any] = {}
@@ -553,29 +414,46 @@ class PipelineConfig(_PipelineSettings):
         (sorted keys, no spaces), equal for configs that resolve to the same values however they were
         written. A scheduled run compares it (stored as the MLflow tag `config_hash` of pipeline runs)
         to find the earlier run of the same config for "no new data"."""
-        text = json.dumps(self.resolved_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+        text = json.dumps(
+            self.resolved_dict(), sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False
+        )
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-
-def build_pipeline(document: Mapping[str, Any], where: Callable[[tuple[Any, ...]], str]) -> tuple[PipelineConfig | None, list[str]]:
+def build_pipeline(
+    document: Mapping[str, Any], where: Callable[[tuple[Any, ...]], str]
+) -> tuple[PipelineConfig | None, list[str]]:
     """Validate a document (profiles already applied); the config, or None and the problems."""
     problems: list[str] = []
     cadence: list[str] = []
     parts: dict[str, Any] = {}
     for key, cls in _SECTIONS.items():
         parts[key] = _validate_section(cls, document.get(key), (key,), where, problems)
-    settings = _validate_section(_PipelineSettings, {k: document[k] for k in _SETTINGS_KEYS if k in document}, (), where, problems)
+    settings = _validate_section(
+        _PipelineSettings, {k: document[k] for k in _SETTINGS_KEYS if k in document}, (), where, problems
+    )
 
     def layer(key: str) -> dict[str, Any] | None:
         # a section that failed its own checks is left out of the stages (its problems are listed)
         return parts[key].model_dump(exclude_unset=True) if parts[key] is not None else None
 
     _, defaults, stages = _check_stages(
-        layer("model"), layer("data"), document.get("defaults"), layer("plateau"), document.get("stages"), where, problems,
-        stages_given="stages" in document, cadence=cadence,
+        layer("model"),
+        layer("data"),
+        document.get("defaults"),
+        layer("plateau"),
+        document.get("stages"),
+        where,
+        problems,
+        stages_given="stages" in document,
+        cadence=cadence,
     )
-    if settings is not None and parts["gate"] is not None and parts["gate"].metric == "task_accuracy" and settings.eval_task_samples < 1:
+    if (
+        settings is not None
+        and parts["gate"] is not None
+        and parts["gate"].metric == "task_accuracy"
+        and settings.eval_task_samples < 1
+    ):
         problems.append(
             f"{where(('eval_task_samples',))}: {settings.eval_task_samples} is not allowed: must be at least 1 when "
             "gate.metric is task_accuracy (the metric is computed on these samples)"

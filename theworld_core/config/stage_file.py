@@ -117,7 +117,10 @@ def parse_json_with_comments(text: str, source: str | None = None) -> Any:
         raise ConfigError([detail], source, line=exc.lineno, column=exc.colno) from None
     if duplicates:
         raise ConfigError(
-            [f"{key}: duplicate key: it appears more than once (JSON would silently keep the last)" for key in duplicates],
+            [
+                f"{key}: duplicate key: it appears more than once (JSON would silently keep the last)"
+                for key in duplicates
+            ],
             source,
         )
     return data
@@ -167,16 +170,22 @@ def plateau_cadence_problems(cfg: TrainingConfig) -> list[tuple[str, Any, str]]:
         "patience": f"the patience rule also waits for {need} evaluations without a new best: it acts as {need * every} steps",
     }
     return [
-        (f"plateau_{name}_steps", steps, (
-            f"is shorter than {need} evaluations at eval_steps {every} ({effect[name]}): set eval_steps to at most "
-            f"{max(1, steps // need)} or plateau_{name}_steps to at least {need * every}"
-        ))
+        (
+            f"plateau_{name}_steps",
+            steps,
+            (
+                f"is shorter than {need} evaluations at eval_steps {every} ({effect[name]}): set eval_steps to at most "
+                f"{max(1, steps // need)} or plateau_{name}_steps to at least {need * every}"
+            ),
+        )
         for name, steps in (("window", rule.window_steps), ("patience", rule.patience_steps))
         if steps < need * every
     ]
 
 
-def cadence_lines(stages: list[tuple[StageConfig, dict[str, tuple[Any, ...]], int]], where: Callable[[tuple[Any, ...]], str]) -> list[str]:
+def cadence_lines(
+    stages: list[tuple[StageConfig, dict[str, tuple[Any, ...]], int]], where: Callable[[tuple[Any, ...]], str]
+) -> list[str]:
     """`plateau_cadence_problems` of a pipeline's resolved stages `(stage, key -> path it was written
     at, index)`, one line per problem written in one place, with its key paths and the stages it
     concerns, e.g. `plateau.window_steps: 5000 is shorter than 3 evaluations at defaults.eval_steps

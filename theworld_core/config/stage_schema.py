@@ -86,7 +86,9 @@ class ModelConfig(StrictModel):
     def _perfect_square(cls, value: int) -> int:
         side = math.isqrt(value)
         if side * side != value:
-            raise ValueError(f"world_tokens={value} must be a perfect square (4, 16, 64, ...): the latent is pooled to a square grid")
+            raise ValueError(
+                f"world_tokens={value} must be a perfect square (4, 16, 64, ...): the latent is pooled to a square grid"
+            )
         return value
 
     @field_validator("world_image_size")
@@ -163,13 +165,7 @@ FREEZE_FLAG_OF: dict[str, str] = {
 """Component -> the freeze flag that switches it (`world_projector` is always trained)."""
 
 LrSchedulerName = Literal[
-    "linear",
-    "cosine",
-    "cosine_with_restarts",
-    "polynomial",
-    "constant",
-    "constant_with_warmup",
-    "inverse_sqrt",
+    "linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup", "inverse_sqrt"
 ]
 """Names `transformers.get_scheduler(name, optimizer, num_warmup_steps=, num_training_steps=)` accepts
 with no further arguments. Its other names (`reduce_lr_on_plateau`, `greedy`: need the metric at each
@@ -433,11 +429,13 @@ class TrainingConfig(StrictModel):
         if self.push_to_hub and self.hub_model_id is None:
             problems.append(("hub_model_id", None, "required when push_to_hub is true: the hub repo as 'owner/name'"))
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
-            problems.append((
-                "warmup_steps",
-                self.warmup_steps,
-                f"must not exceed max_steps ({self.max_steps}): the learning rate would never reach its peak",
-            ))
+            problems.append(
+                (
+                    "warmup_steps",
+                    self.warmup_steps,
+                    f"must not exceed max_steps ({self.max_steps}): the learning rate would never reach its peak",
+                )
+            )
         return problems
 
     # --- views ------------------------------------------------------------------------------------
@@ -495,8 +493,7 @@ class TrainingConfig(StrictModel):
         """The MLflow experiment and run names: `wandb_project` / `wandb_run_name` when given (the
         stage JSON files' keys), else `DEFAULT_MLFLOW_EXPERIMENT` / `default_run_name`."""
         return MlflowNames(
-            experiment=self.wandb_project or DEFAULT_MLFLOW_EXPERIMENT,
-            run_name=self.wandb_run_name or default_run_name,
+            experiment=self.wandb_project or DEFAULT_MLFLOW_EXPERIMENT, run_name=self.wandb_run_name or default_run_name
         )
 
     def wandb_notice(self, *, default_run_name: str | None = None) -> str | None:

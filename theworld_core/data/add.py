@@ -76,7 +76,9 @@ def read_captions(path: str | Path) -> dict[str, str]:
             try:
                 line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
             except UnicodeDecodeError as error:
-                raise ValueError(f"{path}:{number}: invalid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})") from None
+                raise ValueError(
+                    f"{path}:{number}: invalid UTF-8 (byte 0x{raw[error.start]:02x} at column {error.start + 1})"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -86,7 +88,7 @@ def read_captions(path: str | Path) -> dict[str, str]:
             name = row.get("file_name") or row.get("image") or row.get("path") if isinstance(row, dict) else None
             text = (row.get("text") or row.get("caption")) if isinstance(row, dict) else None
             if not isinstance(name, str) or not isinstance(text, str) or not text.strip():
-                raise ValueError(f"{path}:{number}: expected {{\"file_name\": ..., \"text\": ...}} with a non-empty text")
+                raise ValueError(f'{path}:{number}: expected {{"file_name": ..., "text": ...}} with a non-empty text')
             captions[name] = text
     return captions
 
@@ -138,7 +140,9 @@ def _atomic_copy(source: Path, target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _caption_length_problem(source: Path, text: str, limit: SequenceLimit | None, prompt: str) -> tuple[str | None, str | None]:
+def _caption_length_problem(
+    source: Path, text: str, limit: SequenceLimit | None, prompt: str
+) -> tuple[str | None, str | None]:
     """(refusal, warning) for one caption: refused when it does not fit `limit`; without a limit,
     a warning when it is longer than `LONG_CAPTION_CHARS`."""
     if limit is not None:
@@ -152,9 +156,15 @@ def _caption_length_problem(source: Path, text: str, limit: SequenceLimit | None
     return None, None
 
 
-def add_images(sources: list[str], folder: str | Path, *, caption: str | None = None,
-               captions_file: str | Path | None = None, sequence_limit: SequenceLimit | None = None,
-               prompt: str = DEFAULT_PROMPT) -> list[Added]:
+def add_images(
+    sources: list[str],
+    folder: str | Path,
+    *,
+    caption: str | None = None,
+    captions_file: str | Path | None = None,
+    sequence_limit: SequenceLimit | None = None,
+    prompt: str = DEFAULT_PROMPT,
+) -> list[Added]:
     """Copy `sources` (image files, or folders of them) into the image folder `folder` (created when
     missing) and append their rows to its `metadata.jsonl`.
 

@@ -132,7 +132,9 @@ def _attempt(client: httpx.Client, url: str, settings: FetchSettings) -> bytes:
                 raise _Failure(reason, f"HTTP {status}", transient=status in TRANSIENT_STATUS)
             declared = response.headers.get("content-length", "")
             if declared.isdigit() and int(declared) > settings.max_bytes:
-                raise _Failure("too_large", f"Content-Length {declared} > fetch_max_bytes={settings.max_bytes}", transient=False)
+                raise _Failure(
+                    "too_large", f"Content-Length {declared} > fetch_max_bytes={settings.max_bytes}", transient=False
+                )
             in_body = True
             body = bytearray()
             for chunk in response.iter_bytes(CHUNK_BYTES):
@@ -140,7 +142,11 @@ def _attempt(client: httpx.Client, url: str, settings: FetchSettings) -> bytes:
                 if len(body) > settings.max_bytes:
                     raise _Failure("too_large", f"body passed fetch_max_bytes={settings.max_bytes}", transient=False)
                 if time.monotonic() > deadline:
-                    raise _Failure("timeout", f"body not complete within {ATTEMPT_DEADLINE_FACTOR * settings.timeout_s:g}s", transient=True)
+                    raise _Failure(
+                        "timeout",
+                        f"body not complete within {ATTEMPT_DEADLINE_FACTOR * settings.timeout_s:g}s",
+                        transient=True,
+                    )
             return bytes(body)
     except _Failure:
         raise
@@ -176,7 +182,9 @@ def _client(settings: FetchSettings) -> httpx.Client:
         if client is None:
             client = httpx.Client(
                 timeout=httpx.Timeout(settings.timeout_s),
-                limits=httpx.Limits(max_connections=2 * settings.concurrency, max_keepalive_connections=settings.concurrency),
+                limits=httpx.Limits(
+                    max_connections=2 * settings.concurrency, max_keepalive_connections=settings.concurrency
+                ),
                 follow_redirects=True,
                 headers={"User-Agent": USER_AGENT},
             )

@@ -66,8 +66,8 @@ class EpochBatches(Sampler[list[int]]):
         order = torch.randperm(self.size, generator=generator).tolist()
         if self.processes > 1:  # pad by wrapping around: every process gets as many samples
             per_process = -(-self.size // self.processes)
-            order = (order * (per_process * self.processes // self.size + 1))[:per_process * self.processes]
-            order = order[self.rank::self.processes]
+            order = (order * (per_process * self.processes // self.size + 1))[: per_process * self.processes]
+            order = order[self.rank :: self.processes]
         return order
 
     def __len__(self) -> int:
@@ -77,7 +77,7 @@ class EpochBatches(Sampler[list[int]]):
     def __iter__(self) -> Iterator[list[int]]:
         order = self.positions()
         for start in range(self.skip * self.batch_size, len(order), self.batch_size):
-            yield order[start:start + self.batch_size]
+            yield order[start : start + self.batch_size]
 
 
 class ShardedStream(IterableDataset):
@@ -87,8 +87,16 @@ class ShardedStream(IterableDataset):
     (a process-shared value), so persistent workers see the epoch the training process set.
     """
 
-    def __init__(self, train_shard: Callable[[int, int], Iterator[dict[str, Any]]], *, seed: int, rank: int = 0,
-                 processes: int = 1, workers: int = 0, buffer_size: int = STREAM_SHUFFLE_BUFFER):
+    def __init__(
+        self,
+        train_shard: Callable[[int, int], Iterator[dict[str, Any]]],
+        *,
+        seed: int,
+        rank: int = 0,
+        processes: int = 1,
+        workers: int = 0,
+        buffer_size: int = STREAM_SHUFFLE_BUFFER,
+    ):
         self.train_shard, self.seed = train_shard, seed
         self.rank, self.processes, self.workers = rank, processes, max(1, workers)
         self.buffer_size = buffer_size

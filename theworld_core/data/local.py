@@ -49,9 +49,7 @@ def imagefolder_source(folder: Path) -> Source:
         if table.is_file():
             _check_table(table)
             return Source(
-                kind="imagefolder",
-                description=f"image folder {folder} ({name})",
-                records=partial(_records, table),
+                kind="imagefolder", description=f"image folder {folder} ({name})", records=partial(_records, table)
             )
     raise ValueError(
         f"dataset_name={str(folder)!r} is a folder without {' or '.join(METADATA_FILES)}: an image folder "
@@ -151,7 +149,14 @@ def _records(table: Path) -> Iterator[SourceRecord]:
             sample_id = explicit_id or where
             detail = f"{where + ': ' if explicit_id else ''}no image column ({'/'.join(IMAGE_COLUMNS)})"
             yield SourceRecord(
-                id=sample_id, group=sample_id, text=None, prompt=None, load=None, problem="bad_record", detail=detail, where=where
+                id=sample_id,
+                group=sample_id,
+                text=None,
+                prompt=None,
+                load=None,
+                problem="bad_record",
+                detail=detail,
+                where=where,
             )
             continue
         relative, path = _resolved(base, image, folders)

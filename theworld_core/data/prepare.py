@@ -114,7 +114,9 @@ def _as_data_config(cfg: Any) -> DataConfig:
     along, and training fields have no business there)."""
     if type(cfg) is DataConfig:
         return cfg
-    return DataConfig.model_validate({name: getattr(cfg, name) for name in DataConfig.model_fields if hasattr(cfg, name)})
+    return DataConfig.model_validate(
+        {name: getattr(cfg, name) for name in DataConfig.model_fields if hasattr(cfg, name)}
+    )
 
 
 # --- per-sample work shared by both modes -------------------------------------------------------
@@ -265,10 +267,14 @@ class _Bookkeeping:
 def _bookkeeping(table: Dataset) -> _Bookkeeping:
     reason_column = table.data.column("bad_reason")
     good = pc.is_null(reason_column).to_numpy(zero_copy_only=False)
-    reasons = {str(item["values"]): int(item["counts"]) for item in reason_column.drop_null().value_counts().to_pylist()}
+    reasons = {
+        str(item["values"]): int(item["counts"]) for item in reason_column.drop_null().value_counts().to_pylist()
+    }
     columns = table.select_columns(["id", "bad_reason", "bad_detail"])
     examples = [example_of(columns[int(index)]) for index in np.flatnonzero(~good)[:EXAMPLE_COUNT]]
-    return _Bookkeeping(good=good, scores=table.data.column("split_score").to_numpy(), reasons=reasons, examples=examples)
+    return _Bookkeeping(
+        good=good, scores=table.data.column("split_score").to_numpy(), reasons=reasons, examples=examples
+    )
 
 
 def _samples(table: Dataset, mask: np.ndarray) -> Dataset:
@@ -280,7 +286,11 @@ def _samples(table: Dataset, mask: np.ndarray) -> Dataset:
 
 
 def _prepare_materialised(
-    cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None, limit_identity: dict[str, Any] | None
+    cfg: DataConfig,
+    source: Source,
+    default_prompt: str,
+    cache_dir: str | Path | None,
+    limit_identity: dict[str, Any] | None,
 ) -> PreparedData:
     content = _hash_content(cfg, source, default_prompt)
     fingerprint = _fingerprint(cfg, source, default_prompt, content, limit_identity)
@@ -302,7 +312,9 @@ def _prepare_materialised(
         bad_reasons=books.reasons,
         bad_examples=books.examples,
     )
-    return PreparedData(train=train_split, eval=eval_split, fingerprint=fingerprint, stats=stats, source=source.description)
+    return PreparedData(
+        train=train_split, eval=eval_split, fingerprint=fingerprint, stats=stats, source=source.description
+    )
 
 
 def _eval_mask(good: np.ndarray, scores: np.ndarray, eval_fraction: float) -> np.ndarray:
@@ -448,6 +460,7 @@ def _scan_stream(cfg: DataConfig, source: Source, default_prompt: str) -> _Strea
     """Count the records and hash their bytes (unless the source has a static fingerprint)."""
     hashing = source.static_fingerprint is None
     scan = _StreamScan()
+
     # Records with a content_key are not read here (URL lists: no download before training);
     # a record that is bad by itself still counts as certainly bad.
     def wanted(record: SourceRecord) -> bool:
@@ -466,7 +479,9 @@ def _scan_stream(cfg: DataConfig, source: Source, default_prompt: str) -> _Strea
         if isinstance(read, SampleProblem):
             scan.train_unreadable[read.reason] += 1
             if len(scan.train_examples) < EXAMPLE_COUNT:
-                scan.train_examples.append(example_of({"id": record.id, "bad_reason": read.reason, "bad_detail": read.detail}))
+                scan.train_examples.append(
+                    example_of({"id": record.id, "bad_reason": read.reason, "bad_detail": read.detail})
+                )
         else:
             scan.add_candidate(score)
     return scan
@@ -492,14 +507,20 @@ def _hold_out_lowest(
 
 
 def _prepare_streaming(
-    cfg: DataConfig, source: Source, default_prompt: str, cache_dir: str | Path | None, limit_identity: dict[str, Any] | None
+    cfg: DataConfig,
+    source: Source,
+    default_prompt: str,
+    cache_dir: str | Path | None,
+    limit_identity: dict[str, Any] | None,
 ) -> PreparedData:
     scan = _scan_stream(cfg, source, default_prompt)
     fingerprint = _fingerprint(cfg, source, default_prompt, scan.content.hexdigest(), limit_identity)
     table = (
         _row_table(source, cfg, default_prompt, fingerprint, cache_dir, only_eval=True)
         if scan.eval_records
-        else Dataset.from_dict({column: [] for column in ROW_FEATURES}, features=ROW_FEATURES)  # datasets refuses 0-row generators
+        else Dataset.from_dict(
+            {column: [] for column in ROW_FEATURES}, features=ROW_FEATURES
+        )  # datasets refuses 0-row generators
     )
     books = _bookkeeping(table)
     eval_records, eval_reasons, eval_examples = len(table), Counter(books.reasons), list(books.examples)
@@ -509,7 +530,9 @@ def _prepare_streaming(
     known_bad = eval_reasons + scan.train_unreadable
     if known_bad.total() > cfg.max_bad_fraction * scan.total:
         examples = eval_examples + scan.train_examples
-        _check_bad_share(known_bad.total(), scan.total, cfg.max_bad_fraction, dict(known_bad), examples, total=scan.total)
+        _check_bad_share(
+            known_bad.total(), scan.total, cfg.max_bad_fraction, dict(known_bad), examples, total=scan.total
+        )
 
     forced_score = None
     if books.good.any():
@@ -523,7 +546,9 @@ def _prepare_streaming(
             )
         forced_score, rows = held_out
         # Tiny by construction (one split group), so an in-memory table is fine here.
-        eval_split = Dataset.from_list([sample_of(row) for row in rows if row["bad_reason"] is None], features=SAMPLE_FEATURES)
+        eval_split = Dataset.from_list(
+            [sample_of(row) for row in rows if row["bad_reason"] is None], features=SAMPLE_FEATURES
+        )
         eval_records += len(rows)
         for row in rows:
             if row["bad_reason"] is not None:
@@ -540,11 +565,22 @@ def _prepare_streaming(
         complete=False,
     )
     progress = _StreamProgress(stats, eval_records, cfg.max_bad_fraction)
-    stream_kwargs = {"source": source, "cfg": cfg, "default_prompt": default_prompt, "forced_score": forced_score,
-                     "progress": progress}
+    stream_kwargs = {
+        "source": source,
+        "cfg": cfg,
+        "default_prompt": default_prompt,
+        "forced_score": forced_score,
+        "progress": progress,
+    }
     train = IterableDataset.from_generator(_stream_train, features=SAMPLE_FEATURES, gen_kwargs=stream_kwargs)
-    return PreparedData(train=train, eval=eval_split, fingerprint=fingerprint, stats=stats, source=source.description,
-                        train_shard=partial(_train_shard, **stream_kwargs))
+    return PreparedData(
+        train=train,
+        eval=eval_split,
+        fingerprint=fingerprint,
+        stats=stats,
+        source=source.description,
+        train_shard=partial(_train_shard, **stream_kwargs),
+    )
 
 
 def _train_shard(index: int, count: int, **stream_kwargs: Any) -> Iterator[dict[str, Any]]:

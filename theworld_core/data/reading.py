@@ -20,7 +20,6 @@ Read = bytes | SampleProblem | None
 """A record's image bytes, why there are none, or None for a record the pass does not read."""
 
 
-
 def measured_records(
     records: Callable[[], Iterator[SourceRecord]], limit: SequenceLimit, default_prompt: str
 ) -> Iterator[SourceRecord]:
@@ -107,7 +106,9 @@ def _settle(
 ) -> tuple[SourceRecord, Read]:
     record, future = record_and_future
     if future is None:  # not read, or a record that is bad by itself
-        return record, read_or_problem(record) if record.problem is not None and (wanted is None or wanted(record)) else None
+        return record, read_or_problem(record) if record.problem is not None and (
+            wanted is None or wanted(record)
+        ) else None
     try:
         return record, future.result(timeout=timeout_s)
     except FutureTimeout:

@@ -155,8 +155,7 @@ def synthetic_source(cfg: DataConfig) -> Source:
     return Source(
         kind="synthetic",
         description=(
-            f"synthetic shapes (seed {cfg.seed}, {cfg.synthetic_samples} samples, "
-            f"{cfg.synthetic_image_size} px)"
+            f"synthetic shapes (seed {cfg.seed}, {cfg.synthetic_samples} samples, {cfg.synthetic_image_size} px)"
         ),
         records=partial(_records, cfg.seed, cfg.synthetic_samples, cfg.synthetic_image_size),
         static_fingerprint=params,

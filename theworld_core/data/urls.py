@@ -126,7 +126,9 @@ def _table_rows(table: Path) -> Iterator[tuple[str, dict[str, Any] | str]]:
         yield f"{table.name}:{number}", row
 
 
-def _url_records(rows: Callable[[], Iterable[tuple[str, dict[str, Any] | str]]], settings: FetchSettings) -> Iterator[SourceRecord]:
+def _url_records(
+    rows: Callable[[], Iterable[tuple[str, dict[str, Any] | str]]], settings: FetchSettings
+) -> Iterator[SourceRecord]:
     for where, row in rows():
         yield url_record(where, row, settings)
 
@@ -134,13 +136,21 @@ def _url_records(rows: Callable[[], Iterable[tuple[str, dict[str, Any] | str]]],
 def url_record(where: str, row: dict[str, Any] | str, settings: FetchSettings) -> SourceRecord:
     """One URL-list row as a record whose `load` fetches the image (cache first)."""
     if isinstance(row, str):
-        return SourceRecord(id=where, group=where, text=None, prompt=None, load=None, problem="bad_record", detail=row, where=where)
+        return SourceRecord(
+            id=where, group=where, text=None, prompt=None, load=None, problem="bad_record", detail=row, where=where
+        )
     url = _first(row, (URL_COLUMN,))
     sample_id = _first(row, URL_ID_COLUMNS) or url or where
     if url is None:
         return SourceRecord(
-            id=sample_id, group=sample_id, text=None, prompt=None, load=None, problem="bad_record",
-            detail=f"{where}: no {URL_COLUMN!r} value", where=where,
+            id=sample_id,
+            group=sample_id,
+            text=None,
+            prompt=None,
+            load=None,
+            problem="bad_record",
+            detail=f"{where}: no {URL_COLUMN!r} value",
+            where=where,
         )
     url = url.strip()
     text = _first(row, TEXT_COLUMNS)

@@ -90,7 +90,8 @@ def make_namespace(kind: str, encoder_fingerprint: str, settings: Mapping[str, A
         raise ValueError(f"feature cache kind {kind!r} is not allowed: use one of {list(KINDS)}")
     description = json.dumps(
         {"format": FORMAT_VERSION, "kind": kind, "encoder": encoder_fingerprint, "settings": dict(settings)},
-        sort_keys=True, default=str,
+        sort_keys=True,
+        default=str,
     )
     return Namespace(kind, hashlib.sha256(description.encode()).hexdigest(), description)
 
@@ -110,10 +111,18 @@ def encode_entry(namespace: Namespace, image_key: str, tensor: torch.Tensor, enc
     if dtype not in _DTYPES:
         raise ValueError(f"feature cache stores {sorted(_DTYPES)} tensors, not {dtype}")
     payload = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-    header = json.dumps({
-        "namespace": namespace.digest, "kind": namespace.kind, "image_key": image_key, "dtype": dtype,
-        "shape": list(tensor.shape), "payload_bytes": len(payload), "encode_seconds": encode_seconds,
-    }, sort_keys=True).encode()
+    header = json.dumps(
+        {
+            "namespace": namespace.digest,
+            "kind": namespace.kind,
+            "image_key": image_key,
+            "dtype": dtype,
+            "shape": list(tensor.shape),
+            "payload_bytes": len(payload),
+            "encode_seconds": encode_seconds,
+        },
+        sort_keys=True,
+    ).encode()
     body = _MAGIC + struct.pack("<I", len(header)) + header + payload
     return body + hashlib.sha256(body).digest()
 
@@ -127,17 +136,21 @@ def decode_entry(data: bytes, namespace: Namespace, image_key: str) -> tuple[tor
         raise _Corrupt("checksum mismatch (truncated or damaged)")
     try:
         (header_length,) = struct.unpack_from("<I", data, len(_MAGIC))
-        header = json.loads(bytes(view[_PREFIX:_PREFIX + header_length]))
-        payload = view[_PREFIX + header_length:-_DIGEST]
+        header = json.loads(bytes(view[_PREFIX : _PREFIX + header_length]))
+        payload = view[_PREFIX + header_length : -_DIGEST]
         dtype, shape = _DTYPES[header["dtype"]], tuple(header["shape"])
     except (ValueError, KeyError, TypeError, struct.error) as error:
         raise _Corrupt(f"unreadable header: {type(error).__name__}: {error}") from None
     if header.get("namespace") != namespace.digest or header.get("image_key") != image_key:
-        raise _Foreign(f"it holds kind={header.get('kind')!r} namespace {str(header.get('namespace'))[:12]} "
-                       f"image {str(header.get('image_key'))[:12]}")
+        raise _Foreign(
+            f"it holds kind={header.get('kind')!r} namespace {str(header.get('namespace'))[:12]} "
+            f"image {str(header.get('image_key'))[:12]}"
+        )
     if len(payload) != header.get("payload_bytes") or len(payload) != dtype.itemsize * _numel(shape):
         raise _Corrupt(f"{len(payload)} tensor bytes for dtype {header['dtype']} shape {list(shape)}")
-    flat = torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+    flat = (
+        torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
+    )
     return flat.view(dtype).reshape(shape), header
 
 
@@ -201,9 +214,12 @@ class FeatureCache:
         if self.disabled_reason is not None:
             return
         self.disabled_reason = reason
-        log.warning("feature cache at %s turned off: %s. Training goes on without it: every image is encoded "
-                    "and nothing is cached (fix the folder, or set feature_cache_dir / feature_cache: off).",
-                    self.directory, reason)
+        log.warning(
+            "feature cache at %s turned off: %s. Training goes on without it: every image is encoded "
+            "and nothing is cached (fix the folder, or set feature_cache_dir / feature_cache: off).",
+            self.directory,
+            reason,
+        )
 
     def _check_writable(self) -> None:
         probe = self.root / f".probe-{os.getpid()}-{secrets.token_hex(4)}.tmp"
@@ -222,8 +238,14 @@ class FeatureCache:
 
     # ------------------------------------------------------------------ entries
 
-    def get(self, namespace: Namespace, image_key: str, *, shape: Sequence[int] | None = None,
-            dtype: torch.dtype | None = None) -> torch.Tensor | None:
+    def get(
+        self,
+        namespace: Namespace,
+        image_key: str,
+        *,
+        shape: Sequence[int] | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor | None:
         """The cached tensor, or None (a miss). `shape`/`dtype`: what this encoder makes, if known."""
         tensor = self._read(namespace, image_key, shape, dtype)
         if tensor is None:
@@ -248,18 +270,26 @@ class FeatureCache:
         except _Corrupt as problem:
             self._corrupt += 1
             if self._corrupt == 1:
-                log.warning("feature cache: dropped corrupt entry %s (%s); it is encoded again "
-                            "(further corrupt entries are counted in feature_cache/corrupt)", path, problem)
+                log.warning(
+                    "feature cache: dropped corrupt entry %s (%s); it is encoded again "
+                    "(further corrupt entries are counted in feature_cache/corrupt)",
+                    path,
+                    problem,
+                )
             _remove_quietly(path)
             return None
         except _Foreign as problem:
-            self.disable(f"entry {path} does not belong to the encoder and image it is filed under: {problem}; "
-                         "the folder holds entries of another base model or cache version")
+            self.disable(
+                f"entry {path} does not belong to the encoder and image it is filed under: {problem}; "
+                "the folder holds entries of another base model or cache version"
+            )
             return None
         if (shape is not None and tuple(tensor.shape) != tuple(shape)) or (dtype is not None and tensor.dtype != dtype):
-            self.disable(f"entry {path} holds a {tuple(tensor.shape)} {tensor.dtype} tensor where this encoder "
-                         f"makes {tuple(shape) if shape is not None else 'any shape'} {dtype or ''}; "
-                         "the folder holds entries of another base model")
+            self.disable(
+                f"entry {path} holds a {tuple(tensor.shape)} {tensor.dtype} tensor where this encoder "
+                f"makes {tuple(shape) if shape is not None else 'any shape'} {dtype or ''}; "
+                "the folder holds entries of another base model"
+            )
             return None
         try:
             os.utime(path)  # recency for LRU eviction
@@ -269,7 +299,9 @@ class FeatureCache:
         self._seconds_saved += header.get("encode_seconds") or self._mean_encode_seconds()
         return tensor
 
-    def put(self, namespace: Namespace, image_key: str, tensor: torch.Tensor, encode_seconds: float | None = None) -> bool:
+    def put(
+        self, namespace: Namespace, image_key: str, tensor: torch.Tensor, encode_seconds: float | None = None
+    ) -> bool:
         """Store one entry atomically; False when the cache is off or an equal entry exists."""
         if not self.enabled:
             return False
@@ -292,8 +324,15 @@ class FeatureCache:
         self._maybe_evict()
         return True
 
-    def get_or_encode(self, namespace: Namespace, image_keys: Sequence[str], inputs: torch.Tensor,
-                      encode: Callable[[torch.Tensor], torch.Tensor], *, item_shape: Sequence[int] | None = None) -> torch.Tensor:
+    def get_or_encode(
+        self,
+        namespace: Namespace,
+        image_keys: Sequence[str],
+        inputs: torch.Tensor,
+        encode: Callable[[torch.Tensor], torch.Tensor],
+        *,
+        item_shape: Sequence[int] | None = None,
+    ) -> torch.Tensor:
         """`encode(inputs)` for a batch, reading hits from disk and encoding (then storing) only misses.
 
         `inputs[i]` is the preprocessed image whose content key is `image_keys[i]`; the result has
@@ -318,8 +357,10 @@ class FeatureCache:
         hit_rows = [i for i, tensor in enumerate(found) if tensor is not None]
         hits = torch.stack([found[i] for i in hit_rows])
         if encoded is not None and (hits.shape[1:] != encoded.shape[1:] or hits.dtype != encoded.dtype):
-            self.disable(f"cached {namespace.kind} entries are {tuple(hits.shape[1:])} {hits.dtype} but the encoder "
-                         f"makes {tuple(encoded.shape[1:])} {encoded.dtype}; the folder holds entries of another setup")
+            self.disable(
+                f"cached {namespace.kind} entries are {tuple(hits.shape[1:])} {hits.dtype} but the encoder "
+                f"makes {tuple(encoded.shape[1:])} {encoded.dtype}; the folder holds entries of another setup"
+            )
             return encode(inputs)
         result = torch.empty((len(found), *hits.shape[1:]), dtype=hits.dtype, device=inputs.device)
         result[hit_rows] = hits.to(inputs.device)
@@ -333,8 +374,11 @@ class FeatureCache:
     # ------------------------------------------------------------------ size cap
 
     def _maybe_evict(self) -> None:
-        if (self._known_size is None or self._known_size + self._written_since_scan > self.max_bytes
-                or self._written_since_scan > self.max_bytes * _RESCAN_FRACTION):
+        if (
+            self._known_size is None
+            or self._known_size + self._written_since_scan > self.max_bytes
+            or self._written_since_scan > self.max_bytes * _RESCAN_FRACTION
+        ):
             self.evict()
 
     def evict(self) -> int:

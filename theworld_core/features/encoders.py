@@ -34,8 +34,14 @@ class CachedEncoders:
     encoders run here, outside the model's wrapped forward.
     """
 
-    def __init__(self, model: nn.Module, cache: FeatureCache, *, precision: str = "no",
-                 autocast: Callable[[], contextlib.AbstractContextManager] | None = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        cache: FeatureCache,
+        *,
+        precision: str = "no",
+        autocast: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ):
         self.model, self.cache = model, cache
         self.autocast = autocast or contextlib.nullcontext
         self.namespaces: dict[str, Namespace] = {}
@@ -50,12 +56,16 @@ class CachedEncoders:
             return
         started = time.perf_counter()
         if is_frozen(model, "gemma_vision"):
-            fingerprint = encoder_fingerprint({"vision_tower": gemma.model.vision_tower,
-                                               "multi_modal_projector": gemma.model.multi_modal_projector})
-            self.namespaces["vision"] = make_namespace("vision", fingerprint, vision_settings(model.processor, precision))
+            fingerprint = encoder_fingerprint(
+                {"vision_tower": gemma.model.vision_tower, "multi_modal_projector": gemma.model.multi_modal_projector}
+            )
+            self.namespaces["vision"] = make_namespace(
+                "vision", fingerprint, vision_settings(model.processor, precision)
+            )
         if model.config.enable_world and is_frozen(model, "cosmos_vae"):
             self.namespaces["vae_latent"] = make_namespace(
-                "vae_latent", encoder_fingerprint(model.vae), world_settings(model.config.world_image_size, precision))
+                "vae_latent", encoder_fingerprint(model.vae), world_settings(model.config.world_image_size, precision)
+            )
         self.fingerprint_seconds = time.perf_counter() - started
 
     @property
@@ -73,12 +83,22 @@ class CachedEncoders:
             return self.model.encode_world(world_pixel_values)
 
     def vision_features(self, pixel_values: torch.Tensor, image_keys) -> torch.Tensor:
-        return self.cache.get_or_encode(self.namespaces["vision"], image_keys, pixel_values, self.encode_vision,
-                                        item_shape=self.item_shapes["vision"])
+        return self.cache.get_or_encode(
+            self.namespaces["vision"],
+            image_keys,
+            pixel_values,
+            self.encode_vision,
+            item_shape=self.item_shapes["vision"],
+        )
 
     def world_latents(self, world_pixel_values: torch.Tensor, image_keys) -> torch.Tensor:
-        return self.cache.get_or_encode(self.namespaces["vae_latent"], image_keys, world_pixel_values,
-                                        self.encode_world, item_shape=self.item_shapes["vae_latent"])
+        return self.cache.get_or_encode(
+            self.namespaces["vae_latent"],
+            image_keys,
+            world_pixel_values,
+            self.encode_world,
+            item_shape=self.item_shapes["vae_latent"],
+        )
 
     def fill(self, batch: dict) -> dict:
         """The batch with cached kinds' pixels replaced by features; `image_keys` removed."""

@@ -72,7 +72,7 @@ def _tensor_digest(tensor: torch.Tensor) -> bytes:
     digest = hashlib.sha256()
     flat = tensor.detach().reshape(-1)
     for start in range(0, flat.numel(), _CHUNK_ELEMENTS):
-        chunk = flat[start:start + _CHUNK_ELEMENTS].to("cpu").contiguous()
+        chunk = flat[start : start + _CHUNK_ELEMENTS].to("cpu").contiguous()
         digest.update(chunk.view(torch.uint8).numpy().data)
     return digest.digest()
 
@@ -85,12 +85,19 @@ def vision_settings(processor, precision: str) -> dict[str, Any]:
 
 def world_settings(world_image_size: int, precision: str) -> dict[str, Any]:
     """Everything besides the weights that shapes a `vae_latent` entry (InputBuilder.world_pixels)."""
-    return {"world_image_size": world_image_size, "resample": "PIL bicubic", "range": "[-1, 1]", "frames": 1,
-            "color": "to_rgb", "precision": precision}
+    return {
+        "world_image_size": world_image_size,
+        "resample": "PIL bicubic",
+        "range": "[-1, 1]",
+        "frames": 1,
+        "color": "to_rgb",
+        "precision": precision,
+    }
 
 
-def entry_payload_bytes(*, mm_tokens_per_image: int, hidden_size: int, z_dim: int, world_image_size: int,
-                        dtype_bytes: int) -> dict[str, int]:
+def entry_payload_bytes(
+    *, mm_tokens_per_image: int, hidden_size: int, z_dim: int, world_image_size: int, dtype_bytes: int
+) -> dict[str, int]:
     """Tensor bytes of one sample's entries: vision (tokens x hidden) and vae_latent (z x (S/8)^2)."""
     side = world_image_size // 8
     return {"vision": mm_tokens_per_image * hidden_size * dtype_bytes, "vae_latent": z_dim * side * side * dtype_bytes}
@@ -108,8 +115,11 @@ def bytes_per_sample(config, dtype_bytes: int = 2) -> dict[str, int]:
     gemma = load_gemma_config(config.model_name, config.model_revision)
     vae = load_vae_config(config.cosmos_model_name, config.cosmos_revision)
     payload = entry_payload_bytes(
-        mm_tokens_per_image=gemma.mm_tokens_per_image, hidden_size=gemma.get_text_config().hidden_size,
-        z_dim=vae["z_dim"], world_image_size=config.world_image_size, dtype_bytes=dtype_bytes,
+        mm_tokens_per_image=gemma.mm_tokens_per_image,
+        hidden_size=gemma.get_text_config().hidden_size,
+        z_dim=vae["z_dim"],
+        world_image_size=config.world_image_size,
+        dtype_bytes=dtype_bytes,
     )
     sizes = {kind: size + ENTRY_OVERHEAD_BYTES for kind, size in payload.items()}
     if not config.enable_world:

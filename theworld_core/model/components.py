@@ -143,8 +143,6 @@ def audit_step(
                 + ("received no gradient" if not got_grad else "did not change after the optimizer step")
             )
         if component not in expected and (changed or got_grad):
-            problems.append(
-                f"{component} should be frozen but " + ("received a gradient" if got_grad else "changed")
-            )
+            problems.append(f"{component} should be frozen but " + ("received a gradient" if got_grad else "changed"))
     if problems:
         raise FreezeAuditError("freeze audit failed after the first optimizer step: " + "; ".join(problems))

@@ -58,8 +58,15 @@ class WorldTokenIds:
 class InputBuilder:
     """Builds model inputs with the model's own processor; one instance per model."""
 
-    def __init__(self, processor, token_ids: WorldTokenIds, world_tokens: int, world_image_size: int,
-                 enable_world: bool, max_seq_length: int):
+    def __init__(
+        self,
+        processor,
+        token_ids: WorldTokenIds,
+        world_tokens: int,
+        world_image_size: int,
+        enable_world: bool,
+        max_seq_length: int,
+    ):
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.ids = token_ids
@@ -85,7 +92,9 @@ class InputBuilder:
         """One sample. With `answer`, it is appended (plus `<end_of_turn>`) and alone carries labels."""
         image = to_rgb(image)
         # The chat template already emits <bos>: no second one from the processor.
-        enc = self.processor(text=self._prompt_text(prompt), images=[image], add_special_tokens=False, return_tensors="pt")
+        enc = self.processor(
+            text=self._prompt_text(prompt), images=[image], add_special_tokens=False, return_tensors="pt"
+        )
         prompt_ids = enc["input_ids"][0]
         answer_ids = (
             torch.tensor(self.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"], dtype=torch.long)
@@ -141,7 +150,12 @@ class InputBuilder:
     def collate(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad a list of `encode` outputs into a batch (padding: pad id, mask 0, label -100)."""
         width = max(len(s["input_ids"]) for s in samples)
-        pad_values = {"input_ids": self.tokenizer.pad_token_id, "labels": IGNORE_INDEX, "attention_mask": 0, "token_type_ids": 0}
+        pad_values = {
+            "input_ids": self.tokenizer.pad_token_id,
+            "labels": IGNORE_INDEX,
+            "attention_mask": 0,
+            "token_type_ids": 0,
+        }
         batch = {}
         for key, pad in pad_values.items():
             rows = [torch.nn.functional.pad(s[key], (0, width - len(s[key])), value=pad) for s in samples]
@@ -156,8 +170,10 @@ class InputBuilder:
         them. Checked here, on the host where the batch is built (in a DataLoader worker), so the
         model's forward never reads a count back from the device."""
         per_image = getattr(self.processor, "image_seq_length", None)
-        expected = {"image": (self.image_token_id, per_image),
-                    "world": (self.ids.soft, self.world_tokens if self.enable_world else 0)}
+        expected = {
+            "image": (self.image_token_id, per_image),
+            "world": (self.ids.soft, self.world_tokens if self.enable_world else 0),
+        }
         for what, (token_id, wanted) in expected.items():
             if wanted is None:
                 continue
@@ -232,7 +248,9 @@ class ModelSequenceLimit:
         missing = [token for token in WORLD_TOKENS if token not in tokenizer.get_vocab()]
         if missing:  # as TheWorld adds them, so a world block counts as the model counts it
             tokenizer.add_tokens(missing, special_tokens=True)
-        ids = WorldTokenIds(*(tokenizer.convert_tokens_to_ids(t) for t in (START_OF_WORLD, END_OF_WORLD, WORLD_SOFT_TOKEN)))
+        ids = WorldTokenIds(
+            *(tokenizer.convert_tokens_to_ids(t) for t in (START_OF_WORLD, END_OF_WORLD, WORLD_SOFT_TOKEN))
+        )
         return InputBuilder(processor, ids, self.world_tokens, 8, self.enable_world, self.max_seq_length)
 
 

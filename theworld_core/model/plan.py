@@ -146,14 +146,22 @@ class Architecture:
         head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
         groups = parameters_by_component(model)
         return cls(
-            text_layers=text.num_hidden_layers, hidden=text.hidden_size, intermediate=text.intermediate_size,
-            q_width=text.num_attention_heads * head_dim, kv_width=text.num_key_value_heads * head_dim,
-            vocab=text.vocab_size, vision_layers=vision.num_hidden_layers, vision_hidden=vision.hidden_size,
-            vision_intermediate=vision.intermediate_size, patches=(vision.image_size // vision.patch_size) ** 2,
+            text_layers=text.num_hidden_layers,
+            hidden=text.hidden_size,
+            intermediate=text.intermediate_size,
+            q_width=text.num_attention_heads * head_dim,
+            kv_width=text.num_key_value_heads * head_dim,
+            vocab=text.vocab_size,
+            vision_layers=vision.num_hidden_layers,
+            vision_hidden=vision.hidden_size,
+            vision_intermediate=vision.intermediate_size,
+            patches=(vision.image_size // vision.patch_size) ** 2,
             mm_tokens=cfg.mm_tokens_per_image,
             matrix_params={c: sum(p.numel() for _, p in ps if p.ndim >= 2) for c, ps in groups.items()},
-            adam8_params={c: sum(p.numel() for _, p in ps if p.numel() >= ADAM8_MIN_NUMEL and p.numel() % ADAM8_BLOCK == 0)
-                          for c, ps in groups.items()},
+            adam8_params={
+                c: sum(p.numel() for _, p in ps if p.numel() >= ADAM8_MIN_NUMEL and p.numel() % ADAM8_BLOCK == 0)
+                for c, ps in groups.items()
+            },
         )
 
     def text_layer_bytes(self, trainable: bool, compute_bytes: int) -> float:
@@ -180,11 +188,18 @@ def sequence_length(config: ModelConfig, mm_tokens: int, seq_len: int | str | No
     typical = mm_tokens + world + TYPICAL_PROMPT_TOKENS + TYPICAL_ANSWER_TOKENS + template
     return min(typical, config.max_seq_length), (
         f"typical: {mm_tokens} image + {world} world + {TYPICAL_PROMPT_TOKENS} prompt + {TYPICAL_ANSWER_TOKENS} answer "
-        f"+ {template} template tokens")
+        f"+ {template} template tokens"
+    )
 
 
-def stage_memory(arch: Architecture, totals: Mapping[str, int], trainable: Mapping[str, int], recipe: Recipe,
-                 config: ModelConfig, seq_len: int) -> dict[str, Any]:
+def stage_memory(
+    arch: Architecture,
+    totals: Mapping[str, int],
+    trainable: Mapping[str, int],
+    recipe: Recipe,
+    config: ModelConfig,
+    seq_len: int,
+) -> dict[str, Any]:
     """Bytes of one device's training step for one stage, by part (see the module docstring)."""
     compute = 4 if recipe.mixed_precision == "no" else 2
     trains = {c: trainable[c] > 0 for c in COMPONENTS}
@@ -224,7 +239,12 @@ def stage_memory(arch: Architecture, totals: Mapping[str, int], trainable: Mappi
     }
     if recipe.num_processes > 1:
         n = recipe.num_processes
-        sharded = {"weights": weights / n, "gradients": n_train * 4 / n, "optimizer": optimizer / n, "activations": activations}
+        sharded = {
+            "weights": weights / n,
+            "gradients": n_train * 4 / n,
+            "optimizer": optimizer / n,
+            "activations": activations,
+        }
         sharded["total"] = sum(sharded.values())
         result["memory_gib_fsdp"] = {k: v / GIB for k, v in sharded.items()}
     return result
@@ -236,8 +256,10 @@ def how_line(recipe: Recipe, total_gib: float, other: Mapping[str, float]) -> st
     `other`: the total (GiB) with `use_gradient_checkpointing` / `optimizer` switched the other way."""
     ckpt = recipe.use_gradient_checkpointing
     delta = other["checkpointing"] - total_gib
-    said = [f"batch {recipe.batch_size} x accumulation {recipe.gradient_accumulation_steps}",
-            f"gradient checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: {delta:+.1f} GiB)"]
+    said = [
+        f"batch {recipe.batch_size} x accumulation {recipe.gradient_accumulation_steps}",
+        f"gradient checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: {delta:+.1f} GiB)",
+    ]
     delta = other["optimizer"] - total_gib
     if recipe.optimizer == "adamw_8bit":
         said.append(f"8-bit AdamW moments (fp32 moments: {delta:+.1f} GiB)")
@@ -250,8 +272,14 @@ def how_line(recipe: Recipe, total_gib: float, other: Mapping[str, float]) -> st
     return ", ".join(said)
 
 
-def plan(config: ModelConfig, stages: Mapping[str, Any] | None = None, *, seq_len: int | str | None = None,
-         gpu_memory_gib: float | None = None, num_samples: int | None = None) -> dict[str, Any]:
+def plan(
+    config: ModelConfig,
+    stages: Mapping[str, Any] | None = None,
+    *,
+    seq_len: int | str | None = None,
+    gpu_memory_gib: float | None = None,
+    num_samples: int | None = None,
+) -> dict[str, Any]:
     """Per stage: trainable parameters per component and the estimated memory of one device.
 
     `stages` maps a stage name to its freeze flags (a mapping; memory at the default `Recipe`) or to a
@@ -269,7 +297,9 @@ def plan(config: ModelConfig, stages: Mapping[str, Any] | None = None, *, seq_le
         stages = {name: (SEED_STAGES[name], SEED_RECIPES[name]) for name in SEED_STAGES}
     model = TheWorld.on_meta(config)
     with torch.device("meta"):
-        vae_whole = _count(AutoencoderKLWan.from_config(load_vae_config(config.cosmos_model_name, config.cosmos_revision)))
+        vae_whole = _count(
+            AutoencoderKLWan.from_config(load_vae_config(config.cosmos_model_name, config.cosmos_revision))
+        )
     totals = {c: n.total for c, n in parameter_report(model).items()}
     total = sum(totals.values())
     arch = Architecture.of(model)
@@ -299,7 +329,10 @@ def plan(config: ModelConfig, stages: Mapping[str, Any] | None = None, *, seq_le
             "checkpointing": replace(recipe, use_gradient_checkpointing=not recipe.use_gradient_checkpointing),
             "optimizer": replace(recipe, optimizer="adamw" if recipe.optimizer == "adamw_8bit" else "adamw_8bit"),
         }
-        other = {k: stage_memory(arch, totals, trainable, r, config, tokens)["memory_gib"]["total"] for k, r in switched.items()}
+        other = {
+            k: stage_memory(arch, totals, trainable, r, config, tokens)["memory_gib"]["total"]
+            for k, r in switched.items()
+        }
         row["how"] = how_line(recipe, row["memory_gib"]["total"], other)
         if gpu_memory_gib is not None:
             need = row["memory_gib"]["total"]
@@ -328,14 +361,21 @@ def feature_cache_size(config: ModelConfig, num_samples: int | None, compute_byt
     from theworld_core.features.keys import bytes_per_sample
 
     per_sample = bytes_per_sample(config, dtype_bytes=compute_bytes)
-    return {"bytes_per_sample": per_sample, "num_samples": num_samples,
-            "total_bytes": None if num_samples is None else per_sample["total"] * num_samples}
+    return {
+        "bytes_per_sample": per_sample,
+        "num_samples": num_samples,
+        "total_bytes": None if num_samples is None else per_sample["total"] * num_samples,
+    }
 
 
 def stages_that_do_not_fit(result: Mapping[str, Any]) -> list[str]:
     """One line per stage over `gpu_memory_gib` (empty when every stage fits or none was asked)."""
-    return [f"{row['stage']} needs {row['memory_gib']['total']:.1f} GiB: {row['over_gib']:.1f} GiB over "
-            f"{result['gpu_memory_gib']:g} GiB" for row in result["stages"] if row.get("fits") is False]
+    return [
+        f"{row['stage']} needs {row['memory_gib']['total']:.1f} GiB: {row['over_gib']:.1f} GiB over "
+        f"{result['gpu_memory_gib']:g} GiB"
+        for row in result["stages"]
+        if row.get("fits") is False
+    ]
 
 
 def format_plan(result: dict[str, Any]) -> str:
@@ -345,7 +385,9 @@ def format_plan(result: dict[str, Any]) -> str:
         f"Gemma 3: {result['gemma']}",
         f"Cosmos:  {result['cosmos']} (VAE encoder only; decoder and post_quant_conv, {result['vae_decoder_not_loaded']:,} parameters, never loaded)",
         "",
-        f"{'component size':<20}" + "".join(f"{result['components'][c]:>18,}" for c in COMPONENTS) + f"{result['total']:>16,}",
+        f"{'component size':<20}"
+        + "".join(f"{result['components'][c]:>18,}" for c in COMPONENTS)
+        + f"{result['total']:>16,}",
         header,
         "-" * len(header),
     ]
@@ -357,14 +399,20 @@ def format_plan(result: dict[str, Any]) -> str:
         )
     parts = ("weights", "gradients", "optimizer", "activations", "total")
     fits = result.get("gpu_memory_gib") is not None
-    title = (f"Estimated memory of one device, GiB ({result['sequence_length']} tokens per sample, "
-             f"{result['sequence_basis']}; not counted: CUDA context, fragmentation; docs/stages.md#memory)")
+    title = (
+        f"Estimated memory of one device, GiB ({result['sequence_length']} tokens per sample, "
+        f"{result['sequence_basis']}; not counted: CUDA context, fragmentation; docs/stages.md#memory)"
+    )
     lines += ["", title]
-    mem_header = f"{'memory (GiB)':<20}" + "".join(f"{p:>13}" for p in parts) + (f"{'fits ' + format(result['gpu_memory_gib'], 'g'):>12}" if fits else "")
+    mem_header = (
+        f"{'memory (GiB)':<20}"
+        + "".join(f"{p:>13}" for p in parts)
+        + (f"{'fits ' + format(result['gpu_memory_gib'], 'g'):>12}" if fits else "")
+    )
     lines += [mem_header, "-" * len(mem_header)]
     for row in result["stages"]:
         m = row["memory_gib"]
-        cell = ("" if not fits else f"{'yes' if row['fits'] else 'NO +' + format(row['over_gib'], '.1f'):>12}")
+        cell = "" if not fits else f"{'yes' if row['fits'] else 'NO +' + format(row['over_gib'], '.1f'):>12}"
         lines.append(f"{row['stage']:<20}" + "".join(f"{m[p]:>13.1f}" for p in parts) + cell)
     lines.append("")
     for row in result["stages"]:
@@ -374,8 +422,10 @@ def format_plan(result: dict[str, Any]) -> str:
         lines.append(f"how {row['stage']}: {row['how']}{extra}")
     cache = result["feature_cache"]
     per = cache["bytes_per_sample"]
-    line = (f"feature cache: {per['total'] / 1e6:.2f} MB per sample (vision {per['vision'] / 1e6:.2f} MB, "
-            f"vae_latent {per['vae_latent'] / 1e6:.3f} MB, bf16)")
+    line = (
+        f"feature cache: {per['total'] / 1e6:.2f} MB per sample (vision {per['vision'] / 1e6:.2f} MB, "
+        f"vae_latent {per['vae_latent'] / 1e6:.3f} MB, bf16)"
+    )
     if cache["num_samples"] is not None:
         line += f"; {cache['total_bytes'] / 1e9:.1f} GB for num_samples={cache['num_samples']:,}"
     else:

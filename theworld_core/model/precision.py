@@ -89,7 +89,9 @@ def resolve_precision(
     `no` is fp32 everywhere.
     """
     if mixed_precision not in MIXED_PRECISION_CHOICES:
-        raise ValueError(f"mixed_precision={mixed_precision!r} is not allowed: use one of {list(MIXED_PRECISION_CHOICES)}")
+        raise ValueError(
+            f"mixed_precision={mixed_precision!r} is not allowed: use one of {list(MIXED_PRECISION_CHOICES)}"
+        )
     device_type = torch.device(device).type
     if bf16_supported is None:
         bf16_supported = device_type == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -140,7 +142,9 @@ def check_precision(model: nn.Module, policy: PrecisionPolicy) -> None:
         expected = policy.master_dtype if param.requires_grad else policy.compute_dtype
         if param.dtype != expected:
             role = "trainable" if param.requires_grad else "frozen"
-            wrong.append(f"{name} ({component_of(name)}, {role}) is {_dtype_name(param.dtype)}, expected {_dtype_name(expected)}")
+            wrong.append(
+                f"{name} ({component_of(name)}, {role}) is {_dtype_name(param.dtype)}, expected {_dtype_name(expected)}"
+            )
     if wrong:
         more = f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""
         raise PrecisionError(

@@ -96,8 +96,9 @@ def tensor_bytes(obj: Any) -> int:
     return 0
 
 
-def atomic_directory(target: Path, *, expected_bytes: int | None = None, what: str | None = None,
-                     kept: str = "nothing was replaced"):
+def atomic_directory(
+    target: Path, *, expected_bytes: int | None = None, what: str | None = None, kept: str = "nothing was replaced"
+):
     """A context manager yielding a temporary sibling folder that replaces `target` on success.
 
     A write that fails for lack of space raises `DiskFullError` saying how much `what` (default:
@@ -117,7 +118,11 @@ def _out_of_space(exc: BaseException, free_at_failure: int | None, still_needed:
         if "No space left on device" in str(seen) or "Disk quota exceeded" in str(seen):
             return True
         seen = seen.__cause__ or seen.__context__
-    return isinstance(exc, (OSError, RuntimeError)) and free_at_failure is not None and free_at_failure < max(still_needed, 1 << 20)
+    return (
+        isinstance(exc, (OSError, RuntimeError))
+        and free_at_failure is not None
+        and free_at_failure < max(still_needed, 1 << 20)
+    )
 
 
 class _AtomicDirectory:
@@ -167,7 +172,8 @@ class _AtomicDirectory:
             f"no space left on {self.target.parent}: {self.what} needs about {megabytes(needed)} MB and "
             f"{megabytes(free_after)} MB are free; {self.kept}. Free some space (or point output_dir at a larger "
             "disk) and run again",
-            self.target.parent, needed,
+            self.target.parent,
+            needed,
         ) from exc
 
 
@@ -240,7 +246,11 @@ def architecture_record(manifest: dict[str, Any]) -> dict[str, Any]:
 
 def save_weights(tensors: dict[str, torch.Tensor], path: Path, manifest: dict[str, Any]) -> None:
     """Write `tensors` with the manifest's architecture record in the header metadata."""
-    save_file(tensors, str(path), metadata={"format": FORMAT, ARCHITECTURE_METADATA: _canonical(architecture_record(manifest))})
+    save_file(
+        tensors,
+        str(path),
+        metadata={"format": FORMAT, ARCHITECTURE_METADATA: _canonical(architecture_record(manifest))},
+    )
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
@@ -284,12 +294,20 @@ def build_manifest(model, tensors: dict[str, torch.Tensor], stage_config: dict |
         "parameters": {name: list(t.shape) for name, t in tensors.items()},
         "base": {
             "gemma": {"id": cfg.model_name, "revision": cfg.model_revision, "commit": model.base_commits.get("gemma")},
-            "cosmos": {"id": cfg.cosmos_model_name, "revision": cfg.cosmos_revision, "commit": model.base_commits.get("cosmos")},
+            "cosmos": {
+                "id": cfg.cosmos_model_name,
+                "revision": cfg.cosmos_revision,
+                "commit": model.base_commits.get("cosmos"),
+            },
         },
         "architecture_fingerprint": model.architecture_fingerprint(),
         "model_config": cfg.model_dump(),
         "stage_config": stage_config,
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "diffusers": diffusers.__version__},
+        "versions": {
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+            "diffusers": diffusers.__version__,
+        },
     }
 
 
@@ -300,8 +318,9 @@ def save_stage_output(model, directory: Path, stage_config: dict | None = None) 
     manifest = build_manifest(model, tensors, stage_config)
     directory = Path(directory)
     kept = f"the stage output already in {directory.name}/ is kept" if directory.exists() else "nothing was replaced"
-    with atomic_directory(directory, expected_bytes=tensor_bytes(tensors), what=f"the stage output {directory.name}/",
-                          kept=kept) as tmp:
+    with atomic_directory(
+        directory, expected_bytes=tensor_bytes(tensors), what=f"the stage output {directory.name}/", kept=kept
+    ) as tmp:
         save_weights(tensors, tmp / WEIGHTS_FILE, manifest)
         write_manifest(tmp, manifest)
     return Path(directory)
@@ -332,19 +351,27 @@ def resolve_source(source: str | Path) -> Path:
             return Path(snapshot_download(repo_id=text, token=hf_token()))
         except Exception as exc:  # re-raised with the value named
             hint = " (HF_HUB_OFFLINE=1: only repos already in the HF cache)" if constants.is_offline_mode() else ""
-            raise StageOutputError(f"stage output {text!r}: cannot get the hub repo{hint}: {type(exc).__name__}: {exc}") from exc
-    raise StageOutputError(f"stage output {text!r} not found: expected a folder, runs:/..., models:/... or a hub repo id")
+            raise StageOutputError(
+                f"stage output {text!r}: cannot get the hub repo{hint}: {type(exc).__name__}: {exc}"
+            ) from exc
+    raise StageOutputError(
+        f"stage output {text!r} not found: expected a folder, runs:/..., models:/... or a hub repo id"
+    )
 
 
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The parsed manifest after its format check (the integrity checks are `verify_stage_output`'s)."""
     path = Path(directory) / MANIFEST_FILE
     if not path.is_file():
-        raise StageOutputError(f"{directory} is not a stage output: {MANIFEST_FILE} is missing", f"missing-{MANIFEST_FILE}")
+        raise StageOutputError(
+            f"{directory} is not a stage output: {MANIFEST_FILE} is missing", f"missing-{MANIFEST_FILE}"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise StageOutputError(f"{path} is not valid JSON ({exc}): the file is corrupt", f"json-{MANIFEST_FILE}") from exc
+        raise StageOutputError(
+            f"{path} is not valid JSON ({exc}): the file is corrupt", f"json-{MANIFEST_FILE}"
+        ) from exc
     if not isinstance(manifest, dict):
         raise StageOutputError(f"{path} holds a {type(manifest).__name__}, not a JSON object", f"json-{MANIFEST_FILE}")
     if manifest.get("format") == FORMAT and manifest.get("format_version") == 1:
@@ -367,26 +394,33 @@ def verify_files(directory: Path, manifest: dict[str, Any], names) -> None:
     directory = Path(directory)
     files = manifest.get("files")
     if not isinstance(files, dict):
-        raise StageOutputError(f"{directory / MANIFEST_FILE} has no 'files' field (sha256 and size of each file): "
-                               "it cannot be verified", "manifest-files")
+        raise StageOutputError(
+            f"{directory / MANIFEST_FILE} has no 'files' field (sha256 and size of each file): it cannot be verified",
+            "manifest-files",
+        )
     names = list(names)
     for name in names:
         path = directory / name
         expected = files.get(name)
         if not isinstance(expected, dict) or not {"sha256", "size"} <= expected.keys():
-            raise StageOutputError(f"{directory / MANIFEST_FILE} 'files' has no sha256 and size for {name}",
-                                   f"unlisted-{name}")
+            raise StageOutputError(
+                f"{directory / MANIFEST_FILE} 'files' has no sha256 and size for {name}", f"unlisted-{name}"
+            )
         if not path.is_file():
             raise StageOutputError(f"{path} is missing (listed in {MANIFEST_FILE})", f"missing-{name}")
         size = path.stat().st_size
         if size != expected["size"]:
-            raise StageOutputError(f"{path}: {size} bytes, expected {expected['size']} ({MANIFEST_FILE}): "
-                                   "truncated or replaced", f"size-{name}")
+            raise StageOutputError(
+                f"{path}: {size} bytes, expected {expected['size']} ({MANIFEST_FILE}): truncated or replaced",
+                f"size-{name}",
+            )
     for name, found in zip(names, sha256_of_files(directory / n for n in names)):
         if found != files[name]["sha256"]:
-            raise StageOutputError(f"{directory / name}: sha256 {found}, expected {files[name]['sha256']} "
-                                   f"({MANIFEST_FILE}): the file is corrupt or was changed after it was written",
-                                   f"sha256-{name}")
+            raise StageOutputError(
+                f"{directory / name}: sha256 {found}, expected {files[name]['sha256']} "
+                f"({MANIFEST_FILE}): the file is corrupt or was changed after it was written",
+                f"sha256-{name}",
+            )
 
 
 def _weights_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
@@ -398,8 +432,10 @@ def _weights_header(path: Path) -> tuple[dict[str, list[int]], dict[str, str]]:
     except FileNotFoundError:
         raise StageOutputError(f"{path} is missing", f"missing-{path.name}") from None
     except Exception as exc:  # safetensors raises its own types for a corrupt header
-        raise StageOutputError(f"{path}: unreadable safetensors header ({type(exc).__name__}: {exc}): the file is "
-                               "corrupt", f"header-{path.name}") from exc
+        raise StageOutputError(
+            f"{path}: unreadable safetensors header ({type(exc).__name__}: {exc}): the file is corrupt",
+            f"header-{path.name}",
+        ) from exc
 
 
 def _names(names, limit: int = 5) -> str:
@@ -412,10 +448,16 @@ def _check_tensor_list(path: Path, found: dict[str, list[int]], expected: dict[s
     if missing:
         raise StageOutputError(f"{path} lacks tensor(s) {_names(missing)} that {what} lists", f"tensors-{path.name}")
     if extra:
-        raise StageOutputError(f"{path} holds tensor(s) {_names(extra)} that {what} does not list", f"tensors-{path.name}")
-    shapes = [f"{n}: expected {expected[n]}, found {found[n]}" for n in sorted(found) if list(found[n]) != list(expected[n])]
+        raise StageOutputError(
+            f"{path} holds tensor(s) {_names(extra)} that {what} does not list", f"tensors-{path.name}"
+        )
+    shapes = [
+        f"{n}: expected {expected[n]}, found {found[n]}" for n in sorted(found) if list(found[n]) != list(expected[n])
+    ]
     if shapes:
-        raise StageOutputError(f"{path}: tensor shapes differ from {what}: {'; '.join(shapes[:5])}", f"tensors-{path.name}")
+        raise StageOutputError(
+            f"{path}: tensor shapes differ from {what}: {'; '.join(shapes[:5])}", f"tensors-{path.name}"
+        )
 
 
 def verify_stage_output(directory: Path, manifest: dict[str, Any], files=(WEIGHTS_FILE,)) -> None:
@@ -436,23 +478,34 @@ def verify_stage_output(directory: Path, manifest: dict[str, Any], files=(WEIGHT
     try:
         recorded = json.loads(metadata[ARCHITECTURE_METADATA])
     except (KeyError, json.JSONDecodeError) as exc:
-        raise StageOutputError(f"{weights}: header metadata has no readable {ARCHITECTURE_METADATA!r} record: "
-                               "not written by this version, or corrupt", f"header-{WEIGHTS_FILE}") from exc
+        raise StageOutputError(
+            f"{weights}: header metadata has no readable {ARCHITECTURE_METADATA!r} record: "
+            "not written by this version, or corrupt",
+            f"header-{WEIGHTS_FILE}",
+        ) from exc
     claimed = architecture_record(manifest)
     for field, value in recorded.items():
         if _canonical(claimed.get(field)) != _canonical(value):
-            raise StageOutputError(f"{manifest_path}: field {field} is {claimed.get(field)!r} but {weights} was written "
-                                   f"with {value!r}: the manifest was edited", f"field-{field}")
+            raise StageOutputError(
+                f"{manifest_path}: field {field} is {claimed.get(field)!r} but {weights} was written "
+                f"with {value!r}: the manifest was edited",
+                f"field-{field}",
+            )
     digests = manifest.get("fields_sha256")
     if not isinstance(digests, dict):
-        raise StageOutputError(f"{manifest_path} has no 'fields_sha256' field: it cannot be verified", "manifest-fields")
+        raise StageOutputError(
+            f"{manifest_path} has no 'fields_sha256' field: it cannot be verified", "manifest-fields"
+        )
     now = _field_digests(manifest)
     changed = sorted(k for k in now.keys() | digests.keys() if now.get(k) != digests.get(k))
     if changed:
         values = _field_values(manifest)
         detail = "; ".join(f"{k} = {_canonical(values[k])[:80] if k in values else '(removed)'}" for k in changed[:5])
-        raise StageOutputError(f"{manifest_path}: field(s) changed after the manifest was written (their sha256 in "
-                               f"'fields_sha256' differs): {detail}", f"field-{changed[0]}")
+        raise StageOutputError(
+            f"{manifest_path}: field(s) changed after the manifest was written (their sha256 in "
+            f"'fields_sha256' differs): {detail}",
+            f"field-{changed[0]}",
+        )
     verify_files(directory, manifest, files)
 
 
@@ -471,22 +524,29 @@ def _check_fits(model, directory: Path, manifest: dict[str, Any]) -> None:
         raise StageOutputError(
             f"{directory} was trained on a different base architecture (saved on {base[0]} + {base[1]}, "
             f"fingerprint {manifest['architecture_fingerprint'][:12]}; this base {model.config.model_name} + "
-            f"{model.config.cosmos_model_name} has {fingerprint[:12]})"
-            + (": " + "; ".join(diffs) if diffs else ""),
+            f"{model.config.cosmos_model_name} has {fingerprint[:12]})" + (": " + "; ".join(diffs) if diffs else ""),
             "architecture",
         )
     saved_config = manifest.get("model_config") or {}
     for key in WORLD_BRANCH_KEYS:
         if key in saved_config and getattr(model.config, key) != saved_config[key]:
-            raise StageOutputError(f"{directory} was trained with model_config.{key} = {saved_config[key]!r}; the model "
-                                   f"it is loaded onto has {getattr(model.config, key)!r}", f"model-{key}")
+            raise StageOutputError(
+                f"{directory} was trained with model_config.{key} = {saved_config[key]!r}; the model "
+                f"it is loaded onto has {getattr(model.config, key)!r}",
+                f"model-{key}",
+            )
     unknown = [c for c in manifest["components"] if c not in COMPONENTS]
     if unknown:
-        raise StageOutputError(f"{directory / MANIFEST_FILE}: components {unknown} are not among {list(COMPONENTS)}",
-                               "components")
+        raise StageOutputError(
+            f"{directory / MANIFEST_FILE}: components {unknown} are not among {list(COMPONENTS)}", "components"
+        )
     expected = {n: s for n, s in own.items() if component_of(n) in manifest["components"]}
-    _check_tensor_list(Path(directory) / WEIGHTS_FILE, manifest["parameters"], expected,
-                       f"the model's parameters of components {manifest['components']}")
+    _check_tensor_list(
+        Path(directory) / WEIGHTS_FILE,
+        manifest["parameters"],
+        expected,
+        f"the model's parameters of components {manifest['components']}",
+    )
 
 
 def apply_stage_output(model, directory: Path, manifest: dict[str, Any]) -> None:

@@ -61,7 +61,14 @@ class TheWorld(nn.Module):
         )
         self.token_ids = self._add_world_tokens() if processor is not None else None
         self.builder = (
-            InputBuilder(processor, self.token_ids, config.world_tokens, config.world_image_size, config.enable_world, config.max_seq_length)
+            InputBuilder(
+                processor,
+                self.token_ids,
+                config.world_tokens,
+                config.world_image_size,
+                config.enable_world,
+                config.max_seq_length,
+            )
             if processor is not None
             else None
         )
@@ -108,7 +115,9 @@ class TheWorld(nn.Module):
         missing = [t for t in WORLD_TOKENS if t not in tokenizer.get_vocab()]
         if missing:
             tokenizer.add_tokens(missing, special_tokens=True)
-        ids = WorldTokenIds(*(tokenizer.convert_tokens_to_ids(t) for t in (START_OF_WORLD, END_OF_WORLD, WORLD_SOFT_TOKEN)))
+        ids = WorldTokenIds(
+            *(tokenizer.convert_tokens_to_ids(t) for t in (START_OF_WORLD, END_OF_WORLD, WORLD_SOFT_TOKEN))
+        )
         self._check_special_token_ids()
         embeddings = self.gemma.get_input_embeddings()
         needed = max(ids.start, ids.end, ids.soft) + 1
@@ -121,7 +130,9 @@ class TheWorld(nn.Module):
                 weight[old:] = weight[:old].mean(dim=0)
         with torch.no_grad():
             # Markers start where Gemma's image markers are, scaled as the text embedding layer scales.
-            boi = self.gemma.get_input_embeddings()(torch.tensor([self.gemma.config.boi_token_index, self.gemma.config.eoi_token_index]))
+            boi = self.gemma.get_input_embeddings()(
+                torch.tensor([self.gemma.config.boi_token_index, self.gemma.config.eoi_token_index])
+            )
             self.world.marker_embeddings.copy_(boi.to(self.world.marker_embeddings.dtype))
         return ids
 
@@ -172,8 +183,9 @@ class TheWorld(nn.Module):
         with self._grad_if_trainable(self.vae):
             return self.vae(world_pixel_values.unsqueeze(2).to(_dtype_of(self.vae)))
 
-    def embed_inputs(self, input_ids, pixel_values=None, world_pixel_values=None, *, image_features=None,
-                     world_latents=None) -> torch.Tensor:
+    def embed_inputs(
+        self, input_ids, pixel_values=None, world_pixel_values=None, *, image_features=None, world_latents=None
+    ) -> torch.Tensor:
         """Token embeddings with image features and world embeddings written into their placeholders.
 
         `image_features` / `world_latents`: what `encode_images` / `encode_world` return, precomputed
@@ -196,8 +208,19 @@ class TheWorld(nn.Module):
             embeds = torch.where((input_ids == self.token_ids.end)[..., None], markers[1], embeds)
         return embeds
 
-    def forward(self, input_ids, attention_mask, token_type_ids, pixel_values=None, world_pixel_values=None,
-                labels=None, loss_reduction: str = "mean", *, image_features=None, world_latents=None):
+    def forward(
+        self,
+        input_ids,
+        attention_mask,
+        token_type_ids,
+        pixel_values=None,
+        world_pixel_values=None,
+        labels=None,
+        loss_reduction: str = "mean",
+        *,
+        image_features=None,
+        world_latents=None,
+    ):
         """Returns `(logits, loss)`. `image_features` / `world_latents`: precomputed encoder outputs
         (the feature cache) in place of `pixel_values` / `world_pixel_values` (see `embed_inputs`).
 
@@ -208,9 +231,12 @@ class TheWorld(nn.Module):
         """
         if loss_reduction not in LOSS_REDUCTIONS:
             raise ValueError(f"loss_reduction={loss_reduction!r} is not allowed: use one of {list(LOSS_REDUCTIONS)}")
-        embeds = self.embed_inputs(input_ids, pixel_values, world_pixel_values, image_features=image_features,
-                                   world_latents=world_latents)
-        out = self.gemma.model(inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids, use_cache=False)
+        embeds = self.embed_inputs(
+            input_ids, pixel_values, world_pixel_values, image_features=image_features, world_latents=world_latents
+        )
+        out = self.gemma.model(
+            inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids, use_cache=False
+        )
         if labels is None:
             return self._logits(out.last_hidden_state), None
         return None, self._answer_loss(out.last_hidden_state, labels, loss_reduction)
@@ -241,7 +267,9 @@ class TheWorld(nn.Module):
             from torch.utils.checkpoint import checkpoint
 
             total = sum(
-                checkpoint(self._chunk_loss, r, t, use_reentrant=False) if torch.is_grad_enabled() else self._chunk_loss(r, t)
+                checkpoint(self._chunk_loss, r, t, use_reentrant=False)
+                if torch.is_grad_enabled()
+                else self._chunk_loss(r, t)
                 for r, t in zip(rows.split(chunk_rows), targets.split(chunk_rows))
             )
         # Mean of no tokens is NaN, as F.cross_entropy(reduction="mean") gives.
@@ -275,7 +303,9 @@ class TheWorld(nn.Module):
         embeds = self.embed_inputs(batch["input_ids"], batch["pixel_values"], batch["world_pixel_values"])
         tokenizer = self.processor.tokenizer
         # Gemma 3's generate() does not take inputs_embeds, so decode greedily with its KV cache.
-        stop = torch.tensor(sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}), device=device)
+        stop = torch.tensor(
+            sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")}), device=device
+        )
         never = torch.tensor([self.token_ids.start, self.token_ids.end, self.token_ids.soft], device=device)
         mask, token_types = batch["attention_mask"], batch["token_type_ids"]
         positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
@@ -284,8 +314,14 @@ class TheWorld(nn.Module):
         generated = torch.zeros(rows, 0, dtype=torch.long, device=device)
         cache, step_embeds = None, embeds
         for _ in range(max_new_tokens):
-            out = self.gemma.model(inputs_embeds=step_embeds, attention_mask=mask, token_type_ids=token_types,
-                                   position_ids=positions, cache=cache, use_cache=True)
+            out = self.gemma.model(
+                inputs_embeds=step_embeds,
+                attention_mask=mask,
+                token_type_ids=token_types,
+                position_ids=positions,
+                cache=cache,
+                use_cache=True,
+            )
             cache = out.cache
             logits = self._logits(out.last_hidden_state[:, -1]).float()  # the last position only
             logits[:, never] = float("-inf")  # world markers are inputs only
@@ -300,14 +336,18 @@ class TheWorld(nn.Module):
             mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
             token_types = torch.cat([token_types, token_types.new_zeros(rows, 1)], dim=1)
             positions = positions[:, -1:] + 1
-        return [tokenizer.decode([t for t in row if t >= 0], skip_special_tokens=True).strip() for row in generated.tolist()]
+        return [
+            tokenizer.decode([t for t in row if t >= 0], skip_special_tokens=True).strip() for row in generated.tolist()
+        ]
 
     def _left_padded(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """`InputBuilder.encode` outputs (no answer) as a left-padded batch: every row ends at the
         generation prompt, where the next token goes."""
         width = max(len(s["input_ids"]) for s in samples)
         pad = {"input_ids": self.processor.tokenizer.pad_token_id, "attention_mask": 0, "token_type_ids": 0}
-        batch = {k: torch.stack([F.pad(s[k], (width - len(s[k]), 0), value=v) for s in samples]) for k, v in pad.items()}
+        batch = {
+            k: torch.stack([F.pad(s[k], (width - len(s[k]), 0), value=v) for s in samples]) for k, v in pad.items()
+        }
         batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
         batch["world_pixel_values"] = torch.stack([s["world_pixel_values"] for s in samples])
         return batch

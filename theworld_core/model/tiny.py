@@ -149,8 +149,16 @@ The evaluation reports accuracy, loss, perplexity and the number of tokens per s
 _COLORS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 _SHAPES = ("circle", "square", "triangle", "cross")
 _PLACES = (
-    "at the top left", "at the top right", "at the bottom left", "at the bottom right",
-    "in the center", "in the middle", "at the top", "at the bottom", "on the left", "on the right",
+    "at the top left",
+    "at the top right",
+    "at the bottom left",
+    "at the bottom right",
+    "in the center",
+    "in the middle",
+    "at the top",
+    "at the bottom",
+    "on the left",
+    "on the right",
 )
 _PROMPTS = ("Describe this image.", "What is in this picture?", "What does the image show?", "Describe the picture.")
 
@@ -274,7 +282,11 @@ def is_complete(root: Path) -> bool:
         recorded = json.loads((root / SPEC_FILE).read_text())
     except (OSError, ValueError):
         return False
-    if not isinstance(recorded, dict) or recorded.get("version") != SPEC_VERSION or recorded.get("spec_hash") != spec_hash():
+    if (
+        not isinstance(recorded, dict)
+        or recorded.get("version") != SPEC_VERSION
+        or recorded.get("spec_hash") != spec_hash()
+    ):
         return False
     files = recorded.get("files")
     if not isinstance(files, dict) or not all(rel in files for rel in _REQUIRED_FILES):
@@ -467,10 +479,20 @@ def _build_gemma(folder: Path) -> dict[str, Any]:
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
 
     tokenizer = build_tokenizer()
-    ids = {name: tokenizer.convert_tokens_to_ids(tok) for name, tok in (
-        ("pad", PAD), ("eos", EOS), ("bos", BOS), ("unk", UNK), ("start_of_turn", START_OF_TURN),
-        ("end_of_turn", END_OF_TURN), ("boi", BOI), ("eoi", EOI), ("image", IMAGE_TOKEN),
-    )}
+    ids = {
+        name: tokenizer.convert_tokens_to_ids(tok)
+        for name, tok in (
+            ("pad", PAD),
+            ("eos", EOS),
+            ("bos", BOS),
+            ("unk", UNK),
+            ("start_of_turn", START_OF_TURN),
+            ("end_of_turn", END_OF_TURN),
+            ("boi", BOI),
+            ("eoi", EOI),
+            ("image", IMAGE_TOKEN),
+        )
+    }
     vocab_size = -(-len(tokenizer) // EMBEDDING_MULTIPLE) * EMBEDDING_MULTIPLE
 
     config = Gemma3Config(

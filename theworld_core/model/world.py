@@ -60,7 +60,9 @@ class WorldProjector(nn.Module):
         if projector == "linear":
             self.projector = nn.Linear(z_dim, hidden_size)
         elif projector == "mlp":
-            self.projector = nn.Sequential(nn.Linear(z_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size))
+            self.projector = nn.Sequential(
+                nn.Linear(z_dim, hidden_size), nn.GELU(), nn.Linear(hidden_size, hidden_size)
+            )
         else:
             raise ValueError(f"world_projector={projector!r} is not allowed: use 'linear' or 'mlp'")
         self.temporal_embedding = nn.Embedding(max_world_steps + 1, hidden_size)

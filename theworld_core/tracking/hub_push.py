@@ -82,7 +82,8 @@ def secret_values(extra: tuple[str | None, ...] = ()) -> set[str]:
     """Strings that must never be shown: `extra` plus the values of secret-looking env variables."""
     values = {v for v in extra if v}
     values.update(
-        v for k, v in os.environ.items()
+        v
+        for k, v in os.environ.items()
         if _SECRET_ENV_NAME.search(k) and not k.upper().startswith("TOKENIZERS") and len(v) >= 6
     )
     return values
@@ -115,9 +116,8 @@ def check_hub_ready(cfg: Any) -> None:
         path = os.environ.get(TOKEN_PATH_ENV)
         why = ""
         if path:
-            why = (
-                f" ({TOKEN_PATH_ENV} names {path!r}, which "
-                + ("is empty)" if Path(path).is_file() else "does not exist)")
+            why = f" ({TOKEN_PATH_ENV} names {path!r}, which " + (
+                "is empty)" if Path(path).is_file() else "does not exist)"
             )
         raise ValueError(
             f"push_to_hub is true (hub_model_id {repo_id!r}) but no Hugging Face token was found{why}: "
@@ -178,14 +178,18 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], card_info: Mapping[str
 
     lines = ["---", data.to_yaml().strip(), "---", "", f"# {repo_id}", ""]
     lines += [
-        ("A [TheWorld](https://github.com/kasohrab/theworld) stage output: Gemma 3 (vision-language) and the "
-         "Cosmos world model's VAE encoder, joined by trained world projection layers, trained by progressive "
-         "unfreezing."),
+        (
+            "A [TheWorld](https://github.com/kasohrab/theworld) stage output: Gemma 3 (vision-language) and the "
+            "Cosmos world model's VAE encoder, joined by trained world projection layers, trained by progressive "
+            "unfreezing."
+        ),
         "",
-        ("This repository holds only what training changed: `model.safetensors` has the parameters of the "
-         "components trained so far, `manifest.json` the base models, architecture fingerprint and configs. "
-         "The frozen pretrained weights are loaded from the base models, and loading onto a different base "
-         "is refused."),
+        (
+            "This repository holds only what training changed: `model.safetensors` has the parameters of the "
+            "components trained so far, `manifest.json` the base models, architecture fingerprint and configs. "
+            "The frozen pretrained weights are loaded from the base models, and loading onto a different base "
+            "is refused."
+        ),
         "",
         "## Stage",
         "",
@@ -213,10 +217,18 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], card_info: Mapping[str
     for component in ("world_projector", "gemma_vision", "gemma_language", "cosmos_vae"):
         saved = counts.get(component, 0)
         lines.append(f"| {component} | {'yes' if component in trained else 'no (pretrained)'} | {saved:,} |")
-    flags = {k: stage_config[k] for k in ("freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae") if k in stage_config}
+    flags = {
+        k: stage_config[k]
+        for k in ("freeze_gemma_vision", "freeze_gemma_language", "freeze_cosmos_vae")
+        if k in stage_config
+    }
     if flags:
         lines += ["", "Freeze flags of this stage: " + ", ".join(f"`{k}: {_fmt(v)}`" for k, v in flags.items()) + "."]
-    hyper = {k: stage_config[k] for k in ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_steps") if stage_config.get(k) is not None}
+    hyper = {
+        k: stage_config[k]
+        for k in ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_steps")
+        if stage_config.get(k) is not None
+    }
     if hyper:
         lines += ["", "Training: " + ", ".join(f"`{k}: {_fmt(v)}`" for k, v in hyper.items()) + "."]
 
@@ -235,7 +247,7 @@ def model_card(repo_id: str, manifest: Mapping[str, Any], card_info: Mapping[str
         f'model = TheWorld.from_pretrained("{repo_id}")',
         "```",
         "",
-        "Start the next stage from it with `\"resume_from_checkpoint\": \"" + repo_id + "\"` in its stage config "
+        'Start the next stage from it with `"resume_from_checkpoint": "' + repo_id + '"` in its stage config '
         "(a fresh optimizer and warmup; newly unfrozen components start from their pretrained weights).",
         "",
     ]
@@ -345,7 +357,9 @@ class HubPusher:
             self._stats.final_requested = True
         step = info.get("step")
         status = info.get("status")
-        message = f"{self._stage_label(folder, info)}: final stage output" + (f" at step {step}" if step is not None else "")
+        message = f"{self._stage_label(folder, info)}: final stage output" + (
+            f" at step {step}" if step is not None else ""
+        )
         if status:
             message += f" ({status})"
         return self._queue("end", folder, step, info, message)
@@ -378,7 +392,10 @@ class HubPusher:
         if timed_out:
             report["pending"] = len(dropped) + (1 if report["in_progress"] else 0)
             log.warning(
-                "hub: push to %s not finished after %.0f s; %d upload(s) abandoned", self.repo_id, timeout, report["pending"]
+                "hub: push to %s not finished after %.0f s; %d upload(s) abandoned",
+                self.repo_id,
+                timeout,
+                report["pending"],
             )
         return report
 
@@ -414,7 +431,9 @@ class HubPusher:
                 name = None
         return f"stage {name}" if name else "stage"
 
-    def _queue(self, kind: Literal["save", "end"], folder: str | Path, step: int | None, info: dict, message: str) -> bool:
+    def _queue(
+        self, kind: Literal["save", "end"], folder: str | Path, step: int | None, info: dict, message: str
+    ) -> bool:
         with self._cond:
             if self._closing:
                 log.warning("hub: %s push of %s ignored: the pusher is closed", kind, Path(folder).name)
@@ -518,7 +537,13 @@ class HubPusher:
             s = self._stats
             s.done += 1
             s.last_step = job.step
-            s.last_commit = redact(str(getattr(commit, "oid", None) or getattr(commit, "commit_url", "") or ""), secret_values((token,))) or None
+            s.last_commit = (
+                redact(
+                    str(getattr(commit, "oid", None) or getattr(commit, "commit_url", "") or ""),
+                    secret_values((token,)),
+                )
+                or None
+            )
             s.pushed_final = s.pushed_final or job.kind == "end"
         log.info("hub: pushed to %s (%s)", self.repo_id, job.commit_message)
 

@@ -56,8 +56,14 @@ def create_child_run(parent_run_id: str, stage: str, attempt: int, tags: dict[st
     run = c.create_run(
         parent.info.experiment_id,
         run_name=f"{stage}" + (f" (attempt {attempt})" if attempt > 1 else ""),
-        tags={"mlflow.parentRunId": parent_run_id, "stage": stage, "attempt": str(attempt), **owner_tags(), **inherited,
-              **tags},
+        tags={
+            "mlflow.parentRunId": parent_run_id,
+            "stage": stage,
+            "attempt": str(attempt),
+            **owner_tags(),
+            **inherited,
+            **tags,
+        },
     )
     return run.info.run_id
 
@@ -74,8 +80,9 @@ def log_params_once(run_id: str, params: dict[str, Any]) -> None:
         c.log_batch(run_id, params=new)
 
 
-def log_stage_summary_metrics(parent_run_id: str, prefix: str, values: dict[str, float | int | None],
-                              step: int = 0) -> None:
+def log_stage_summary_metrics(
+    parent_run_id: str, prefix: str, values: dict[str, float | int | None], step: int = 0
+) -> None:
     """`<prefix>/<name>` metrics on the parent run (a stage's or the champion's eval_loss,
     task_accuracy, steps), so the chart view compares stages and pipeline runs; None / non-finite
     values are left out."""
@@ -84,8 +91,11 @@ def log_stage_summary_metrics(parent_run_id: str, prefix: str, values: dict[str,
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    metrics = [Metric(f"{prefix}/{k}", float(v), now, step) for k, v in values.items()
-               if v is not None and math.isfinite(float(v))]
+    metrics = [
+        Metric(f"{prefix}/{k}", float(v), now, step)
+        for k, v in values.items()
+        if v is not None and math.isfinite(float(v))
+    ]
     if metrics:
         client().log_batch(parent_run_id, metrics=metrics)
 
@@ -104,8 +114,9 @@ def stage_output_uri(run_id: str) -> str:
     return f"runs:/{run_id}/{STAGE_OUTPUT_ARTIFACT}"
 
 
-def register_champion(run_id: str, name: str, alias: str, tags: dict[str, str],
-                      info: dict[str, Any] | None = None) -> int:
+def register_champion(
+    run_id: str, name: str, alias: str, tags: dict[str, str], info: dict[str, Any] | None = None
+) -> int:
     """Register the run's stage output as a new version of `name` (an MLflow pyfunc model) and point
     `alias` at it.
 
@@ -124,19 +135,24 @@ def register_champion(run_id: str, name: str, alias: str, tags: dict[str, str],
     info = {"run_id": run_id, **(info or {})}
     c = client()
     try:
-        c.create_registered_model(name, description="TheWorld (Gemma 3 + Cosmos VAE) stage outputs as MLflow pyfunc "
-                                                      f"models; alias '{alias}' marks the pipeline's champion")
+        c.create_registered_model(
+            name,
+            description="TheWorld (Gemma 3 + Cosmos VAE) stage outputs as MLflow pyfunc "
+            f"models; alias '{alias}' marks the pipeline's champion",
+        )
     except MlflowException:
         pass  # already registered
     with pyfunc_model.model_files_folder() as tmp:
         manifest_path = c.download_artifacts(run_id, f"{STAGE_OUTPUT_ARTIFACT}/manifest.json", tmp)
         manifest = json.loads(Path(manifest_path).read_text())
-        files = pyfunc_model.write_model_files(Path(tmp) / "model",
-                                               pyfunc_model.model_card(manifest, info, name, alias))
+        files = pyfunc_model.write_model_files(
+            Path(tmp) / "model", pyfunc_model.model_card(manifest, info, name, alias)
+        )
         c.log_artifacts(run_id, str(files), artifact_path=STAGE_OUTPUT_ARTIFACT)
     source = f"{c.get_run(run_id).info.artifact_uri}/{STAGE_OUTPUT_ARTIFACT}"
-    version = c.create_model_version(name, source=source, run_id=run_id, tags=tags,
-                                     description=pyfunc_model.version_description(info, name, alias))
+    version = c.create_model_version(
+        name, source=source, run_id=run_id, tags=tags, description=pyfunc_model.version_description(info, name, alias)
+    )
     c.set_registered_model_alias(name, alias, version.version)
     return int(version.version)
 
@@ -164,8 +180,16 @@ def comparison_plot(stages: list[dict[str, Any]]):
         end = stage.get("global_end_step")
         if end is not None:
             ax.axvline(end, color=colour, linestyle="--", linewidth=0.8)
-            ax.annotate(stage.get("decision", ""), (end, 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=8, color=colour)
+            ax.annotate(
+                stage.get("decision", ""),
+                (end, 1),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=8,
+                color=colour,
+            )
     ax.set_xlabel("pipeline step")
     ax.set_ylabel("loss")
     ax.set_title("TheWorld multistage: loss per stage (faint: train, dots: eval)")
@@ -185,8 +209,13 @@ def summary_markdown(rows: list[dict[str, Any]], champion: str | None) -> str:
     return f"# TheWorld multistage summary\n\nChampion: **{champion or 'none'}**\n\n" + header + body
 
 
-def log_summary(parent_run_id: str, rows: list[dict[str, Any]], stages_for_plot: list[dict[str, Any]],
-                champion: str | None, workdir: Path) -> dict[str, str]:
+def log_summary(
+    parent_run_id: str,
+    rows: list[dict[str, Any]],
+    stages_for_plot: list[dict[str, Any]],
+    champion: str | None,
+    workdir: Path,
+) -> dict[str, str]:
     """Log the comparison plot (`stage_comparison.png`, with `log_figure`) and the summary table
     (`stage_summary.json`, `stage_summary.md`) at the parent run's artifact root, the first thing its
     Artifacts tab shows; returns the local copies' paths."""
@@ -235,16 +264,22 @@ def last_pipeline_run(experiment: str, config_hash: str) -> dict[str, Any] | Non
         return None
     runs = c.search_runs(
         [found.experiment_id],
-        filter_string=(f"tags.run_kind = '{PIPELINE_RUN_KIND}' and tags.config_hash = '{config_hash}' "
-                       "and attributes.status = 'FINISHED' and tags.champion != 'none'"),
+        filter_string=(
+            f"tags.run_kind = '{PIPELINE_RUN_KIND}' and tags.config_hash = '{config_hash}' "
+            "and attributes.status = 'FINISHED' and tags.champion != 'none'"
+        ),
         order_by=["attributes.end_time DESC"],
         max_results=1,
     )
     if not runs:
         return None
     run = runs[0]
-    return {"run_id": run.info.run_id, "run_name": run.info.run_name,
-            "data_fingerprint": run.data.tags.get("data_fingerprint"), "end_time": run.info.end_time}
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "data_fingerprint": run.data.tags.get("data_fingerprint"),
+        "end_time": run.info.end_time,
+    }
 
 
 def champion_version(name: str, alias: str) -> int | None:

@@ -108,15 +108,17 @@ def ensure_experiment(name: str = DEFAULT_MLFLOW_EXPERIMENT) -> str:
         if mlflow.get_tracking_uri().startswith("sqlite:///"):
             artifact_location = (project_dir() / "mlartifacts" / name).as_uri()
         try:
-            return mlflow.create_experiment(name, artifact_location=artifact_location,
-                                            tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND})
+            return mlflow.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: TRAINING_EXPERIMENT_KIND}
+            )
         except MlflowException:
             experiment = mlflow.get_experiment_by_name(name)  # another process created it meanwhile
             if experiment is None:
                 raise
     if experiment.tags.get(EXPERIMENT_KIND_TAG) != TRAINING_EXPERIMENT_KIND:
-        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG,
-                                                 TRAINING_EXPERIMENT_KIND)
+        mlflow.MlflowClient().set_experiment_tag(
+            experiment.experiment_id, EXPERIMENT_KIND_TAG, TRAINING_EXPERIMENT_KIND
+        )
     return experiment.experiment_id
 
 
@@ -159,7 +161,7 @@ def owner_tags() -> dict[str, str]:
 
 
 def owner_state(tags: dict[str, str]) -> str:
-    """"alive", "dead" or "unknown" (no owner tags, or another host: cannot be decided from here)."""
+    """ "alive", "dead" or "unknown" (no owner tags, or another host: cannot be decided from here)."""
     if not all(tags.get(k) for k in OWNER_TAGS) or tags["owner_host"] != socket.gethostname():
         return "unknown"
     try:
@@ -175,19 +177,24 @@ def end_stale_runs(client, experiment_id: str, filter_string: str) -> list[str]:
     """End as KILLED the RUNNING runs matching `filter_string` whose owner process is dead, and their
     RUNNING child runs; returns the ids ended. Runs of live processes and of other hosts stay."""
     ended: list[str] = []
-    stale = client.search_runs([experiment_id], filter_string=f"attributes.status = 'RUNNING' and {filter_string}",
-                               max_results=1000)
+    stale = client.search_runs(
+        [experiment_id], filter_string=f"attributes.status = 'RUNNING' and {filter_string}", max_results=1000
+    )
     for run in stale:
         if owner_state(run.data.tags) != "dead":
             continue
         children = client.search_runs(
-            [experiment_id], max_results=1000,
-            filter_string=f"attributes.status = 'RUNNING' and tags.mlflow.parentRunId = '{run.info.run_id}'")
+            [experiment_id],
+            max_results=1000,
+            filter_string=f"attributes.status = 'RUNNING' and tags.mlflow.parentRunId = '{run.info.run_id}'",
+        )
         for stale_run in [*children, run]:
             if stale_run is run or owner_state(stale_run.data.tags) != "alive":
-                client.set_tag(stale_run.info.run_id, "ended_by",
-                               f"end_stale_runs: owner pid {run.data.tags['owner_pid']} on "
-                               f"{run.data.tags['owner_host']} is gone")
+                client.set_tag(
+                    stale_run.info.run_id,
+                    "ended_by",
+                    f"end_stale_runs: owner pid {run.data.tags['owner_pid']} on {run.data.tags['owner_host']} is gone",
+                )
                 client.set_terminated(stale_run.info.run_id, status="KILLED")
                 ended.append(stale_run.info.run_id)
     if ended:
@@ -198,8 +205,13 @@ def end_stale_runs(client, experiment_id: str, filter_string: str) -> list[str]:
 # --- the stage's run -----------------------------------------------------------------------------
 
 
-def start_stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: dict[str, str] | None = None,
-                    log_system_metrics: bool | None = None):
+def start_stage_run(
+    run_id: str | None,
+    experiment: str,
+    run_name: str | None,
+    tags: dict[str, str] | None = None,
+    log_system_metrics: bool | None = None,
+):
     """Make an MLflow run active (fluent API) and return `(run, owned)`: the given one (resumed), or a
     new one in `experiment` tagged with its owner. `owned` is False when the caller had already
     made `run_id` active (it ends it); end an owned run with `release_stage_run`.
@@ -215,9 +227,13 @@ def start_stage_run(run_id: str | None, experiment: str, run_name: str | None, t
     if run_id is not None and _run_exists(run_id):
         run = mlflow.start_run(run_id=run_id, nested=active is not None, log_system_metrics=log_system_metrics)
         return run, True
-    run = mlflow.start_run(experiment_id=ensure_experiment(experiment), run_name=run_name,
-                           tags={**owner_tags(), **(tags or {})}, nested=active is not None,
-                           log_system_metrics=log_system_metrics)
+    run = mlflow.start_run(
+        experiment_id=ensure_experiment(experiment),
+        run_name=run_name,
+        tags={**owner_tags(), **(tags or {})},
+        nested=active is not None,
+        log_system_metrics=log_system_metrics,
+    )
     return run, True
 
 
@@ -246,8 +262,13 @@ def release_stage_run(run_id: str, status: str | None) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(run_id: str | None, experiment: str, run_name: str | None, tags: dict[str, str] | None = None,
-              log_system_metrics: bool | None = None):
+def stage_run(
+    run_id: str | None,
+    experiment: str,
+    run_name: str | None,
+    tags: dict[str, str] | None = None,
+    log_system_metrics: bool | None = None,
+):
     """Yield an active MLflow run: the given one (resumed) or a new one in `experiment`; ended
     FINISHED (FAILED on an exception) unless the caller had made it active. `log_system_metrics`: as
     `start_stage_run`."""

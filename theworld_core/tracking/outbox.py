@@ -67,11 +67,21 @@ class TrackingOutbox:
         self.dropped: list[str] = []
         if self._queue:
             runs = sorted({e["run"] for e in self._queue})
-            log.info("tracking outbox %s: %d record(s) of run(s) %s were not delivered before; sending them now",
-                     self.path, len(self._queue), ", ".join(runs))
+            log.info(
+                "tracking outbox %s: %d record(s) of run(s) %s were not delivered before; sending them now",
+                self.path,
+                len(self._queue),
+                ", ".join(runs),
+            )
             for run in runs:  # after its backlog: the run says it is whole again
-                self.put(run, "batch", tags={"tracking_status": "complete",
-                                            "tracking_issue": f"outbox replayed {time.strftime('%Y-%m-%d %H:%M:%S')}"})
+                self.put(
+                    run,
+                    "batch",
+                    tags={
+                        "tracking_status": "complete",
+                        "tracking_issue": f"outbox replayed {time.strftime('%Y-%m-%d %H:%M:%S')}",
+                    },
+                )
         self._thread = threading.Thread(target=self._send_loop, name="theworld-tracking-outbox", daemon=True)
         self._thread.start()
 
@@ -99,9 +109,22 @@ class TrackingOutbox:
 
     def log_inputs(self, run_id: str, datasets: list[tuple[Any, str]]) -> None:
         """`datasets`: (an `mlflow.entities.Dataset`, its input context) pairs."""
-        self.put(run_id, "inputs", datasets=[
-            {"name": d.name, "digest": d.digest, "source_type": d.source_type, "source": d.source, "schema": d.schema,
-             "profile": d.profile, "context": context} for d, context in datasets])
+        self.put(
+            run_id,
+            "inputs",
+            datasets=[
+                {
+                    "name": d.name,
+                    "digest": d.digest,
+                    "source_type": d.source_type,
+                    "source": d.source,
+                    "schema": d.schema,
+                    "profile": d.profile,
+                    "context": context,
+                }
+                for d, context in datasets
+            ],
+        )
 
     def log_artifacts(self, run_id: str, local_dir: str | os.PathLike[str], artifact_path: str) -> None:
         self.put(run_id, "artifacts", dir=str(local_dir), path=artifact_path)
@@ -146,14 +169,21 @@ class TrackingOutbox:
         if pending or self.dropped:
             parts = []
             if pending:
-                parts.append(f"{len(pending)} record(s) not delivered ({self.last_error or 'MLflow did not answer'}); "
-                             f"they wait in {self.path} and are sent by the next run in this output folder")
+                parts.append(
+                    f"{len(pending)} record(s) not delivered ({self.last_error or 'MLflow did not answer'}); "
+                    f"they wait in {self.path} and are sent by the next run in this output folder"
+                )
             if self.dropped:
                 parts.append(f"{len(self.dropped)} record(s) refused by MLflow: {'; '.join(self.dropped[:3])}")
             issue = "; ".join(parts)
-        return TrackingReport(complete=issue is None, pending=len(pending), dropped=len(self.dropped), issue=issue,
-                              stage_output_missing=any(e["op"] == "artifacts" for e in pending)
-                              or any(d.startswith("artifacts") for d in self.dropped))
+        return TrackingReport(
+            complete=issue is None,
+            pending=len(pending),
+            dropped=len(self.dropped),
+            issue=issue,
+            stage_output_missing=any(e["op"] == "artifacts" for e in pending)
+            or any(d.startswith("artifacts") for d in self.dropped),
+        )
 
     # ------------------------------------------------------------------ the sender
 
@@ -180,8 +210,11 @@ class TrackingOutbox:
                         continue
                     self._failures += 1
                     if self.last_error is None:
-                        log.warning("MLflow cannot be reached (%s): records wait in %s and are retried",
-                                    _short(error), self.path)
+                        log.warning(
+                            "MLflow cannot be reached (%s): records wait in %s and are retried",
+                            _short(error),
+                            self.path,
+                        )
                     self.last_error = _short(error)
                     self._retry_now = False
                     self._cond.notify_all()
@@ -202,8 +235,12 @@ class TrackingOutbox:
             return [first]
         taken, count = [first], len(first["metrics"])
         for entry in self._queue[1:]:
-            if (entry["op"] != "batch" or entry["run"] != first["run"] or set(entry) - {"seq", "run", "op", "metrics"}
-                    or count + len(entry["metrics"]) > MAX_METRICS_PER_CALL):
+            if (
+                entry["op"] != "batch"
+                or entry["run"] != first["run"]
+                or set(entry) - {"seq", "run", "op", "metrics"}
+                or count + len(entry["metrics"]) > MAX_METRICS_PER_CALL
+            ):
                 break
             taken.append(entry)
             count += len(entry["metrics"])
@@ -222,9 +259,16 @@ class TrackingOutbox:
             from mlflow.entities import Dataset, DatasetInput, InputTag
             from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
-            client.log_inputs(run, datasets=[
-                DatasetInput(Dataset(**{k: v for k, v in d.items() if k != "context"}),
-                             tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])]) for d in entry["datasets"]])
+            client.log_inputs(
+                run,
+                datasets=[
+                    DatasetInput(
+                        Dataset(**{k: v for k, v in d.items() if k != "context"}),
+                        tags=[InputTag(MLFLOW_DATASET_CONTEXT, d["context"])],
+                    )
+                    for d in entry["datasets"]
+                ],
+            )
         elif entry["op"] == "artifacts":
             if not Path(entry["dir"]).is_dir():
                 raise _Refused(f"folder {entry['dir']} is gone")
@@ -236,7 +280,7 @@ class TrackingOutbox:
 
     def _mark_sent(self, entries: list[dict[str, Any]]) -> None:
         """(holding the lock) Remove delivered entries and record the last one's number on disk."""
-        del self._queue[:len(entries)]
+        del self._queue[: len(entries)]
         last = entries[-1]["seq"]
         tmp = self.sent_path.with_suffix(".sent.tmp")
         tmp.write_text(str(last))

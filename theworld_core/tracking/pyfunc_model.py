@@ -79,8 +79,9 @@ def input_example():
 
     buffer = io.BytesIO()
     Image.new("RGB", (32, 32), (200, 30, 30)).save(buffer, format="PNG")
-    return pd.DataFrame({"image": [base64.b64encode(buffer.getvalue()).decode("ascii")],
-                         "prompt": ["What is in the image?"]})
+    return pd.DataFrame(
+        {"image": [base64.b64encode(buffer.getvalue()).decode("ascii")], "prompt": ["What is in the image?"]}
+    )
 
 
 def requirements() -> list[str]:
@@ -110,8 +111,8 @@ def version_description(info: dict[str, Any], registered_model: str, alias: str)
         f"- data fingerprint: `{info.get('data_fingerprint') or '?'}`\n"
         f"- config hash: `{info.get('config_hash') or '?'}`\n"
         f"- code version: `{info.get('code_version') or '?'}`\n\n"
-        f"Load: `mlflow.pyfunc.load_model(\"{uri}\").predict(df)` (columns `image`, `prompt`) "
-        f"or `TheWorld.from_pretrained(\"{uri}\")`; README.md in the version's files is the model card."
+        f'Load: `mlflow.pyfunc.load_model("{uri}").predict(df)` (columns `image`, `prompt`) '
+        f'or `TheWorld.from_pretrained("{uri}")`; README.md in the version\'s files is the model card.'
     )
 
 
@@ -122,8 +123,10 @@ def model_card(manifest: dict[str, Any], info: dict[str, Any], registered_model:
     uri = f"models:/{registered_model}@{alias}"
 
     def base_line(label: str, entry: dict) -> str:
-        return (f"| {label} | `{entry.get('id')}` | {entry.get('revision') or '-'} | "
-                f"{(entry.get('commit') or '-')[:12]} |\n")
+        return (
+            f"| {label} | `{entry.get('id')}` | {entry.get('revision') or '-'} | "
+            f"{(entry.get('commit') or '-')[:12]} |\n"
+        )
 
     return (
         f"# TheWorld: {registered_model} ({info.get('stage', 'stage output')})\n\n"
@@ -145,23 +148,24 @@ def model_card(manifest: dict[str, Any], info: dict[str, Any], registered_model:
         f"| stage run | `{info.get('run_id') or '-'}` |\n\n"
         "## Base models (not in this folder: loaded by id)\n\n"
         "| | id | revision | commit |\n|---|---|---|---|\n"
-        + base_line("Gemma 3", gemma) + base_line("Cosmos", cosmos)
+        + base_line("Gemma 3", gemma)
+        + base_line("Cosmos", cosmos)
         + "\n## Use\n\n"
         "```python\nimport mlflow, pandas as pd\n"
-        f"model = mlflow.pyfunc.load_model(\"{uri}\")\n"
-        "answers = model.predict(pd.DataFrame({\"image\": [\"photo.jpg\"], \"prompt\": [\"What is in the image?\"]}))\n"
+        f'model = mlflow.pyfunc.load_model("{uri}")\n'
+        'answers = model.predict(pd.DataFrame({"image": ["photo.jpg"], "prompt": ["What is in the image?"]}))\n'
         "```\n\n"
         "`image`: a file path, or base64-encoded PNG/JPEG bytes; `prompt`: the question. One answer string per "
-        "row; `params={\"max_new_tokens\": 64}` decodes longer answers. As a TheWorld model:\n\n"
+        'row; `params={"max_new_tokens": 64}` decodes longer answers. As a TheWorld model:\n\n'
         "```python\nfrom theworld_core.model.theworld import TheWorld\n"
-        f"model = TheWorld.from_pretrained(\"{uri}\")\n```\n\n"
+        f'model = TheWorld.from_pretrained("{uri}")\n```\n\n'
         "Both need the `theworld` package installed (from its repository). On a machine with local copies of "
         "the base models, point at them:\n\n"
         "```python\nmlflow.pyfunc.load_model(\n"
-        f"    \"{uri}\",\n"
-        "    model_config={\"model_name\": \"/models/gemma-3-4b-it\", \"cosmos_model_name\": \"/models/cosmos\",\n"
-        "                  \"device\": \"cuda\", \"dtype\": \"bfloat16\"})\n"
-        f"TheWorld.from_pretrained(\"{uri}\", model_name=\"/models/gemma-3-4b-it\", cosmos_model_name=\"/models/cosmos\")\n"
+        f'    "{uri}",\n'
+        '    model_config={"model_name": "/models/gemma-3-4b-it", "cosmos_model_name": "/models/cosmos",\n'
+        '                  "device": "cuda", "dtype": "bfloat16"})\n'
+        f'TheWorld.from_pretrained("{uri}", model_name="/models/gemma-3-4b-it", cosmos_model_name="/models/cosmos")\n'
         "```\n"
     )
 
@@ -182,11 +186,15 @@ class TheWorldPredictor:
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = [c for c in INPUT_COLUMNS if c not in frame.columns]
         if missing:
-            raise ValueError(f"predict input lacks column(s) {missing}: expected columns {list(INPUT_COLUMNS)} "
-                             f"(image: a file path or base64 PNG/JPEG; prompt: the question), got {list(frame.columns)}")
+            raise ValueError(
+                f"predict input lacks column(s) {missing}: expected columns {list(INPUT_COLUMNS)} "
+                f"(image: a file path or base64 PNG/JPEG; prompt: the question), got {list(frame.columns)}"
+            )
         max_new_tokens = int((params or {}).get("max_new_tokens") or self.max_new_tokens)
-        return [self.model.generate(decode_image(image, row), str(prompt), max_new_tokens=max_new_tokens)
-                for row, (image, prompt) in enumerate(zip(frame["image"], frame["prompt"]))]
+        return [
+            self.model.generate(decode_image(image, row), str(prompt), max_new_tokens=max_new_tokens)
+            for row, (image, prompt) in enumerate(zip(frame["image"], frame["prompt"]))
+        ]
 
 
 def decode_image(value: Any, row: int = 0):
@@ -206,8 +214,9 @@ def decode_image(value: Any, row: int = 0):
         try:
             data = base64.b64decode(text, validate=True)
         except (binascii.Error, ValueError):
-            raise ValueError(f"predict row {row}: image {text[:60]!r} is neither an existing file nor base64 "
-                             "PNG/JPEG bytes") from None
+            raise ValueError(
+                f"predict row {row}: image {text[:60]!r} is neither an existing file nor base64 PNG/JPEG bytes"
+            ) from None
     try:
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
@@ -225,8 +234,10 @@ def _load_pyfunc(path: str, model_config: dict[str, Any] | None = None) -> TheWo
     settings = {**PREDICT_DEFAULTS, **(model_config or {})}
     unknown = sorted(k for k in settings if k not in LOAD_KEYS and k not in ModelConfig.model_fields)
     if unknown:
-        raise ValueError(f"model_config key(s) {unknown} unknown: allowed are {list(LOAD_KEYS)} and the model config "
-                         f"keys {sorted(ModelConfig.model_fields)}")
+        raise ValueError(
+            f"model_config key(s) {unknown} unknown: allowed are {list(LOAD_KEYS)} and the model config "
+            f"keys {sorted(ModelConfig.model_fields)}"
+        )
     dtype_name = settings.get("dtype")
     if dtype_name is not None and dtype_name not in DTYPES:
         raise ValueError(f"model_config dtype {dtype_name!r} is not one of {list(DTYPES)}")

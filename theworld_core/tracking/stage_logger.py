@@ -71,8 +71,9 @@ class TrackingUnavailable(RuntimeError):
     """The stage's MLflow run cannot be opened: nothing was trained."""
 
 
-def stage_logger_for(cfg: StageConfig, *, is_main_process: bool, global_step_offset: int = 0,
-                     stage_name: str | None = None) -> StageLogger | NullStageLogger:
+def stage_logger_for(
+    cfg: StageConfig, *, is_main_process: bool, global_step_offset: int = 0, stage_name: str | None = None
+) -> StageLogger | NullStageLogger:
     """The logger of this rank: `StageLogger` on the main process, `NullStageLogger` elsewhere.
 
     Every rank first checks that a hub push can work (`check_hub_ready`): a missing token fails the
@@ -116,14 +117,16 @@ class StageLogger:
         uri = configure_tracking()
         self.outbox = TrackingOutbox(self.cfg.output_dir)
         try:
-            run, owned = start_stage_run(run_id, names.experiment, names.run_name,
-                                         log_system_metrics=system_metrics_setting(run_id))
+            run, owned = start_stage_run(
+                run_id, names.experiment, names.run_name, log_system_metrics=system_metrics_setting(run_id)
+            )
         except Exception as error:
             self.outbox.close(timeout=0)
             raise TrackingUnavailable(
                 f"stage {self.stage_name}: cannot open its MLflow run at {uri} ({type(error).__name__}: "
                 f"{str(error)[:300]}); nothing was trained. Start the tracking server (or unset MLFLOW_TRACKING_URI "
-                "for the local store) and run again") from error
+                "for the local store) and run again"
+            ) from error
         self.run_id, self._owns_run = run.info.run_id, owned
         status = "FAILED"
         try:
@@ -142,8 +145,9 @@ class StageLogger:
             log.info(notice)
         log.info("stage %s starts from %s; trains %s", self.stage_name, started_from, ", ".join(trainable))
 
-    def log_params(self, model: TheWorld, *, total_steps: int, data: PreparedData, resume_key: str,
-                   started_from: str) -> None:
+    def log_params(
+        self, model: TheWorld, *, total_steps: int, data: PreparedData, resume_key: str, started_from: str
+    ) -> None:
         """The params, tags and first data statistics of a new run (`model` unwrapped)."""
         params: dict[str, Any] = {k: str(v)[:500] for k, v in stage_params(self.cfg.model_dump(mode="json")).items()}
         params.update({f"trainable/{c}": n.trainable for c, n in parameter_report(model).items()})
@@ -152,10 +156,13 @@ class StageLogger:
             params.update(data_count_params(data.stats))
             self._counts_logged = True
         self.outbox.log_params(self.run_id, params)
-        self.outbox.log_inputs(self.run_id, [(dataset._to_mlflow_entity(), context)
-                                             for dataset, context in stage_datasets(self.cfg, data)])
-        self.outbox.set_tags(self.run_id, {"data_fingerprint": data.fingerprint, "config_hash": resume_key,
-                                           "started_from": started_from[:500]})
+        self.outbox.log_inputs(
+            self.run_id, [(dataset._to_mlflow_entity(), context) for dataset, context in stage_datasets(self.cfg, data)]
+        )
+        self.outbox.set_tags(
+            self.run_id,
+            {"data_fingerprint": data.fingerprint, "config_hash": resume_key, "started_from": started_from[:500]},
+        )
 
     def log_precision(self, params: Mapping[str, str]) -> None:
         """The precision policy of a new run (`PrecisionPolicy.as_params()`: `precision/...`)."""
@@ -167,8 +174,9 @@ class StageLogger:
         """Metrics at the pipeline-global step; learning rates (`lr/<group>`) as `train/lr/<group>`,
         so the MLflow UI's chart sections (alphabetical by prefix) start with eval/ and train/."""
         named = {f"train/{k}" if k.startswith("lr/") else k: v for k, v in metrics.items()}
-        self.outbox.log_metrics(self.run_id, {**named, "stage_step": stage_step},
-                                step=self.global_step_offset + stage_step)
+        self.outbox.log_metrics(
+            self.run_id, {**named, "stage_step": stage_step}, step=self.global_step_offset + stage_step
+        )
 
     def log_feature_cache(self, stats: Mapping[str, float], disabled_reason: str | None) -> None:
         """Once per stage, a console line on the feature cache (its `feature_cache/...` counters, summed
@@ -179,8 +187,12 @@ class StageLogger:
         if disabled_reason is not None:
             log.info("feature cache off (%s): frozen encoders run on every step", disabled_reason)
         else:
-            log.info("feature cache: %d hits, %d misses so far (%.0f%% hit rate)", stats.get("feature_cache/hits", 0),
-                     stats.get("feature_cache/misses", 0), 100 * stats.get("feature_cache/hit_rate", 0.0))
+            log.info(
+                "feature cache: %d hits, %d misses so far (%.0f%% hit rate)",
+                stats.get("feature_cache/hits", 0),
+                stats.get("feature_cache/misses", 0),
+                100 * stats.get("feature_cache/hit_rate", 0.0),
+            )
 
     def on_resume_state_saved(self, path: Path | None, step: int, metrics: Mapping[str, float]) -> None:
         """Queue the hub push of a resume state (`every_save`); the upload runs in the background."""
@@ -204,19 +216,25 @@ class StageLogger:
             logged = _logged_manifest_files(client, self.run_id)
             have = {int(m.step) for m in client.get_metric_history(self.run_id, "eval/loss")}
         except Exception as error:  # noqa: BLE001 - unreachable: log it all, the outbox keeps it
-            log.warning("cannot check what MLflow run %s holds (%s): logging the stage output again",
-                        self.run_id, error)
+            log.warning(
+                "cannot check what MLflow run %s holds (%s): logging the stage output again", self.run_id, error
+            )
             logged, have = None, set()
         if "artifacts" not in self.outbox.pending_ops(self.run_id) and logged != local_files:
-            log.info("MLflow run %s lacks this stage output (%s): logging %s", self.run_id,
-                     "none logged" if logged is None else "another one logged", final)
+            log.info(
+                "MLflow run %s lacks this stage output (%s): logging %s",
+                self.run_id,
+                "none logged" if logged is None else "another one logged",
+                final,
+            )
             self.log_stage_output(final)
         for step, loss in eval_history:
             if self.global_step_offset + int(step) not in have and math.isfinite(loss):
                 self.log_metrics({"eval/loss": loss}, int(step))
 
-    def log_stage_end(self, result: StageResult, *, timings: Mapping[str, float], data_stats: DataStats,
-                      push_final: Path | None) -> None:
+    def log_stage_end(
+        self, result: StageResult, *, timings: Mapping[str, float], data_stats: DataStats, push_final: Path | None
+    ) -> None:
         """Status tags, timings, final data statistics; pushes `push_final` (a new stage output) and
         waits for the pushes (at most HUB_CLOSE_TIMEOUT_S), tagging the pusher's report."""
         self.outbox.set_tags(self.run_id, {"stage_status": result.status, "stage_reason": result.reason[:500]})
@@ -246,8 +264,9 @@ class StageLogger:
         except Exception:  # noqa: BLE001 - unreachable: the counts go to the outbox and wait there
             return {}
 
-    def finish_tracking(self, end_status: str | None = None, timeout: float = TRACKING_CLOSE_TIMEOUT_S
-                        ) -> TrackingReport:
+    def finish_tracking(
+        self, end_status: str | None = None, timeout: float = TRACKING_CLOSE_TIMEOUT_S
+    ) -> TrackingReport:
         """Wait (at most `timeout`, and only while MLflow answers) for the stage's records to arrive;
         tag `tracking_status`. When some cannot be delivered they stay in the outbox file, with the
         run's end (`end_status`, when this logger opened the run) after them. Returns what reached MLflow."""
@@ -319,8 +338,14 @@ _SWITCHED_KEYS: dict[str, tuple[str, ...]] = {
 }
 _OPT_IN_FLAGS = ("log_to_wandb", "push_to_hub", "use_gradient_checkpointing", "carry_optimizer_state", "streaming")
 """Boolean switches that are off (False) unless a config turns them on: logged only when on."""
-_URL_LIST_KEYS = ("fetch_timeout_s", "fetch_retries", "fetch_backoff_s", "fetch_max_bytes", "fetch_concurrency",
-                  "image_cache_dir")
+_URL_LIST_KEYS = (
+    "fetch_timeout_s",
+    "fetch_retries",
+    "fetch_backoff_s",
+    "fetch_max_bytes",
+    "fetch_concurrency",
+    "image_cache_dir",
+)
 _SYNTHETIC_KEYS = ("synthetic_samples", "synthetic_image_size")
 
 
@@ -382,15 +407,34 @@ def stage_datasets(cfg: StageConfig, data: PreparedData) -> list[tuple[Any, str]
             return {**super().to_dict(), "profile": json.dumps(self._profile)}
 
     stats = data.stats
-    schema = Schema([ColSpec(DataType.string, "id"), ColSpec(DataType.binary, "image"),
-                     ColSpec(DataType.string, "prompt"), ColSpec(DataType.string, "text")])
+    schema = Schema(
+        [
+            ColSpec(DataType.string, "id"),
+            ColSpec(DataType.binary, "image"),
+            ColSpec(DataType.string, "prompt"),
+            ColSpec(DataType.string, "text"),
+        ]
+    )
     source = _dataset_source(cfg)
     base = _dataset_base_name(cfg.dataset_name)
-    common = {"fingerprint": data.fingerprint, "source": data.source, "total_samples": stats.total,
-              "bad_samples": stats.bad, "counts_complete": stats.complete}
+    common = {
+        "fingerprint": data.fingerprint,
+        "source": data.source,
+        "total_samples": stats.total,
+        "bad_samples": stats.bad,
+        "counts_complete": stats.complete,
+    }
     return [
-        (_ProfiledDataset(source, name=f"{base}-{split}", digest=data.fingerprint[:DATASET_DIGEST_CHARS], schema=schema,
-                          profile={"split": split, "num_samples": count, **common}), context)
+        (
+            _ProfiledDataset(
+                source,
+                name=f"{base}-{split}",
+                digest=data.fingerprint[:DATASET_DIGEST_CHARS],
+                schema=schema,
+                profile={"split": split, "num_samples": count, **common},
+            ),
+            context,
+        )
         for split, count, context in (("train", stats.train, "training"), ("eval", stats.eval, "eval"))
     ]
 
@@ -410,8 +454,14 @@ def _dataset_source(cfg: StageConfig):
 
     name = cfg.dataset_name
     if name == "synthetic":
-        return CodeDatasetSource({"generator": "theworld synthetic", "seed": str(cfg.seed),
-                                  "samples": str(cfg.synthetic_samples), "image_size": str(cfg.synthetic_image_size)})
+        return CodeDatasetSource(
+            {
+                "generator": "theworld synthetic",
+                "seed": str(cfg.seed),
+                "samples": str(cfg.synthetic_samples),
+                "image_size": str(cfg.synthetic_image_size),
+            }
+        )
     if name.startswith(("http://", "https://")):
         return HTTPDatasetSource(name)
     path = Path(name).expanduser()
@@ -448,8 +498,9 @@ def system_metrics_setting(run_id: str | None) -> bool | None:
     if wanted.lower() != "true":
         return False
     if importlib.util.find_spec("psutil") is None:
-        log.warning("mlflow.log_system_metrics is true but psutil is not installed: no system metrics "
-                    "(pip install psutil)")
+        log.warning(
+            "mlflow.log_system_metrics is true but psutil is not installed: no system metrics (pip install psutil)"
+        )
         return False
     return True
 
@@ -464,8 +515,9 @@ class NullStageLogger:
     def log_stage_start(self, started_from: str, trainable: tuple[str, ...]) -> None:
         pass
 
-    def log_params(self, model: TheWorld, *, total_steps: int, data: PreparedData, resume_key: str,
-                   started_from: str) -> None:
+    def log_params(
+        self, model: TheWorld, *, total_steps: int, data: PreparedData, resume_key: str, started_from: str
+    ) -> None:
         pass
 
     def log_precision(self, params: Mapping[str, str]) -> None:
@@ -486,8 +538,9 @@ class NullStageLogger:
     def complete_finished_stage(self, final: Path, eval_history: list[list[float]]) -> None:
         pass
 
-    def log_stage_end(self, result: StageResult, *, timings: Mapping[str, float], data_stats: DataStats,
-                      push_final: Path | None) -> None:
+    def log_stage_end(
+        self, result: StageResult, *, timings: Mapping[str, float], data_stats: DataStats, push_final: Path | None
+    ) -> None:
         pass
 
     def finish_tracking(self, end_status: str | None = None, timeout: float = 0.0) -> None:

@@ -127,7 +127,11 @@ def save_resume_state(
     tensors = stage_output_tensors(model)
     manifest = build_manifest(model, tensors, stage_config)
     earlier = list_resume_states(output_dir)
-    kept = f"the earlier resume states are kept (newest: {earlier[-1].name})" if earlier else "no earlier resume state exists"
+    kept = (
+        f"the earlier resume states are kept (newest: {earlier[-1].name})"
+        if earlier
+        else "no earlier resume state exists"
+    )
     size = tensor_bytes(tensors) + tensor_bytes(optimizer_state) + tensor_bytes(capture_rng()) + (1 << 16)
     with atomic_directory(target, expected_bytes=size, what=f"resume state {target.name}", kept=kept) as tmp:
         save_weights(tensors, tmp / WEIGHTS_FILE, manifest)
@@ -152,7 +156,9 @@ def _checkpoint_folders(output_dir: Path) -> list[Path]:
     output_dir = Path(output_dir)
     if not output_dir.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p) for p in output_dir.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_dir()
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -172,8 +178,9 @@ def verify_resume_state(directory: Path) -> None:
     directory = Path(directory)
     for name in REQUIRED_FILES:
         if not (directory / name).is_file():
-            raise ResumeStateError(f"{directory / name} is missing: {directory.name} is not a complete resume state",
-                                   f"missing-{name}")
+            raise ResumeStateError(
+                f"{directory / name} is missing: {directory.name} is not a complete resume state", f"missing-{name}"
+            )
     try:
         manifest = read_manifest(directory)
         verify_stage_output(directory, manifest, files=REQUIRED_FILES[1:])
@@ -214,10 +221,16 @@ def _move_aside(directory: Path, reason: str, error: Exception) -> None:
     except FileNotFoundError:
         return  # moved by another process
     except OSError as exc:
-        log.warning("resume state %s is unusable (%s) and could not be moved aside (%s): skipped", directory, error, exc)
+        log.warning(
+            "resume state %s is unusable (%s) and could not be moved aside (%s): skipped", directory, error, exc
+        )
         return
-    log.warning("resume state %s is unusable and was moved aside to %s: %s; trying the state before it",
-                directory, target.name, error)
+    log.warning(
+        "resume state %s is unusable and was moved aside to %s: %s; trying the state before it",
+        directory,
+        target.name,
+        error,
+    )
 
 
 def is_resume_state(directory: Path) -> bool:
@@ -245,8 +258,9 @@ def _parse_trainer_state(path: Path) -> TrainerState:
             raise ValueError(f"expected an object with keys among {sorted(known)}")
         return TrainerState(**values)
     except (UnicodeDecodeError, ValueError, TypeError) as exc:
-        raise ResumeStateError(f"{path} is not a readable trainer state ({type(exc).__name__}: {exc})",
-                               f"json-{TRAINER_STATE_FILE}") from exc
+        raise ResumeStateError(
+            f"{path} is not a readable trainer state ({type(exc).__name__}: {exc})", f"json-{TRAINER_STATE_FILE}"
+        ) from exc
 
 
 def load_trainer_state(directory: Path) -> TrainerState:

@@ -81,9 +81,18 @@ class EvalReport:
         return asdict(self)
 
 
-def evaluate_model(model, eval_rows, *, batch_size: int, loss_samples: int | None, task_samples: int,
-                   generations: int, max_new_tokens: int = 32, device="cpu",
-                   precision: PrecisionPolicy | None = None) -> EvalReport:
+def evaluate_model(
+    model,
+    eval_rows,
+    *,
+    batch_size: int,
+    loss_samples: int | None,
+    task_samples: int,
+    generations: int,
+    max_new_tokens: int = 32,
+    device="cpu",
+    precision: PrecisionPolicy | None = None,
+) -> EvalReport:
     """Evaluate a loaded TheWorld (on `device`, in `precision`) on held-out rows (dicts with id, image,
     prompt, text); the task metric's answers are generated `batch_size` at a time."""
     count = len(eval_rows)
@@ -94,18 +103,17 @@ def evaluate_model(model, eval_rows, *, batch_size: int, loss_samples: int | Non
     scores, exact, samples = [], 0, []
     for rows in _chunks(task_rows, batch_size):
         with autocast():
-            answers = model.generate_batch([r["image"] for r in rows], [r["prompt"] for r in rows],
-                                           max_new_tokens=max_new_tokens)
+            answers = model.generate_batch(
+                [r["image"] for r in rows], [r["prompt"] for r in rows], max_new_tokens=max_new_tokens
+            )
         for row, generated in zip(rows, answers):
             scores.append(word_f1(generated, row["text"]))
             exact += " ".join(_WORD.findall(generated.lower())) == " ".join(_WORD.findall(row["text"].lower()))
             if len(samples) < generations:
-                samples.append({"id": row["id"], "prompt": row["prompt"], "reference": row["text"],
-                                "generated": generated})
+                samples.append(
+                    {"id": row["id"], "prompt": row["prompt"], "reference": row["text"], "generated": generated}
+                )
     n = max(len(scores), 1)
     return EvalReport(
-        eval_loss=loss,
-        task_accuracy=sum(scores) / n if scores else math.nan,
-        exact_match=exact / n,
-        samples=samples,
+        eval_loss=loss, task_accuracy=sum(scores) / n if scores else math.nan, exact_match=exact / n, samples=samples
     )

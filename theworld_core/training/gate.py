@@ -324,7 +324,10 @@ def _diverged(
     what = f"'{outcome.name}' diverged ({_evidence_text(outcome)}) on attempt {outcome.attempt}"
     if retries_used >= allowed:
         return GateDecision(
-            "stop_failed", f"{what}; diverged retries used up ({retries_used}/{allowed}): stop, {keep}", numbers, keep_name
+            "stop_failed",
+            f"{what}; diverged retries used up ({retries_used}/{allowed}): stop, {keep}",
+            numbers,
+            keep_name,
         )
     factor = gate.diverged_lr_factor
     wanted = max(outcome.warmup_steps, gate.diverged_warmup_steps)
@@ -336,8 +339,11 @@ def _diverged(
     }
     if outcome.learning_rates:
         changes["learning_rates"] = {k: v * factor for k, v in outcome.learning_rates.items()}
-    before = {"learning_rate": outcome.learning_rate, "max_grad_norm": outcome.max_grad_norm,
-              "warmup_steps": outcome.warmup_steps}
+    before = {
+        "learning_rate": outcome.learning_rate,
+        "max_grad_norm": outcome.max_grad_norm,
+        "warmup_steps": outcome.warmup_steps,
+    }
     parts = [f"{k} {_fmt(before[k])} -> {_fmt(changes[k])}" for k in before]
     if "learning_rates" in changes:
         parts.append(f"learning_rates x{_fmt(factor)}")
@@ -356,8 +362,13 @@ def _oom(
 ) -> GateDecision:
     allowed = gate.max_oom_retries
     batch, accumulation = outcome.batch_size, outcome.gradient_accumulation_steps
-    numbers.update(retries_used=retries_used, retries_allowed=allowed, batch_size=batch,
-                   gradient_accumulation_steps=accumulation, evidence=dict(outcome.evidence))
+    numbers.update(
+        retries_used=retries_used,
+        retries_allowed=allowed,
+        batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        evidence=dict(outcome.evidence),
+    )
     what = f"'{outcome.name}' ran out of memory ({_evidence_text(outcome)}) on attempt {outcome.attempt}"
     if batch <= 1:
         return GateDecision(
@@ -368,7 +379,10 @@ def _oom(
         )
     if retries_used >= allowed:
         return GateDecision(
-            "stop_failed", f"{what}; out-of-memory retries used up ({retries_used}/{allowed}): stop, {keep}", numbers, keep_name
+            "stop_failed",
+            f"{what}; out-of-memory retries used up ({retries_used}/{allowed}): stop, {keep}",
+            numbers,
+            keep_name,
         )
     new_batch, new_accumulation = batch // 2, accumulation * 2
     old_effective, new_effective = batch * accumulation, new_batch * new_accumulation

@@ -51,19 +51,36 @@ def die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
 
 
-def launch_command(config_path: Path, num_processes: int, accelerate_config: str | None, train_args: list[str]) -> list[str]:
+def launch_command(
+    config_path: Path, num_processes: int, accelerate_config: str | None, train_args: list[str]
+) -> list[str]:
     train = ["-m", "theworld_core.cli", "train", "--config", str(config_path), *train_args]
     if accelerate_config:
         # FSDP / DeepSpeed / multi-GPU settings live in the accelerate config file (configs/accelerate/).
-        return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", accelerate_config,
-                "--num_processes", str(num_processes), *train]
+        return [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            accelerate_config,
+            "--num_processes",
+            str(num_processes),
+            *train,
+        ]
     # torchrun gives real DDP on GPUs and gloo DDP on CPUs (`accelerate launch --cpu` would silently
     # run a single process).
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={num_processes}", *train]
 
 
-def run_distributed(cfg: StageConfig, num_processes: int, *, accelerate_config: str | None = None, fresh: bool = False,
-                    mlflow_run_id: str | None = None, global_step_offset: int = 0) -> StageResult:
+def run_distributed(
+    cfg: StageConfig,
+    num_processes: int,
+    *,
+    accelerate_config: str | None = None,
+    fresh: bool = False,
+    mlflow_run_id: str | None = None,
+    global_step_offset: int = 0,
+) -> StageResult:
     """Run one stage in `num_processes` processes and return rank 0's StageResult."""
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -72,7 +89,14 @@ def run_distributed(cfg: StageConfig, num_processes: int, *, accelerate_config: 
     with tempfile.TemporaryDirectory(dir=output_dir, prefix=".launch-") as tmp:
         config_path, result_path = Path(tmp) / "stage.json", Path(tmp) / "result.json"
         config_path.write_text(json.dumps(cfg.model_dump(mode="json")))
-        args = ["--result-file", str(result_path), "--global-step-offset", str(global_step_offset), "--num-processes", "1"]
+        args = [
+            "--result-file",
+            str(result_path),
+            "--global-step-offset",
+            str(global_step_offset),
+            "--num-processes",
+            "1",
+        ]
         if fresh:
             args.append("--fresh")
         if mlflow_run_id:

@@ -18,6 +18,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
+from theworld_core.config import StageConfig
 from theworld_core.config.errors import ConfigError
 from theworld_core.model.components import parameters_by_component
 
@@ -33,14 +34,18 @@ def check_optimizer_available(name: str, *, cuda: bool, source: str = "stage con
     if name != "adamw_8bit":
         return
     if not cuda:
-        problem = (f"optimizer: {name!r} is not allowed on a machine without a CUDA GPU: torchao's 8-bit AdamW "
-                   "is a GPU optimizer; use 'adamw' here")
+        problem = (
+            f"optimizer: {name!r} is not allowed on a machine without a CUDA GPU: torchao's 8-bit AdamW "
+            "is a GPU optimizer; use 'adamw' here"
+        )
         raise ConfigError([problem], source)
     try:
         import torchao.optim  # noqa: F401
     except ImportError as error:
-        problem = (f"optimizer: {name!r} is not allowed without torchao ({error}): install the `gpu` extra "
-                   "(pip install 'theworld-multistage[gpu]') or use 'adamw'")
+        problem = (
+            f"optimizer: {name!r} is not allowed without torchao ({error}): install the `gpu` extra "
+            "(pip install 'theworld-multistage[gpu]') or use 'adamw'"
+        )
         raise ConfigError([problem], source) from None
 
 
@@ -80,12 +85,14 @@ def build_optimizer(
             chosen = [(n, p) for n, p in trainable if (id(p) not in exempt) == decayed]
             if not chosen:
                 continue
-            groups.append({
-                "params": [p for _, p in chosen],
-                "lr": component_learning_rates.get(component, learning_rate),
-                "weight_decay": weight_decay if decayed else 0.0,
-                "name": f"{component}/{'decay' if decayed else 'no_decay'}",
-            })
+            groups.append(
+                {
+                    "params": [p for _, p in chosen],
+                    "lr": component_learning_rates.get(component, learning_rate),
+                    "weight_decay": weight_decay if decayed else 0.0,
+                    "name": f"{component}/{'decay' if decayed else 'no_decay'}",
+                }
+            )
             names.append([n for n, _ in chosen])
     if not groups:
         raise ValueError("no trainable parameters: every component is frozen")
@@ -131,10 +138,7 @@ def optimizer_state_by_name(optimizer: torch.optim.Optimizer, group_names: list[
 
 
 def load_optimizer_state_by_name(
-    optimizer: torch.optim.Optimizer,
-    group_names: list[list[str]],
-    saved: dict,
-    restore_groups: bool = True,
+    optimizer: torch.optim.Optimizer, group_names: list[list[str]], saved: dict, restore_groups: bool = True
 ) -> list[str]:
     """Load name-keyed state into `optimizer`; parameters without saved state start fresh.
 
@@ -149,21 +153,25 @@ def load_optimizer_state_by_name(
         name_to_index.update(zip(names, group["params"]))
     restored = [n for n in saved["state"] if n in name_to_index]
     plain = isinstance(optimizer, torch.optim.AdamW)
-    current["state"] = {name_to_index[n]: _plain_state(saved["state"][n]) if plain else saved["state"][n]
-                        for n in restored}
+    current["state"] = {
+        name_to_index[n]: _plain_state(saved["state"][n]) if plain else saved["state"][n] for n in restored
+    }
     if restore_groups:
         saved_groups = {g["name"]: g for g in saved["groups"]}
         for group in current["param_groups"]:
             if group["name"] in saved_groups:
-                group.update({k: _like(group.get(k), v) for k, v in saved_groups[group["name"]].items() if k != "params"})
+                group.update(
+                    {k: _like(group.get(k), v) for k, v in saved_groups[group["name"]].items() if k != "params"}
+                )
     optimizer.load_state_dict(current)
     return restored
 
 
 def _plain_state(state: Mapping) -> dict:
     """Per-parameter state with quantised moments (torchao subclasses) turned into fp32 tensors."""
-    return {k: v.dequantize() if hasattr(v, "dequantize") and type(v) is not torch.Tensor else v
-            for k, v in state.items()}
+    return {
+        k: v.dequantize() if hasattr(v, "dequantize") and type(v) is not torch.Tensor else v for k, v in state.items()
+    }
 
 
 def _like(current, saved):
@@ -173,3 +181,20 @@ def _like(current, saved):
     if isinstance(saved, torch.Tensor) and not isinstance(current, torch.Tensor) and saved.ndim == 0:
         return float(saved)
     return saved
+
+
+def refuse_unavailable_options(cfg: StageConfig, *, cuda: bool) -> None:
+    """Raise `ConfigError` for a stage option this machine cannot run, before any work.
+
+    `optimizer: adamw_8bit` needs CUDA and torchao; `mixed_precision: fp16` needs CUDA (fp16 without
+    a GradScaler on a GPU is not a setting to fall back from silently). `bf16` without bf16 support
+    runs in fp32 by design (docs/stages.md#precision-and-optimizer), so stage files run on a laptop.
+    """
+    source = f"stage {cfg.name or cfg.output_dir}"
+    check_optimizer_available(cfg.optimizer, cuda=cuda, source=source)
+    if cfg.mixed_precision == "fp16" and not cuda:
+        problem = (
+            "mixed_precision: 'fp16' is not allowed on a machine without a CUDA GPU: use 'bf16' (fp32 "
+            "where bf16 is not supported) or 'no'"
+        )
+        raise ConfigError([problem], source)

@@ -153,9 +153,20 @@ def plateau_verdict(
     )
     if not points:
         return PlateauVerdict(
-            plateaued=False, reason="no evaluation yet", step=None, best_loss=None, best_step=None,
-            improvement=None, code="no_history", stop=False, eval_loss=None, steps_since_best=None,
-            window_start_step=None, window_reference_loss=None, window_best_loss=None, **numbers,
+            plateaued=False,
+            reason="no evaluation yet",
+            step=None,
+            best_loss=None,
+            best_step=None,
+            improvement=None,
+            code="no_history",
+            stop=False,
+            eval_loss=None,
+            steps_since_best=None,
+            window_start_step=None,
+            window_reference_loss=None,
+            window_best_loss=None,
+            **numbers,
         )
 
     t, last_loss = points[-1]
@@ -186,9 +197,17 @@ def plateau_verdict(
 
     max_reached = max_steps is not None and t >= max_steps
     common = dict(
-        step=t, best_loss=best_loss, best_step=best_step, eval_loss=last_loss, steps_since_best=since,
-        window_start_step=window_start, window_reference_loss=reference, window_best_loss=window_best,
-        window_evaluations=window_count, evaluations_since_best=since_count, min_evaluations=MIN_EVALUATIONS,
+        step=t,
+        best_loss=best_loss,
+        best_step=best_step,
+        eval_loss=last_loss,
+        steps_since_best=since,
+        window_start_step=window_start,
+        window_reference_loss=reference,
+        window_best_loss=window_best,
+        window_evaluations=window_count,
+        evaluations_since_best=since_count,
+        min_evaluations=MIN_EVALUATIONS,
         **numbers,
     )
 
@@ -198,7 +217,9 @@ def plateau_verdict(
         if max_reached:
             reason = f"max_steps {max_steps} reached at step {t}; " + reason
             code = "max_steps"
-        return PlateauVerdict(plateaued=False, reason=reason, improvement=improvement, code=code, stop=max_reached, **common)
+        return PlateauVerdict(
+            plateaued=False, reason=reason, improvement=improvement, code=code, stop=max_reached, **common
+        )
 
     # What each rule's numbers say, and whether it has the evaluations to say it.
     window_stalled = covered and (improvement is None or improvement < rule.min_improvement)
@@ -241,7 +262,10 @@ def plateau_verdict(
         if plateaued:
             reason += f"; max_steps {max_steps} reached"
         else:
-            code, reason = "max_steps", f"max_steps {max_steps} reached at step {t} without a plateau: {reason.removeprefix('no plateau: ')}"
+            code, reason = (
+                "max_steps",
+                f"max_steps {max_steps} reached at step {t} without a plateau: {reason.removeprefix('no plateau: ')}",
+            )
     return PlateauVerdict(
         plateaued=plateaued, reason=reason, improvement=improvement, code=code, stop=plateaued or max_reached, **common
     )
@@ -287,7 +311,9 @@ class PlateauTracker:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore the history saved by `state_dict` (replaces the current one)."""
         if not isinstance(state, Mapping) or state.get("version") != STATE_VERSION:
-            raise ValueError(f"plateau tracker state: expected a mapping with version {STATE_VERSION}, got {state!r:.200}")
+            raise ValueError(
+                f"plateau tracker state: expected a mapping with version {STATE_VERSION}, got {state!r:.200}"
+            )
         points = []
         for item in state.get("history", []):
             if not isinstance(item, (list, tuple)) or len(item) != 2:

@@ -23,8 +23,11 @@ def resume_key(cfg: StageConfig) -> str:
 
 def changed_training_keys(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
     """`key: old -> new` for every key that differs and changes what is trained (for the refusal message)."""
-    return [f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in sorted(now)
-            if k not in RESUME_COMPATIBLE_KEYS and before.get(k) != now.get(k)]
+    return [
+        f"{k}: {before.get(k)!r} -> {now.get(k)!r}"
+        for k in sorted(now)
+        if k not in RESUME_COMPATIBLE_KEYS and before.get(k) != now.get(k)
+    ]
 
 
 EXIT_NOT_IN_MLFLOW = 4

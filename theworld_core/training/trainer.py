@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, replace
@@ -28,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from theworld_core.config import StageConfig
-from theworld_core.data.loading import EpochBatches, ShardedStream, default_num_workers, even_batches
+from theworld_core.data.loading import EpochBatches, even_batches
 from theworld_core.features.cache import FeatureCache
 from theworld_core.features.encoders import CachedEncoders
 from theworld_core.features.keys import image_key
@@ -50,20 +49,17 @@ from theworld_core.model.stage_output import (
 )
 from theworld_core.model.theworld import TheWorld
 from theworld_core.tracking.hub_push import HUB_EVIDENCE_KEY, push_failure
-from theworld_core.tracking.stage_logger import (
-    NullStageLogger,
-    StageLogger,
-    stage_logger_for,
-)
+from theworld_core.tracking.stage_logger import NullStageLogger, StageLogger, stage_logger_for
 from theworld_core.training import checkpoint as ckpt
+from theworld_core.training.batches import TrainWindow, build_train_loader, steps_per_epoch
 from theworld_core.training.evaluation import evaluate_loss
 from theworld_core.training.optim import (
     build_optimizer,
     build_schedule,
-    check_optimizer_available,
     group_learning_rate,
     load_optimizer_state_by_name,
     optimizer_state_by_name,
+    refuse_unavailable_options,
 )
 from theworld_core.training.plateau import PlateauTracker
 from theworld_core.training.result import StageResult, changed_training_keys, resume_key
@@ -151,8 +147,13 @@ class StageTrainer:
             self.run_id = self.state.mlflow_run_id = run_id
             # A new run (a fresh stage, or a resumed one the pipeline gave a new child run) gets the params.
             if self.state.step == 0 or previous_run != run_id:
-                self.logger.log_params(self.accelerator.unwrap_model(self.model), total_steps=self.total_steps,
-                                       data=self.data, resume_key=self.state.config_hash, started_from=self.started_from)
+                self.logger.log_params(
+                    self.accelerator.unwrap_model(self.model),
+                    total_steps=self.total_steps,
+                    data=self.data,
+                    resume_key=self.state.config_hash,
+                    started_from=self.started_from,
+                )
                 self.logger.log_precision(self.precision.as_params())
             try:
                 started = time.perf_counter()
@@ -184,9 +185,12 @@ class StageTrainer:
             kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
         )
         # Before any work: a hub push that cannot work fails here, on every rank.
-        self.logger = stage_logger_for(cfg, is_main_process=self.accelerator.is_main_process,
-                                       global_step_offset=self.global_step_offset,
-                                       stage_name=cfg.name or self.output_dir.name)
+        self.logger = stage_logger_for(
+            cfg,
+            is_main_process=self.accelerator.is_main_process,
+            global_step_offset=self.global_step_offset,
+            stage_name=cfg.name or self.output_dir.name,
+        )
         set_seed(cfg.seed)
         with self.accelerator.main_process_first():  # rank 0 fills the data cache, the others read it
             self.data = prepare_stage_data(cfg)
@@ -210,10 +214,14 @@ class StageTrainer:
             self.model.gemma.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
         optimizer, self.group_names = build_optimizer(
-            self.model, cfg.learning_rate, cfg.weight_decay, cfg.component_learning_rates,
-            optimizer=cfg.optimizer, device_type=self.accelerator.device.type,
+            self.model,
+            cfg.learning_rate,
+            cfg.weight_decay,
+            cfg.component_learning_rates,
+            optimizer=cfg.optimizer,
+            device_type=self.accelerator.device.type,
         )
-        self.steps_per_epoch = self._steps_per_epoch()
+        self.steps_per_epoch = steps_per_epoch(cfg, self.data.train, self.accelerator.num_processes)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.num_epochs * self.steps_per_epoch))
         self.scheduler = build_schedule(cfg.lr_scheduler, optimizer, cfg.warmup_steps, self.total_steps)
         self.tracker = PlateauTracker(cfg.plateau)
@@ -226,8 +234,9 @@ class StageTrainer:
             log.info("carried optimizer moments for %d parameters that stay trainable", len(carried))
         # Feature cache: built on the unwrapped model, after the freeze flags (a trainable encoder is never cached).
         cache = FeatureCache(cfg.feature_cache_dir, max_gb=cfg.feature_cache_max_gb, mode=cfg.feature_cache)
-        self.encoders = CachedEncoders(self.model, cache, precision=self.accelerator.mixed_precision,
-                                       autocast=self.accelerator.autocast)
+        self.encoders = CachedEncoders(
+            self.model, cache, precision=self.accelerator.mixed_precision, autocast=self.accelerator.autocast
+        )
         self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
 
     def _choose_start(self) -> tuple[Path | None, Path | None]:
@@ -272,20 +281,6 @@ class StageTrainer:
             self.tracker.load_state_dict(self.state.plateau)
         ckpt.restore_rng(ckpt.load_torch(directory, "rng.pt"))
 
-    def _steps_per_epoch(self) -> int:
-        try:
-            samples = len(self.data.train)
-        except TypeError:
-            samples = None
-        if samples is None:
-            if self.cfg.max_steps is None:
-                raise ValueError(
-                    "streaming source of unknown length: set max_steps (or num_samples) so the schedule has an end"
-                )
-            return self.cfg.max_steps
-        batches = math.ceil(samples / (self.cfg.batch_size * self.accelerator.num_processes))
-        return max(1, math.ceil(batches / self.cfg.gradient_accumulation_steps))
-
     # ================================================================== train
 
     def _collate(self, rows: list[dict]) -> dict[str, Any]:
@@ -306,7 +301,7 @@ class StageTrainer:
         """
         acc = self.accelerator
         if self._loader is None:
-            self._loader = self._build_train_loader()
+            self._loader, self.num_workers = build_train_loader(self.cfg, self.data, acc, self._collate)
         loader = self._loader
         loader.set_epoch(epoch)
         if isinstance(loader.batch_sampler, EpochBatches):
@@ -321,29 +316,6 @@ class StageTrainer:
             self._even_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
         return even_batches(loader, self._even_group)
 
-    def _build_train_loader(self):
-        from accelerate.data_loader import DataLoaderShard
-
-        cfg, acc = self.cfg, self.accelerator
-        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", acc.num_processes))  # share this machine's cores
-        self.num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(local_processes)
-        on_cuda = acc.device.type == "cuda"
-        workers = {"num_workers": self.num_workers, "pin_memory": on_cuda}
-        if self.num_workers:
-            workers.update(persistent_workers=True, prefetch_factor=4)
-        dataset = self.data.train
-        if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-            if self.data.train_shard is None:
-                raise ValueError("a streamed train split needs PreparedData.train_shard (prepare_data streaming=True)")
-            stream = ShardedStream(self.data.train_shard, seed=cfg.seed, rank=acc.process_index,
-                                   processes=acc.num_processes, workers=self.num_workers)
-            return DataLoaderShard(stream, device=acc.device, _non_blocking=on_cuda, batch_size=cfg.batch_size,
-                                   collate_fn=self._collate, **workers)
-        batches = EpochBatches(len(dataset), cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
-                               processes=acc.num_processes)
-        return DataLoaderShard(dataset, device=acc.device, _non_blocking=on_cuda, batch_sampler=batches,
-                               collate_fn=self._collate, **workers)
-
     def _train(self) -> tuple[str, str, dict]:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         if state.finished:
@@ -352,11 +324,17 @@ class StageTrainer:
         audit_pending = state.step == 0
         before = snapshot(acc.unwrap_model(self.model)) if audit_pending else None
         self.model.train()
-        window = _Window()
+        window = TrainWindow()
         from tqdm.auto import tqdm
 
-        self.progress = tqdm(total=self.total_steps, initial=state.step, desc=cfg.name or self.output_dir.name,
-                             unit="step", disable=not acc.is_main_process, dynamic_ncols=True)
+        self.progress = tqdm(
+            total=self.total_steps,
+            initial=state.step,
+            desc=cfg.name or self.output_dir.name,
+            unit="step",
+            disable=not acc.is_main_process,
+            dynamic_ncols=True,
+        )
         try:
             while state.step < self.total_steps:
                 loader = self._train_loader(state.epoch, skip_batches=state.batches_in_epoch)
@@ -373,8 +351,11 @@ class StageTrainer:
                     grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
                     limit = cfg.divergence_grad_norm
                     if not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit):
-                        raise _Stop("diverged", f"gradient norm {grad_norm:.4g} at step {state.step + 1} (limit {limit})",
-                                    {"step": state.step + 1, "grad_norm": grad_norm, "limit": limit})
+                        raise _Stop(
+                            "diverged",
+                            f"gradient norm {grad_norm:.4g} at step {state.step + 1} (limit {limit})",
+                            {"step": state.step + 1, "grad_norm": grad_norm, "limit": limit},
+                        )
                     # The schedule gives step 1 a learning rate above 0 (optim.build_schedule), so the
                     # first step of a stage is the one the freeze audit checks.
                     had_grad = gradient_presence(acc.unwrap_model(self.model)) if audit_pending else None
@@ -413,8 +394,11 @@ class StageTrainer:
             # stops at the optimizer step, on every rank at once.
             self.accelerator.backward(loss)
         except torch.OutOfMemoryError as exc:
-            raise _Stop("oom", f"out of memory at step {self.state.step + 1} with batch_size {self.cfg.batch_size}",
-                        {"step": self.state.step + 1, "batch_size": self.cfg.batch_size, "error": str(exc)[:300]}) from None
+            raise _Stop(
+                "oom",
+                f"out of memory at step {self.state.step + 1} with batch_size {self.cfg.batch_size}",
+                {"step": self.state.step + 1, "batch_size": self.cfg.batch_size, "error": str(exc)[:300]},
+            ) from None
         return loss.detach(), tokens
 
     def _scale_gradients_to_token_mean(self, params: list[torch.nn.Parameter]) -> None:
@@ -455,7 +439,7 @@ class StageTrainer:
             evidence = {"step": step, "loss": "non-finite on another rank"}
         raise _Stop("diverged", f"loss {evidence['loss']} at step {evidence['step']}", evidence)
 
-    def _after_step(self, window: _Window, grad_norm: float) -> None:
+    def _after_step(self, window: TrainWindow, grad_norm: float) -> None:
         cfg, state = self.cfg, self.state
         self.progress.update(1)
         if state.step % cfg.logging_steps == 0:
@@ -486,8 +470,11 @@ class StageTrainer:
         stats = self.encoders.cache.stats()
         names = [name for name in stats if name not in ("feature_cache/hit_rate", "feature_cache/enabled")]
         if self.accelerator.num_processes > 1:
-            local = torch.tensor([stats[name] for name in names] + [stats["feature_cache/enabled"]], dtype=torch.float64,
-                                 device=self.accelerator.device)
+            local = torch.tensor(
+                [stats[name] for name in names] + [stats["feature_cache/enabled"]],
+                dtype=torch.float64,
+                device=self.accelerator.device,
+            )
             summed = self.accelerator.reduce(local, reduction="sum").tolist()
             stats = dict(zip(names, summed[:-1]))
             stats["feature_cache/enabled"] = summed[-1] / self.accelerator.num_processes  # share of ranks with it on
@@ -517,8 +504,13 @@ class StageTrainer:
 
         value = [float("nan")]
         if self.accelerator.is_main_process:
-            value[0] = evaluate_loss(self.accelerator.unwrap_model(self.model), self._eval_rows(), self.cfg.batch_size,
-                                     self.accelerator.device, precision=self.precision)
+            value[0] = evaluate_loss(
+                self.accelerator.unwrap_model(self.model),
+                self._eval_rows(),
+                self.cfg.batch_size,
+                self.accelerator.device,
+                precision=self.precision,
+            )
         if self.accelerator.num_processes > 1:
             broadcast_object_list(value)
         return value[0]
@@ -609,65 +601,30 @@ class StageTrainer:
         )
         # Where a stage's time went: building/loading (setup), the loop, the final save + upload.
         self.timings["time/finish_s"] = time.perf_counter() - finish_started
-        self.logger.log_stage_end(result, timings=self.timings, data_stats=self.data.stats,
-                                  push_final=final if final is not None and not already_final else None)
+        self.logger.log_stage_end(
+            result,
+            timings=self.timings,
+            data_stats=self.data.stats,
+            push_final=final if final is not None and not already_final else None,
+        )
         tracking = self.logger.finish_tracking(end_status="FINISHED")  # None on ranks other than 0
         if tracking is not None:
-            result = replace(result, tracking_incomplete=tracking.issue,
-                             stage_output_logged=final is not None and not tracking.stage_output_missing)
+            result = replace(
+                result,
+                tracking_incomplete=tracking.issue,
+                stage_output_logged=final is not None and not tracking.stage_output_missing,
+            )
         hub = getattr(self.logger, "hub", None)  # rank 0 with push_to_hub: the pushes are done (or abandoned)
         if hub is not None:
             report = hub.report()
             failure = push_failure(report)
             # The status stays: the stage output is good, so the gate and the next stage use it.
-            result = replace(result, evidence={**result.evidence, HUB_EVIDENCE_KEY: report},
-                             reason=f"{result.reason}; {failure}" if failure else result.reason)
+            result = replace(
+                result,
+                evidence={**result.evidence, HUB_EVIDENCE_KEY: report},
+                reason=f"{result.reason}; {failure}" if failure else result.reason,
+            )
         return result
-
-
-class _Window:
-    """Running training statistics between two log lines, summed on the device: nothing is read
-    back to the host until `metrics()` (at logging steps), so the micro-step never waits for the GPU."""
-
-    def __init__(self):
-        self.reset()
-
-    def reset(self) -> None:
-        # This rank's summed answer-token loss and answer tokens, on the device (read at log time):
-        # train/loss is their ratio over all ranks, the estimator the gradients follow.
-        self.loss_sum: torch.Tensor | None = None
-        self.loss_tokens: torch.Tensor | None = None
-        self.samples = 0
-        self.tokens: torch.Tensor | int = 0
-        self.start = time.perf_counter()
-
-    def add(self, loss_sum: torch.Tensor, loss_tokens: torch.Tensor, batch: dict, processes: int) -> None:
-        self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
-        self.loss_tokens = loss_tokens if self.loss_tokens is None else self.loss_tokens + loss_tokens
-        self.samples += batch["input_ids"].shape[0] * processes
-        self.tokens = self.tokens + batch["attention_mask"].sum() * processes
-
-    def metrics(self) -> dict[str, float]:
-        """Throughput (the loss sums are read by the caller, reduced over ranks)."""
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        return {"train/samples_per_s": self.samples / elapsed, "train/tokens_per_s": float(self.tokens) / elapsed}
-
-
-def refuse_unavailable_options(cfg: StageConfig, *, cuda: bool) -> None:
-    """Raise `ConfigError` for a stage option this machine cannot run, before any work.
-
-    `optimizer: adamw_8bit` needs CUDA and torchao; `mixed_precision: fp16` needs CUDA (fp16 without
-    a GradScaler on a GPU is not a setting to fall back from silently). `bf16` without bf16 support
-    runs in fp32 by design (docs/stages.md#precision-and-optimizer), so stage files run on a laptop.
-    """
-    from theworld_core.config.errors import ConfigError
-
-    source = f"stage {cfg.name or cfg.output_dir}"
-    check_optimizer_available(cfg.optimizer, cuda=cuda, source=source)
-    if cfg.mixed_precision == "fp16" and not cuda:
-        problem = ("mixed_precision: 'fp16' is not allowed on a machine without a CUDA GPU: use 'bf16' (fp32 "
-                   "where bf16 is not supported) or 'no'")
-        raise ConfigError([problem], source)
 
 
 def _injected_fault(cfg: StageConfig) -> LossHook:

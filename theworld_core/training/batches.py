@@ -1,0 +1,94 @@
+"""A stage's batches: the train loader (workers, pinned memory, each process reading its own part),
+the steps an epoch takes, and the running statistics between two log lines.
+
+Materialised data is dealt out by `EpochBatches` (a seeded order per epoch, the same on a resume);
+streamed data by `ShardedStream` (record i to reader i mod processes x workers), so every sample is
+read once per epoch however many processes and workers read it (docs/stages.md#data-path).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from theworld_core.config import StageConfig
+from theworld_core.data.loading import EpochBatches, ShardedStream, default_num_workers
+
+
+def steps_per_epoch(cfg: StageConfig, train: Any, num_processes: int) -> int:
+    """Optimizer steps in one pass over `train` (a stream of unknown length takes `max_steps`)."""
+    try:
+        samples = len(train)
+    except TypeError:
+        samples = None
+    if samples is None:
+        if cfg.max_steps is None:
+            raise ValueError(
+                "streaming source of unknown length: set max_steps (or num_samples) so the schedule has an end"
+            )
+        return cfg.max_steps
+    batches = math.ceil(samples / (cfg.batch_size * num_processes))
+    return max(1, math.ceil(batches / cfg.gradient_accumulation_steps))
+
+
+def build_train_loader(cfg: StageConfig, data: Any, accelerator, collate: Callable[[list[dict]], dict]):
+    """(loader, workers per process): batches on the accelerator's device, workers decoding and
+    preprocessing beside the step, pinned memory and non-blocking copies on CUDA, persistent workers."""
+    from accelerate.data_loader import DataLoaderShard
+
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))  # this machine's cores
+    num_workers = cfg.num_workers if cfg.num_workers is not None else default_num_workers(local_processes)
+    on_cuda = accelerator.device.type == "cuda"
+    options: dict[str, Any] = {"num_workers": num_workers, "pin_memory": on_cuda}
+    if num_workers:
+        options.update(persistent_workers=True, prefetch_factor=4)
+    common = {"device": accelerator.device, "_non_blocking": on_cuda, "collate_fn": collate, **options}
+    dataset = data.train
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        if data.train_shard is None:
+            raise ValueError("a streamed train split needs PreparedData.train_shard (prepare_data streaming=True)")
+        stream = ShardedStream(
+            data.train_shard,
+            seed=cfg.seed,
+            rank=accelerator.process_index,
+            processes=accelerator.num_processes,
+            workers=num_workers,
+        )
+        return DataLoaderShard(stream, batch_size=cfg.batch_size, **common), num_workers
+    batches = EpochBatches(
+        len(dataset), cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index, processes=accelerator.num_processes
+    )
+    return DataLoaderShard(dataset, batch_sampler=batches, **common), num_workers
+
+
+class TrainWindow:
+    """Running training statistics between two log lines, summed on the device: nothing is read
+    back to the host until `metrics()` (at logging steps), so the micro-step never waits for the GPU."""
+
+    def __init__(self):
+        self.reset()
+
+    def reset(self) -> None:
+        # This rank's summed answer-token loss and answer tokens, on the device (read at log time):
+        # train/loss is their ratio over all ranks, the estimator the gradients follow.
+        self.loss_sum: torch.Tensor | None = None
+        self.loss_tokens: torch.Tensor | None = None
+        self.samples = 0
+        self.tokens: torch.Tensor | int = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss_sum: torch.Tensor, loss_tokens: torch.Tensor, batch: dict, processes: int) -> None:
+        self.loss_sum = loss_sum if self.loss_sum is None else self.loss_sum + loss_sum
+        self.loss_tokens = loss_tokens if self.loss_tokens is None else self.loss_tokens + loss_tokens
+        self.samples += batch["input_ids"].shape[0] * processes
+        self.tokens = self.tokens + batch["attention_mask"].sum() * processes
+
+    def metrics(self) -> dict[str, float]:
+        """Throughput (the loss sums are read by the caller, reduced over ranks)."""
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        return {"train/samples_per_s": self.samples / elapsed, "train/tokens_per_s": float(self.tokens) / elapsed}
