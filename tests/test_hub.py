@@ -547,9 +547,9 @@ def test_pushed_stage_output_loads_offline_from_the_hf_cache(hub, tiny_paths, tm
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.chdir(tmp_path)  # no local folder named like the repo
 
-    from theworld_core.model.stage_output import resolve_source
+    from theworld_core.model.stage_output import checkpoint_folder
 
-    assert resolve_source(REPO).resolve() == snapshot.resolve()
+    assert checkpoint_folder(REPO).resolve() == snapshot.resolve()
     loaded = TheWorld.from_pretrained(REPO)
     saved = dict(model.named_parameters())
     for name, p in loaded.named_parameters():
@@ -557,4 +557,4 @@ def test_pushed_stage_output_loads_offline_from_the_hf_cache(hub, tiny_paths, tm
     assert loaded.trained_components == model.trained_components
 
     with pytest.raises(Exception, match="(?i)cache|offline|cannot find"):
-        resolve_source("someone/never-pushed")
+        checkpoint_folder("someone/never-pushed")

@@ -54,7 +54,7 @@ def upstream_content_id(upstream_uri: str | None) -> str | None:
     can be read cheaply (a hub repo id). None for no upstream."""
     if upstream_uri is None:
         return None
-    from theworld_core.model.stage_output import MANIFEST_FILE, read_manifest, resolve_source
+    from theworld_core.model.stage_output import MANIFEST_FILE, checkpoint_folder, read_manifest
     from theworld_core.tracking.mlflow_runs import configure_tracking
 
     cache_key = (configure_tracking(), upstream_uri)
@@ -71,7 +71,7 @@ def upstream_content_id(upstream_uri: str | None) -> str | None:
             )
             files = read_manifest(Path(path).parent)["files"]
     elif upstream_uri.startswith(("models:/", "mlflow-artifacts:")) or Path(upstream_uri).expanduser().exists():
-        files = read_manifest(resolve_source(upstream_uri))["files"]
+        files = read_manifest(checkpoint_folder(upstream_uri))["files"]
     else:
         return upstream_uri
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
@@ -418,7 +418,7 @@ def warm_start_step(registered_model: str, alias: str, model_config: dict[str, A
     The alias is resolved to its version (`models:/<name>/<version>`), so the stage's content key
     and output folder change when the champion does.
     """
-    from theworld_core.model.stage_output import StageOutputError, read_manifest, resolve_source
+    from theworld_core.model.stage_output import StageOutputError, checkpoint_folder, read_manifest
 
     alias_uri = f"models:/{registered_model}@{alias}"
     version = lineage.champion_version(registered_model, alias)
@@ -426,7 +426,7 @@ def warm_start_step(registered_model: str, alias: str, model_config: dict[str, A
         return WarmStart(uri=None, version=None, reason=f"no registered champion {alias_uri}: stage 1 starts fresh")
     uri = f"models:/{registered_model}/{version}"
     try:
-        manifest = read_manifest(resolve_source(uri))
+        manifest = read_manifest(checkpoint_folder(uri))
     except (StageOutputError, OSError, ValueError) as error:
         return WarmStart(
             uri=None,

@@ -11,7 +11,7 @@ from theworld_core.data.fetch import FETCH_REASONS
 from theworld_core.data.hub import HUB_ALIASES
 from theworld_core.data.metrics import BAD_REASONS, stats_as_metrics
 from theworld_core.data.prepare import prepare_data
-from theworld_core.data.sources import SOURCES, resolve_source
+from theworld_core.data.sources import SOURCES, data_source_for
 from theworld_core.data.split import content_group, split_score
 from theworld_core.data.types import (
     DEFAULT_PROMPT,
@@ -41,7 +41,7 @@ __all__ = [
     "TooManyBadSamples",
     "content_group",
     "prepare_data",
-    "resolve_source",
+    "data_source_for",
     "split_score",
     "stats_as_metrics",
 ]

@@ -53,7 +53,7 @@ from theworld_core.data.reading import (
     split_group,
     with_reads,
 )
-from theworld_core.data.sources import resolve_source
+from theworld_core.data.sources import data_source_for
 from theworld_core.data.split import is_eval, split_score
 from theworld_core.data.types import (
     DEFAULT_PROMPT,
@@ -97,7 +97,7 @@ def prepare_data(
     unknown source or one without usable samples.
     """
     cfg = _as_data_config(cfg)
-    source = resolve_source(cfg)
+    source = data_source_for(cfg)
     if next(_limited(source, cfg), None) is None:  # cheap: only the first record is listed
         raise _no_usable_samples(source, 0)
     limit_identity = None

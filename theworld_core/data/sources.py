@@ -32,7 +32,7 @@ SOURCES: dict[str, SourceFactory] = {
 """Named sources; a key ending in ':' matches every `dataset_name` starting with it."""
 
 
-def resolve_source(cfg: DataConfig) -> Source:
+def data_source_for(cfg: DataConfig) -> Source:
     """Open the source named by `cfg.dataset_name`, or explain what is accepted."""
     name = cfg.dataset_name
     if name in SOURCES:

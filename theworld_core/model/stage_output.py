@@ -329,7 +329,7 @@ def save_stage_output(model, directory: Path, stage_config: dict | None = None) 
 # ============================================================================== reading
 
 
-def resolve_source(source: str | Path) -> Path:
+def checkpoint_folder(source: str | Path) -> Path:
     """A local folder for a stage output given as a folder, an MLflow URI or a hub repo id."""
     text = str(source)
     if text.startswith(("runs:/", "models:/", "mlflow-artifacts:")):
@@ -562,7 +562,7 @@ def apply_stage_output(model, directory: Path, manifest: dict[str, Any]) -> None
 
 
 def load_stage_output(cls, source, dtype=None, overrides: dict | None = None):
-    directory = resolve_source(source)
+    directory = checkpoint_folder(source)
     manifest = read_manifest(directory)
     verify_stage_output(directory, manifest)  # before the (slow) base build
     config = ModelConfig(**{**manifest["model_config"], **(overrides or {})})

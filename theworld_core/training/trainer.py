@@ -42,9 +42,9 @@ from theworld_core.model.inputs import answer_positions, prepare_stage_data
 from theworld_core.model.precision import PrecisionPolicy, apply_precision, check_precision, resolve_precision
 from theworld_core.model.stage_output import (
     apply_stage_output,
+    checkpoint_folder,
     is_intact_stage_output,
     read_manifest,
-    resolve_source,
     save_stage_output,
 )
 from theworld_core.model.theworld import TheWorld
@@ -250,7 +250,7 @@ class StageTrainer:
             self.started_from = f"resumed {latest}"
             return latest, None
         if cfg.resume_from_checkpoint:
-            source = resolve_source(cfg.resume_from_checkpoint)
+            source = checkpoint_folder(cfg.resume_from_checkpoint)
             if ckpt.is_resume_state(source) and ckpt.load_trainer_state(source).config_hash == self.state.config_hash:
                 self.started_from = f"resumed {cfg.resume_from_checkpoint}"
                 return source, None
