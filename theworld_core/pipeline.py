@@ -138,9 +138,9 @@ def train_stage_step(
                     "back: the stage is not trained again (its folder is keyed by content) and its records are sent"
                 )
             if result.stage_output and not lineage.has_artifact(run_id, lineage.STAGE_OUTPUT_ARTIFACT):
-                # A stage finished earlier in this folder (by another run): its output goes to this run too,
-                # so the stage output URI below is valid.
+                # So that the stage output URI below is valid for this run too.
                 lineage.log_folder(run_id, Path(result.stage_output), lineage.STAGE_OUTPUT_ARTIFACT)
+            if result.stage_output and result.already_finished:  # finished earlier in this folder, by another run
                 lineage.set_tags(run_id, {"reused_stage_output": result.stage_output})
         except BaseException:
             # With the tracking server down this fails too; the stage's own error is the one to report.

@@ -59,6 +59,8 @@ class StageResult:
     waits in `OUTPUT_DIR/tracking-outbox.jsonl` and is sent by the next run in this output folder)."""
     stage_output_logged: bool = False
     """The stage output is in the stage's MLflow run (artifact `stage_output`), where a pipeline finds it."""
+    already_finished: bool = False
+    """The output folder held this stage finished (by an earlier run): nothing was trained this time."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

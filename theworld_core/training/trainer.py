@@ -598,6 +598,7 @@ class StageTrainer:
             mlflow_run_id=self.run_id,
             started_from=self.started_from,
             evidence=evidence,
+            already_finished=already_final,
         )
         # Where a stage's time went: building/loading (setup), the loop, the final save + upload.
         self.timings["time/finish_s"] = time.perf_counter() - finish_started
