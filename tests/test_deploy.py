@@ -563,7 +563,13 @@ def test_served_deployment_no_new_data_event_and_overlap(prefect_api, theworld_h
         assert [(s.schedule.cron, s.schedule.timezone) for s in deployment.schedules] == [(cron, "UTC")]
         assert deployment.global_concurrency_limit.limit == 1
         assert deployment.concurrency_options.collision_strategy.value == "ENQUEUE"
-        automations = prefect.client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
+        # serve registers the trigger's automation just after the deployment: wait for it
+        deadline = time.monotonic() + 30
+        while not (
+            automations := prefect.client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
+        ):
+            assert time.monotonic() < deadline, f"the new-data automation never appeared:\n{tail(log)}"
+            time.sleep(0.5)
         assert [(a.trigger.expect, dict(a.trigger.match.root)) for a in automations] == [
             ({"theworld.data.updated"}, {"prefect.resource.id": "theworld.data.images"})
         ]
