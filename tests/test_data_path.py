@@ -279,7 +279,7 @@ def test_training_with_the_cache_equals_training_without(seed_file, cached_kinds
     cached, result = _train(tiny_paths, tmp_path / "cached", seed_file, feature_cache_dir=str(cache_dir))
     assert cached.encoders.kinds == cached_kinds
     stats = cached.encoders.cache.stats()
-    assert stats["feature_cache/hits"] > stats["feature_cache/misses"] > 0, stats
+    assert stats["train/feature_cache/hits"] > stats["train/feature_cache/misses"] > 0, stats
     for kind in ("vision", "vae_latent"):
         assert bool(_entries(cache_dir, kind)) == (kind in cached_kinds), kind
 
@@ -297,10 +297,10 @@ def test_training_with_the_cache_equals_training_without(seed_file, cached_kinds
 
     client = MlflowClient(tracking_uri=f"sqlite:///{local_project}/mlflow.db")
     logged = client.get_run(result.mlflow_run_id).data.metrics
-    assert logged["feature_cache/hits"] > 0 and logged["feature_cache/enabled"] == 1.0
+    assert logged["train/feature_cache/hits"] > 0 and logged["train/feature_cache/enabled"] == 1.0
     assert (
-        logged["feature_cache/hits"] + logged["feature_cache/misses"]
-        <= stats["feature_cache/hits"] + stats["feature_cache/misses"]
+        logged["train/feature_cache/hits"] + logged["train/feature_cache/misses"]
+        <= stats["train/feature_cache/hits"] + stats["train/feature_cache/misses"]
     )
     assert plain.encoders.kinds == ()
 
@@ -330,7 +330,7 @@ def test_damaged_entry_is_encoded_again_during_training(tiny_paths, tmp_path):
         path.write_bytes(data[: len(data) // 2])  # a truncated write
     trainer, _ = _train(tiny_paths, tmp_path / "second", feature_cache_dir=str(cache_dir))
     stats = trainer.encoders.cache.stats()
-    assert stats["feature_cache/corrupt"] == len(damaged) and stats["feature_cache/enabled"] == 1.0
+    assert stats["train/feature_cache/corrupt"] == len(damaged) and stats["train/feature_cache/enabled"] == 1.0
     for path in damaged:  # encoded and written again, whole: its checksum holds
         data = path.read_bytes()
         assert len(data) > sizes[path] // 2 and hashlib.sha256(data[:-32]).digest() == data[-32:]
@@ -351,7 +351,9 @@ def test_rerun_with_one_more_image_encodes_exactly_that_image(tiny_paths, tmp_pa
         tiny_paths, tmp_path / "second", feature_cache_dir=str(cache_dir), synthetic_samples=count, max_steps=12
     )
     stats = trainer.encoders.cache.stats()
-    assert stats["feature_cache/vision/misses"] == 1 and stats["feature_cache/vae_latent/misses"] == 1, stats
+    assert stats["train/feature_cache/vision/misses"] == 1 and stats["train/feature_cache/vae_latent/misses"] == 1, (
+        stats
+    )
     assert len(_entries(cache_dir, "vision")) == len(base) + 1
 
 

@@ -132,12 +132,12 @@ def test_tiny_model_features_come_back_exactly(model, tmp_path) -> None:
     assert _bits(first["world_latents"]) == _bits(direct_world)
     assert first["image_features"].shape == (3, *encoders.item_shapes["vision"])
     assert first["world_latents"].shape == (3, *encoders.item_shapes["vae_latent"])
-    assert cache.stats()["feature_cache/misses"] == 6 and cache.stats()["feature_cache/hits"] == 0
+    assert cache.stats()["train/feature_cache/misses"] == 6 and cache.stats()["train/feature_cache/hits"] == 0
 
     second = encoders.fill(batch)
     assert _bits(second["image_features"]) == _bits(direct_vision)
     assert _bits(second["world_latents"]) == _bits(direct_world)
-    assert cache.stats()["feature_cache/hits"] == 6
+    assert cache.stats()["train/feature_cache/hits"] == 6
 
     # A batch mixing cached and new images: hits keep their rows, the new image is encoded.
     mixed = encoders.fill(_batch(model, [images[2], _image(3), images[0]]))
@@ -145,7 +145,10 @@ def test_tiny_model_features_come_back_exactly(model, tmp_path) -> None:
     assert _bits(mixed["image_features"][2]) == _bits(direct_vision[0])
     alone = encoders.encode_vision(_batch(model, [_image(3)])["pixel_values"])
     torch.testing.assert_close(mixed["image_features"][1:2], alone)
-    assert cache.stats()["feature_cache/vision/hits"] == 5 and cache.stats()["feature_cache/vision/misses"] == 4
+    assert (
+        cache.stats()["train/feature_cache/vision/hits"] == 5
+        and cache.stats()["train/feature_cache/vision/misses"] == 4
+    )
 
 
 def test_only_frozen_encoders_are_cached(tiny_paths, tmp_path) -> None:
@@ -233,8 +236,8 @@ def test_changed_encoder_never_hits_old_entries(model, tmp_path) -> None:
     second = CachedEncoders(trained, cache)
     filled = second.fill(batch)
     stats = cache.stats()
-    assert stats["feature_cache/vision/hits"] == 2  # the vision tower did not change
-    assert stats["feature_cache/vae_latent/hits"] == 0 and stats["feature_cache/vae_latent/misses"] == 4
+    assert stats["train/feature_cache/vision/hits"] == 2  # the vision tower did not change
+    assert stats["train/feature_cache/vae_latent/hits"] == 0 and stats["train/feature_cache/vae_latent/misses"] == 4
     assert _bits(filled["world_latents"]) == _bits(second.encode_world(batch["world_pixel_values"]))
 
 
@@ -267,8 +270,8 @@ def test_damaged_entry_is_dropped_and_encoded_again(tmp_path, damage, caplog) ->
     assert not path.exists()
     assert "dropped corrupt entry" in caplog.text
     stats = cache.stats()
-    assert stats["feature_cache/corrupt"] == 1 and stats["feature_cache/misses"] == 3
-    assert stats["feature_cache/enabled"] == 1.0
+    assert stats["train/feature_cache/corrupt"] == 1 and stats["train/feature_cache/misses"] == 3
+    assert stats["train/feature_cache/enabled"] == 1.0
 
     again = cache.get_or_encode(NS, ["k0", "k1"], inputs, encoder)
     assert encoder.rows == 3  # 2 first, then only the dropped one
@@ -291,14 +294,14 @@ def test_least_recently_used_entries_are_evicted_under_the_cap(tmp_path) -> None
     for i, key in enumerate(keys[:10]):
         assert cache.put(NS, key, torch.full((1000,), float(i)))
         os.utime(cache.path_of(NS, key), (now - 1000 + i, now - 1000 + i))  # key00 oldest
-    assert cache.stats()["feature_cache/evictions"] == 0
+    assert cache.stats()["train/feature_cache/evictions"] == 0
     assert cache.get(NS, "key00") is not None  # a hit makes key00 the most recent
 
     for i, key in enumerate(keys[10:], start=10):
         cache.put(NS, key, torch.full((1000,), float(i)))
     present = [key for key in keys if cache.path_of(NS, key).exists()]
     assert present == ["key00"] + keys[3:]  # key01 and key02 were the least recently used
-    assert cache.stats()["feature_cache/evictions"] == 2
+    assert cache.stats()["train/feature_cache/evictions"] == 2
     assert cache.size_bytes() <= cap
 
 
@@ -352,10 +355,10 @@ def test_two_processes_share_one_folder_without_damage(tmp_path) -> None:
         assert writer.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     for result in results:
-        assert result["foreign"] == 0 and result["feature_cache/corrupt"] == 0
-        assert result["feature_cache/enabled"] == 1.0
-        assert result["feature_cache/hits"] > 0 and result["feature_cache/bytes_written"] > 0
-    assert sum(r["feature_cache/evictions"] for r in results) > 0
+        assert result["foreign"] == 0 and result["train/feature_cache/corrupt"] == 0
+        assert result["train/feature_cache/enabled"] == 1.0
+        assert result["train/feature_cache/hits"] > 0 and result["train/feature_cache/bytes_written"] > 0
+    assert sum(r["train/feature_cache/evictions"] for r in results) > 0
     namespace = make_namespace("vision", "c" * 64, {"size": 32})
     reader = FeatureCache(folder, max_gb=1)
     for i in range(16):
@@ -385,8 +388,8 @@ def test_folder_that_cannot_be_created_turns_the_cache_off(tmp_path, caplog) -> 
     assert len(warnings) == 1 and "turned off" in warnings[0].getMessage()
     assert str(blocker) in warnings[0].getMessage()
     stats = cache.stats()
-    assert stats["feature_cache/enabled"] == 0.0 and stats["feature_cache/misses"] == 6
-    assert stats["feature_cache/hits"] == 0 and stats["feature_cache/bytes_written"] == 0
+    assert stats["train/feature_cache/enabled"] == 0.0 and stats["train/feature_cache/misses"] == 6
+    assert stats["train/feature_cache/hits"] == 0 and stats["train/feature_cache/bytes_written"] == 0
 
 
 BAD_FOLDER_CHILD = textwrap.dedent("""
@@ -506,16 +509,16 @@ def test_stats_count_what_happened(tmp_path) -> None:
     _flip_payload_byte(files[2])
     assert cache.get(NS, "c") is None
     stats = cache.stats()
-    assert all(name.startswith("feature_cache/") and isinstance(value, float) for name, value in stats.items())
-    assert stats["feature_cache/hits"] == 2 and stats["feature_cache/misses"] == 5
-    assert stats["feature_cache/vision/hits"] == 2 and stats["feature_cache/vae_latent/hits"] == 0
-    assert stats["feature_cache/hit_rate"] == pytest.approx(2 / 7)
-    assert stats["feature_cache/corrupt"] == 1
-    assert stats["feature_cache/bytes_written"] == sum(sizes.values())
-    assert stats["feature_cache/bytes_read"] == sizes["a"] + sizes["b"]
-    assert stats["feature_cache/encode_seconds"] > 0
-    assert stats["feature_cache/encode_seconds_saved"] == pytest.approx(headers[0]["encode_seconds"] * 2)
-    assert stats["feature_cache/evictions"] == 0
+    assert all(name.startswith("train/feature_cache/") and isinstance(value, float) for name, value in stats.items())
+    assert stats["train/feature_cache/hits"] == 2 and stats["train/feature_cache/misses"] == 5
+    assert stats["train/feature_cache/vision/hits"] == 2 and stats["train/feature_cache/vae_latent/hits"] == 0
+    assert stats["train/feature_cache/hit_rate"] == pytest.approx(2 / 7)
+    assert stats["train/feature_cache/corrupt"] == 1
+    assert stats["train/feature_cache/bytes_written"] == sum(sizes.values())
+    assert stats["train/feature_cache/bytes_read"] == sizes["a"] + sizes["b"]
+    assert stats["train/feature_cache/encode_seconds"] > 0
+    assert stats["train/feature_cache/encode_seconds_saved"] == pytest.approx(headers[0]["encode_seconds"] * 2)
+    assert stats["train/feature_cache/evictions"] == 0
 
 
 def test_bytes_per_sample_matches_the_entries(model, tiny_paths, tmp_path) -> None:

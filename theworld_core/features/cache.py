@@ -272,7 +272,7 @@ class FeatureCache:
             if self._corrupt == 1:
                 log.warning(
                     "feature cache: dropped corrupt entry %s (%s); it is encoded again "
-                    "(further corrupt entries are counted in feature_cache/corrupt)",
+                    "(further corrupt entries are counted in train/feature_cache/corrupt)",
                     path,
                     problem,
                 )
@@ -442,23 +442,23 @@ class FeatureCache:
     # ------------------------------------------------------------------ stats
 
     def stats(self) -> dict[str, float]:
-        """Counters of this process, named for MLflow (`feature_cache/...`)."""
+        """Counters of this process, named for MLflow (`train/feature_cache/...`)."""
         hits, misses = sum(self._hits.values()), sum(self._misses.values())
         metrics = {
-            "feature_cache/enabled": float(self.enabled),
-            "feature_cache/hits": float(hits),
-            "feature_cache/misses": float(misses),
-            "feature_cache/hit_rate": hits / (hits + misses) if hits + misses else 0.0,
-            "feature_cache/corrupt": float(self._corrupt),
-            "feature_cache/bytes_written": float(self._bytes_written),
-            "feature_cache/bytes_read": float(self._bytes_read),
-            "feature_cache/evictions": float(self._evictions),
-            "feature_cache/encode_seconds": self._encode_seconds,
-            "feature_cache/encode_seconds_saved": self._seconds_saved,
+            "train/feature_cache/enabled": float(self.enabled),
+            "train/feature_cache/hits": float(hits),
+            "train/feature_cache/misses": float(misses),
+            "train/feature_cache/hit_rate": hits / (hits + misses) if hits + misses else 0.0,
+            "train/feature_cache/corrupt": float(self._corrupt),
+            "train/feature_cache/bytes_written": float(self._bytes_written),
+            "train/feature_cache/bytes_read": float(self._bytes_read),
+            "train/feature_cache/evictions": float(self._evictions),
+            "train/feature_cache/encode_seconds": self._encode_seconds,
+            "train/feature_cache/encode_seconds_saved": self._seconds_saved,
         }
         for kind in KINDS:
-            metrics[f"feature_cache/{kind}/hits"] = float(self._hits[kind])
-            metrics[f"feature_cache/{kind}/misses"] = float(self._misses[kind])
+            metrics[f"train/feature_cache/{kind}/hits"] = float(self._hits[kind])
+            metrics[f"train/feature_cache/{kind}/misses"] = float(self._misses[kind])
         return metrics
 
 

@@ -16,7 +16,7 @@ What lands in MLflow:
 - metrics at step `global_step_offset + stage step`, each with `stage_step` (learning rates as
   `train/lr/<group>`: the UI orders chart sections by name, eval/ and train/ first); system metrics
   (`system/...`, MLflow's sampler) when the run's `theworld.log_system_metrics` tag is "true"; with
-  the feature cache on, its counters `feature_cache/...` (hits, misses, bytes, encode seconds saved;
+  the feature cache on, its counters `train/feature_cache/...` (hits, misses, bytes, encode seconds saved;
   summed over ranks) at every logging step;
 - the stage output folder as the `stage_output` artifact;
 - at the end: tags `stage_status`, `stage_reason`, `hub_<key>` (the hub pusher's report, when
@@ -179,7 +179,7 @@ class StageLogger:
         )
 
     def log_feature_cache(self, stats: Mapping[str, float], disabled_reason: str | None) -> None:
-        """Once per stage, a console line on the feature cache (its `feature_cache/...` counters, summed
+        """Once per stage, a console line on the feature cache (its `train/feature_cache/...` counters, summed
         over ranks, go to MLflow with the train metrics)."""
         if getattr(self, "_feature_cache_noted", False):
             return
@@ -189,9 +189,9 @@ class StageLogger:
         else:
             log.info(
                 "feature cache: %d hits, %d misses so far (%.0f%% hit rate)",
-                stats.get("feature_cache/hits", 0),
-                stats.get("feature_cache/misses", 0),
-                100 * stats.get("feature_cache/hit_rate", 0.0),
+                stats.get("train/feature_cache/hits", 0),
+                stats.get("train/feature_cache/misses", 0),
+                100 * stats.get("train/feature_cache/hit_rate", 0.0),
             )
 
     def on_resume_state_saved(self, path: Path | None, step: int, metrics: Mapping[str, float]) -> None:

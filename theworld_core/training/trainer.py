@@ -464,22 +464,24 @@ class StageTrainer:
             self._save_resume_state()
 
     def _feature_cache_metrics(self) -> dict[str, float]:
-        """The cache's counters summed over ranks (`feature_cache/...`); empty when the stage caches nothing."""
+        """The cache's counters summed over ranks (`train/feature_cache/...`); empty when the stage caches nothing."""
         if self.encoders is None or self.cfg.feature_cache == "off":  # the same on every rank: a collective follows
             return {}
         stats = self.encoders.cache.stats()
-        names = [name for name in stats if name not in ("feature_cache/hit_rate", "feature_cache/enabled")]
+        names = [name for name in stats if name not in ("train/feature_cache/hit_rate", "train/feature_cache/enabled")]
         if self.accelerator.num_processes > 1:
             local = torch.tensor(
-                [stats[name] for name in names] + [stats["feature_cache/enabled"]],
+                [stats[name] for name in names] + [stats["train/feature_cache/enabled"]],
                 dtype=torch.float64,
                 device=self.accelerator.device,
             )
             summed = self.accelerator.reduce(local, reduction="sum").tolist()
             stats = dict(zip(names, summed[:-1]))
-            stats["feature_cache/enabled"] = summed[-1] / self.accelerator.num_processes  # share of ranks with it on
-        hits, misses = stats["feature_cache/hits"], stats["feature_cache/misses"]
-        stats["feature_cache/hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
+            stats["train/feature_cache/enabled"] = (
+                summed[-1] / self.accelerator.num_processes
+            )  # share of ranks with it on
+        hits, misses = stats["train/feature_cache/hits"], stats["train/feature_cache/misses"]
+        stats["train/feature_cache/hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
         self.logger.log_feature_cache(stats, self.encoders.cache.disabled_reason)
         return stats
 
