@@ -379,3 +379,17 @@ def test_off_writes_nothing_and_a_bad_folder_trains_uncached(tiny_paths, tmp_pat
     warnings = [r.getMessage() for r in caplog.records if r.name == "theworld.feature_cache"]
     assert len(warnings) == 1 and "a file stands where a folder is needed" in warnings[0], warnings
     assert "Training goes on without it" in warnings[0]
+
+
+def test_workers_started_by_spawn_train(tiny_paths, tmp_path):
+    """A served flow run is a spawned process, so its DataLoader workers are spawned too: the
+    collator, the data and the cache flag must pickle (a bound trainer method does not)."""
+    import multiprocessing
+
+    before = multiprocessing.get_start_method()
+    multiprocessing.set_start_method("spawn", force=True)
+    try:
+        _, result = _train(tiny_paths, tmp_path / "out", max_steps=3, eval_steps=3, save_steps=3)
+    finally:
+        multiprocessing.set_start_method(before, force=True)
+    assert result.steps == 3

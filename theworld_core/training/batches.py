@@ -18,6 +18,22 @@ import torch
 
 from theworld_core.config import StageConfig
 from theworld_core.data.loading import EpochBatches, ShardedStream, default_num_workers
+from theworld_core.features.keys import image_key
+
+
+class BatchCollator:
+    """Rows -> a CPU batch, in the DataLoader workers; with the feature cache on, plus the rows'
+    `image_keys` for `CachedEncoders.fill`. A plain object (the input builder and one flag), so it
+    pickles to workers started by spawn or forkserver, as a served flow run's are."""
+
+    def __init__(self, builder, with_image_keys: bool):
+        self.builder, self.with_image_keys = builder, with_image_keys
+
+    def __call__(self, rows: list[dict]) -> dict[str, Any]:
+        batch = self.builder.collate([self.builder.encode(r["image"], r["prompt"], r["text"]) for r in rows])
+        if self.with_image_keys:
+            batch["image_keys"] = [image_key(r["image"]) for r in rows]
+        return batch
 
 
 def steps_per_epoch(cfg: StageConfig, train: Any, num_processes: int) -> int:

@@ -30,7 +30,6 @@ from theworld_core.config import StageConfig
 from theworld_core.data.loading import EpochBatches, even_batches
 from theworld_core.features.cache import FeatureCache
 from theworld_core.features.encoders import CachedEncoders
-from theworld_core.features.keys import image_key
 from theworld_core.model.components import (
     audit_step,
     gradient_presence,
@@ -51,7 +50,7 @@ from theworld_core.model.theworld import TheWorld
 from theworld_core.tracking.hub_push import HUB_EVIDENCE_KEY, push_failure
 from theworld_core.tracking.stage_logger import NullStageLogger, StageLogger, stage_logger_for
 from theworld_core.training import checkpoint as ckpt
-from theworld_core.training.batches import TrainWindow, build_train_loader, steps_per_epoch
+from theworld_core.training.batches import BatchCollator, TrainWindow, build_train_loader, steps_per_epoch
 from theworld_core.training.evaluation import evaluate_loss
 from theworld_core.training.optim import (
     build_optimizer,
@@ -283,15 +282,6 @@ class StageTrainer:
 
     # ================================================================== train
 
-    def _collate(self, rows: list[dict]) -> dict[str, Any]:
-        """Rows -> a CPU batch (runs in the DataLoader workers); with the feature cache on, plus the
-        rows' `image_keys` for `CachedEncoders.fill`."""
-        builder = self.builder
-        batch = builder.collate([builder.encode(r["image"], r["prompt"], r["text"]) for r in rows])
-        if self.encoders is not None and self.encoders.kinds:
-            batch["image_keys"] = [image_key(r["image"]) for r in rows]
-        return batch
-
     def _train_loader(self, epoch: int, skip_batches: int = 0):
         """This epoch's batches on the device, in a seeded order (the same on a resume), each process
         reading its own part; the first `skip_batches` left out (a resumed epoch).
@@ -301,7 +291,12 @@ class StageTrainer:
         """
         acc = self.accelerator
         if self._loader is None:
-            self._loader, self.num_workers = build_train_loader(self.cfg, self.data, acc, self._collate)
+            self._loader, self.num_workers = build_train_loader(
+                self.cfg,
+                self.data,
+                acc,
+                BatchCollator(self.builder, self.encoders is not None and bool(self.encoders.kinds)),
+            )
         loader = self._loader
         loader.set_epoch(epoch)
         if isinstance(loader.batch_sampler, EpochBatches):
