@@ -32,6 +32,26 @@ E2E_FILES = {
 }
 
 
+@pytest.fixture(autouse=True)
+def mlflow_uris_restored():
+    """MLflow's process-wide URIs as they were before each test: `mlflow.set_tracking_uri` and
+    `set_registry_uri` also write MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI, which later tests and
+    the subprocesses they start would inherit."""
+    from mlflow.tracking._model_registry import utils as registry_utils
+    from mlflow.tracking._tracking_service import utils as tracking_utils
+
+    names = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+    environment = {name: os.environ.get(name) for name in names}
+    uris = getattr(tracking_utils, "_tracking_uri", None), getattr(registry_utils, "_registry_uri", None)
+    yield
+    for name, value in environment.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
+    tracking_utils._tracking_uri, registry_utils._registry_uri = uris
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in E2E_FILES:

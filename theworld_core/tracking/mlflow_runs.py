@@ -62,8 +62,9 @@ def configure_tracking() -> str:
         os.environ.setdefault(name, value)
     uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
     mlflow.set_tracking_uri(uri)
-    # The registry (the champion, models:/ URIs) lives in the same store, whatever was set before.
-    mlflow.set_registry_uri(os.environ.get("MLFLOW_REGISTRY_URI") or uri)
+    # The registry (the champion, models:/ URIs) lives in the same store, whatever was set before
+    # (MLflow's set_registry_uri also writes MLFLOW_REGISTRY_URI, so an earlier call would leak).
+    mlflow.set_registry_uri(uri)
     if uri.startswith("sqlite:///") and uri not in _opened_stores:
         open_sqlite_store(uri)
         _opened_stores.add(uri)
