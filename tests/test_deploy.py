@@ -244,7 +244,7 @@ def pipeline_runs(tracking_uri: str, experiment: str) -> list:
     """Parent (pipeline) runs of `experiment`, oldest first."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
+    client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
     found = client.get_experiment_by_name(experiment)
     if found is None:
         return []

@@ -272,7 +272,7 @@ def test_stack_on_postgres_serves_two_overlapping_runs(pg_databases, tmp_path, m
             monkeypatch.setenv(key, env[key])
         from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(tracking_uri=mlflow_srv.url)
+        client = MlflowClient(tracking_uri=mlflow_srv.url, registry_uri=mlflow_srv.url)
         exp = client.get_experiment_by_name(experiment)
         parents = client.search_runs([exp.experiment_id], filter_string="tags.run_kind = 'pipeline'")
         assert [(p.data.tags["prefect_flow_run_id"], p.info.status) for p in parents] == [(str(earlier.id), "FINISHED")]
