@@ -445,35 +445,12 @@ def test_trainer_pushes_checkpoints_and_final_output_and_tags_the_run(hub, logs,
     from huggingface_hub import constants
     from mlflow.tracking import MlflowClient
 
-    from theworld_core.config import load_stage_config
     from theworld_core.training.launch import train_stage
 
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)  # HfApi's default endpoint
     monkeypatch.setenv("THEWORLD_PROJECT_DIR", str(tmp_path / "project"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    seed = Path(__file__).resolve().parents[1] / "configs" / "seed" / "stage1_projection.json"
-    cfg = load_stage_config(seed).with_changes(
-        model_name=str(tiny_paths.gemma),
-        cosmos_model_name=str(tiny_paths.cosmos),
-        world_tokens=4,
-        world_image_size=32,
-        dataset_name="synthetic",
-        synthetic_samples=60,
-        synthetic_image_size=32,
-        streaming=False,
-        batch_size=4,
-        gradient_accumulation_steps=1,
-        max_steps=10,
-        warmup_steps=2,
-        eval_steps=5,
-        save_steps=5,
-        logging_steps=5,
-        output_dir=str(tmp_path / "stage"),
-        name="stage1",
-        push_to_hub=True,
-        hub_model_id=REPO,
-        hub_strategy="every_save",
-    )
+    cfg = hub_stage_config(tiny_paths, tmp_path)
     result = train_stage(cfg)
     assert result.status == "completed", result.reason
 
@@ -558,3 +535,32 @@ def test_pushed_stage_output_loads_offline_from_the_hf_cache(hub, tiny_paths, tm
 
     with pytest.raises(Exception, match="(?i)cache|offline|cannot find"):
         checkpoint_folder("someone/never-pushed")
+
+
+def hub_stage_config(tiny_paths, tmp_path):
+    """Stage 1 on the tiny models, 10 steps, pushing every save to the fake hub's REPO."""
+    from theworld_core.config import load_stage_config
+
+    seed = Path(__file__).resolve().parents[1] / "configs" / "seed" / "stage1_projection.json"
+    return load_stage_config(seed).with_changes(
+        model_name=str(tiny_paths.gemma),
+        cosmos_model_name=str(tiny_paths.cosmos),
+        world_tokens=4,
+        world_image_size=32,
+        dataset_name="synthetic",
+        synthetic_samples=60,
+        synthetic_image_size=32,
+        streaming=False,
+        batch_size=4,
+        gradient_accumulation_steps=1,
+        max_steps=10,
+        warmup_steps=2,
+        eval_steps=5,
+        save_steps=5,
+        logging_steps=5,
+        output_dir=str(tmp_path / "stage"),
+        name="stage1",
+        push_to_hub=True,
+        hub_model_id=REPO,
+        hub_strategy="every_save",
+    )

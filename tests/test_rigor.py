@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from test_hub import REPO, TOKEN, _stage_output, hub  # noqa: F401  (hub: the fake hub fixture)
+from test_hub import REPO, TOKEN, _stage_output, hub, hub_stage_config  # noqa: F401  (hub: the fake hub fixture)
 
 from theworld_core.config import GateConfig, StageConfig, load_pipeline_config, load_stage_config
 from theworld_core.config.stage_file import PlateauCadenceWarning, plateau_cadence_problems
@@ -314,28 +314,7 @@ def test_theworld_train_exits_3_when_every_push_fails_and_the_stage_stays_usable
     monkeypatch.setattr(constants, "ENDPOINT", hub.url)
     monkeypatch.setenv("THEWORLD_PROJECT_DIR", str(tmp_path / "project"))
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    cfg = load_stage_config(SEED / "stage1_projection.json").with_changes(
-        model_name=str(tiny_paths.gemma),
-        cosmos_model_name=str(tiny_paths.cosmos),
-        world_tokens=4,
-        world_image_size=32,
-        dataset_name="synthetic",
-        synthetic_samples=60,
-        synthetic_image_size=32,
-        streaming=False,
-        batch_size=4,
-        gradient_accumulation_steps=1,
-        max_steps=10,
-        warmup_steps=2,
-        eval_steps=5,
-        save_steps=5,
-        logging_steps=5,
-        output_dir=str(tmp_path / "stage"),
-        name="stage1",
-        push_to_hub=True,
-        hub_model_id=REPO,
-        hub_strategy="every_save",
-    )
+    cfg = hub_stage_config(tiny_paths, tmp_path)
     config = tmp_path / "stage1.json"
     config.write_text(json.dumps(cfg.model_dump(mode="json")))
 
