@@ -291,11 +291,9 @@ class StageTrainer:
         """
         acc = self.accelerator
         if self._loader is None:
+            lookup = self.encoders.lookup() if self.encoders is not None else None  # the model is on its device now
             self._loader, self.num_workers = build_train_loader(
-                self.cfg,
-                self.data,
-                acc,
-                BatchCollator(self.builder, self.encoders is not None and bool(self.encoders.kinds)),
+                self.cfg, self.data, acc, BatchCollator(self.builder, lookup)
             )
         loader = self._loader
         loader.set_epoch(epoch)
@@ -365,11 +363,13 @@ class StageTrainer:
                     if state.step >= self.total_steps:
                         break
                 else:
+                    self.encoders.flush()  # the next epoch finds every entry of this one
                     state.epoch += 1
                     state.batches_in_epoch = 0
         except _Stop as stop:
             return stop.status, stop.reason, stop.evidence
         finally:
+            self.encoders.flush()
             self.progress.close()
         reason = f"reached {self.total_steps} steps" + ("" if cfg.max_steps else f" ({cfg.num_epochs:g} epochs)")
         return "completed", reason, {}
