@@ -37,6 +37,8 @@ class BatchCollator:
 
     def __init__(self, builder, lookup: FeatureLookup | None = None):
         self.builder, self.lookup = builder, lookup
+        if lookup is not None:
+            builder.layout_without_pixels()  # checked once here; the workers get the answer with the builder
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
         builder = self.builder
