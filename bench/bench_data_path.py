@@ -6,15 +6,19 @@ Parts (`--part`, default all):
 
 - `tiny`: the tiny stage 1 (world projector trains; vision tower and VAE frozen) over `--epochs`
   epochs of synthetic data, `StageTrainer.run()` with `feature_cache: off`, then `auto` with an
-  empty cache folder (epoch 1 fills it, the others read it). Reported: steps/s of the training loop
-  (`time/train_s`; setup and the final save excluded), the ratio (goal >= 1.4x), and the cache's
-  counters. Both arms use the same worker count (`--workers`, default the trainer's default).
+  empty cache folder (epoch 1 fills it, the others read it), then `auto` again on that folder (every
+  image cached), in `--rounds` interleaved rounds (other jobs' load falls on every arm alike).
+  Reported: steps/s of the training loop (`time/train_s`; setup and the final save excluded), the
+  ratios per round and their median (goal >= 1.4x), the load average after each run, and the
+  cache's counters. All arms use the same worker count (`--workers`, default the trainer's).
 - `data`: the per-sample CPU work of the data path at the real preprocessing sizes: decode a JPEG
   (`--source-px`, default 640x480, as web images are), Gemma 3's image processor with the settings
   of gemma-3-4b-it (896 x 896, bilinear, rescale 1/255, mean = std = 0.5, no pan and scan), the
   chat template + tokenizer (tiny tokenizer: the same work per token), the 256 px VAE view, the
-  cache key. Images/s through a DataLoader with `num_workers` 0 and the default, and per core;
-  beside what a real-size stage 1 needs on one H100 at 40 % MFU (from FLOPs, part `flops`).
+  cache key and lookup. Images/s through a DataLoader with `num_workers` 0 and the default, on
+  cache misses (all of that) and on cache hits (entries of the real sizes read and checked instead
+  of the processor and the VAE view), per core (`num_workers` 0); beside what a real-size stage 1
+  needs on one H100 at 40 % MFU (from FLOPs, part `flops`).
 - `flops`: stage-1 training FLOPs per sample of the reference architecture (meta device, counted
   with torch's FlopCounterMode through bench_gpu_stages.py), before (frozen encoders run every
   step, lm_head over the whole sequence) and after (features from the cache, lm_head over the
@@ -73,8 +77,6 @@ def part_tiny(args) -> dict:
     tiny = ensure_tiny_models()
     work = Path(tempfile.mkdtemp(prefix="bench-data-path-"))
     os.environ["THEWORLD_PROJECT_DIR"] = str(work / "project")
-    train_samples_guess = int(args.samples * 0.9)
-    steps = max(1, args.epochs * train_samples_guess // args.batch)
     rounds = []
     try:
         for index in range(args.rounds):
@@ -94,11 +96,12 @@ def part_tiny(args) -> dict:
                     resume_from_checkpoint=None,
                     batch_size=args.batch,
                     gradient_accumulation_steps=1,
-                    max_steps=steps,
+                    max_steps=None,
+                    num_epochs=args.epochs,
                     warmup_steps=2,
                     do_eval=False,
-                    save_steps=10 * steps,
-                    logging_steps=max(1, steps // 10),
+                    save_steps=100_000,
+                    logging_steps=10,
                     num_workers=args.workers,
                     feature_cache=mode,
                     feature_cache_dir=str(work / f"features-{index}"),  # empty at each round's auto arm
