@@ -216,6 +216,12 @@ class StageTrainer:
         check_precision(self.model, self.precision)  # trainable fp32, frozen in the compute dtype
         if cfg.use_gradient_checkpointing:
             self.model.gemma.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Feature cache: built on the unwrapped model, after the freeze flags (a trainable encoder is never cached),
+        # before sharding (the cache keys hash the full frozen weights).
+        cache = FeatureCache(cfg.feature_cache_dir, max_gb=cfg.feature_cache_max_gb, mode=cfg.feature_cache)
+        self.encoders = CachedEncoders(
+            self.model, cache, precision=self.accelerator.mixed_precision, autocast=self.accelerator.autocast
+        )
         self.sharded = distributed == "fsdp" and self.accelerator.num_processes > 1
         if self.sharded:  # before the optimizer: sharding replaces the parameters
             shard_model(self.model, self.accelerator.device)
@@ -242,11 +248,6 @@ class StageTrainer:
                 restore_groups=False,
             )
             log.info("carried optimizer moments for %d parameters that stay trainable", len(carried))
-        # Feature cache: built on the unwrapped model, after the freeze flags (a trainable encoder is never cached).
-        cache = FeatureCache(cfg.feature_cache_dir, max_gb=cfg.feature_cache_max_gb, mode=cfg.feature_cache)
-        self.encoders = CachedEncoders(
-            self.model, cache, precision=self.accelerator.mixed_precision, autocast=self.accelerator.autocast
-        )
         if self.sharded:  # accelerate would wrap the sharded model in DDP
             self.optimizer = self.accelerator.prepare(optimizer)
         else:
