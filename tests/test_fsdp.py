@@ -72,7 +72,8 @@ class FsdpRuns:
 
     def two(self):
         if self._two is None:
-            cfg = self.config(self.root / "two")
+            # Its own feature cache: the frozen VAE runs on both ranks (misses), not only served from the cache.
+            cfg = self.config(self.root / "two", feature_cache_dir=str(self.root / "cache-two"))
             run = launch(
                 write_config(cfg, self.root / "two.json"),
                 "--num-processes",
@@ -204,7 +205,9 @@ for stage in ("stage1_projection", "stage3_language"):
     batch = model.builder.collate([rows[dist.get_rank()]])
     full_before = stage_output_tensors(model)
     shard_model(model, torch.device("cpu"))
-    assert all(type(p).__name__ == "DTensor" for p in model.parameters())
+    for name, param in model.named_parameters():  # a frozen VAE / vision tower stays whole
+        whole = not param.requires_grad and name.startswith(("vae.", "gemma.model.vision_tower.", "gemma.model.multi_"))
+        assert (type(param).__name__ == "DTensor") != whole, name
     check_precision(model, policy)  # sharding kept every dtype
     # The root unit mixes fp32 and bf16 in stage 1 (world projector + frozen embeddings).
     root = {p.dtype for n, p in model.named_parameters() if n.startswith(("world.", "gemma.model.language_model.embed"))}

@@ -377,8 +377,8 @@ class TrainingConfig(StrictModel):
     """Data-parallel processes (one per GPU, or CPU processes with gloo) the stage is launched with."""
     distributed: Literal["ddp", "fsdp"] = Field("ddp", json_schema_extra=_RESUME_COMPATIBLE)
     """How those processes share the model. `ddp`: each holds all of it (stages 1-2). `fsdp`: weights,
-    gradients and AdamW moments sharded (torch FSDP2, applied by the trainer; each decoder/SigLIP layer,
-    vision tower, projector and VAE a unit holding fp32 trainable and bf16 frozen weights side by side):
+    gradients and AdamW moments sharded (torch FSDP2, applied by the trainer; units hold fp32 trainable
+    and bf16 frozen weights side by side; a frozen vision tower or VAE stays whole, training/sharding.py):
     stages 3-4 on 80 GB GPUs (docs/stages.md#memory). Saves the same files as `ddp` (either resumes the
     other's). Ignored in a single process."""
 

@@ -7,8 +7,9 @@ a unit may hold fp32 trainable and bf16 frozen weights side by side: the precisi
 (model/precision.py) is unchanged, and autocast still runs the matmuls in the compute dtype.
 
 Units: each Gemma decoder layer and SigLIP encoder layer, the vision tower, the multi-modal
-projector and the VAE (the frozen-encoder feature cache calls those directly, outside the root's
-forward), then the root (embeddings, lm_head, world projector).
+projector and the VAE when they train, then the root (embeddings, lm_head, world projector). A
+frozen vision tower or VAE stays whole on every rank: the feature cache runs it outside the root's
+forward, where FSDP2 cannot gather a unit.
 
 Saving is collective: every rank all-gathers each sharded tensor (`stage_output.full_tensor`),
 rank 0 keeps and writes it, so stage outputs and resume states are the files an unsharded run
@@ -30,8 +31,10 @@ log = logging.getLogger("theworld.sharding")
 
 UNIT_CLASSES = ("Gemma3DecoderLayer", "SiglipEncoderLayer")
 """Module classes that each become one FSDP unit (the transformer layers)."""
-UNIT_ATTRIBUTES = ("gemma.model.vision_tower", "gemma.model.multi_modal_projector", "vae")
-"""Submodules of TheWorld that become units of their own (called outside the root's forward)."""
+ENCODERS = ("gemma.model.vision_tower", "gemma.model.multi_modal_projector", "vae")
+"""Submodules of TheWorld that a frozen-encoder feature cache runs on their own, outside the root's
+forward: a trainable one is a unit of its own, a frozen one stays whole on every rank (FSDP2 only
+gathers a unit inside the root's forward, and the frozen encoders are small next to the rest)."""
 
 
 def take_over_fsdp(distributed: str) -> str:
@@ -50,17 +53,23 @@ def take_over_fsdp(distributed: str) -> str:
     return "fsdp"
 
 
-def fsdp_units(model: nn.Module) -> list[nn.Module]:
-    """The modules that become FSDP units, innermost first (the root comes last, separately)."""
-    units = [m for m in model.modules() if type(m).__name__ in UNIT_CLASSES]
-    for path in UNIT_ATTRIBUTES:
+def fsdp_units(model: nn.Module) -> tuple[list[nn.Module], set[nn.Parameter]]:
+    """(the modules that become FSDP units, innermost first; the parameters kept whole). The root
+    becomes a unit too, separately."""
+    units, whole = [], []
+    for path in ENCODERS:
         try:
             module = model.get_submodule(path)
         except AttributeError:  # a model without that part
             continue
-        if any(True for _ in module.parameters()):
+        params = list(module.parameters())
+        if params and any(p.requires_grad for p in params):
             units.append(module)
-    return units
+        elif params:
+            whole.append(module)
+    inside_whole = {id(m) for w in whole for m in w.modules()}
+    layers = [m for m in model.modules() if type(m).__name__ in UNIT_CLASSES and id(m) not in inside_whole]
+    return layers + units, {p for w in whole for p in w.parameters()}
 
 
 def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
@@ -71,12 +80,12 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh(device.type, (dist.get_world_size(),))
-    units = fsdp_units(model)
+    units, whole = fsdp_units(model)
     for unit in units:
         fully_shard(unit, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    model.to(device)  # buffers outside any unit (rotary frequencies); sharded parameters are there already
-    log.info("FSDP2: %d units over %d processes", len(units) + 1, dist.get_world_size())
+    fully_shard(model, mesh=mesh, ignored_params=whole)
+    model.to(device)  # the whole encoders and buffers outside any unit; sharded parameters are there already
+    log.info("FSDP2: %d units over %d processes, %d frozen parameters whole", len(units) + 1, mesh.size(), len(whole))
     return model
 
 
