@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_distributed import (  # noqa: F401  (equal_length_folder is a fixture)
+from launch_helpers import (
     ACCELERATE_CONFIGS,
     LOSS_RTOL,
     SETTINGS,
@@ -30,12 +30,12 @@ from test_distributed import (  # noqa: F401  (equal_length_folder is a fixture)
     WEIGHT_ATOL,
     B,
     assert_two_ranks,
-    equal_length_folder,
     launch,
     loss_history,
     stage_config,
     weights,
     write_config,
+    write_equal_length_folder,
 )
 
 SHARDED = "FSDP2: "  # the trainer's log line when it shards
@@ -87,8 +87,9 @@ class FsdpRuns:
 
 
 @pytest.fixture(scope="module")
-def fsdp_runs(tiny_paths, equal_length_folder, tmp_path_factory) -> FsdpRuns:  # noqa: F811
-    return FsdpRuns(tiny_paths, equal_length_folder, tmp_path_factory.mktemp("fsdp"))
+def fsdp_runs(tiny_paths, tmp_path_factory) -> FsdpRuns:
+    data = write_equal_length_folder(tiny_paths, tmp_path_factory.mktemp("equal-length-shapes"))
+    return FsdpRuns(tiny_paths, data, tmp_path_factory.mktemp("fsdp"))
 
 
 def test_sharded_stage_3_trains_what_one_process_trains(fsdp_runs):
