@@ -89,12 +89,6 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     return model
 
 
-def is_sharded(model: nn.Module) -> bool:
-    from torch.distributed.tensor import DTensor
-
-    return any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """The local shard of a sharded tensor (in-place ops on it change the shard), else the tensor."""
     return tensor.to_local() if hasattr(tensor, "to_local") else tensor
