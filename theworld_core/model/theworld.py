@@ -34,6 +34,7 @@ from theworld_core.model.inputs import (
     WorldTokenIds,
     answer_positions,
 )
+from theworld_core.model.masks import gemma3_masks
 from theworld_core.model.world import VaeEncoder, WorldProjector
 
 LOSS_REDUCTIONS = ("mean", "sum")
@@ -234,8 +235,13 @@ class TheWorld(nn.Module):
         embeds = self.embed_inputs(
             input_ids, pixel_values, world_pixel_values, image_features=image_features, world_latents=world_latents
         )
+        # Prebuilt masks skip transformers' vmap construction (masks.py); None: the library builds them.
+        masks = gemma3_masks(self.gemma.config.get_text_config(), embeds, attention_mask, token_type_ids)
         out = self.gemma.model(
-            inputs_embeds=embeds, attention_mask=attention_mask, token_type_ids=token_type_ids, use_cache=False
+            inputs_embeds=embeds,
+            attention_mask=attention_mask if masks is None else masks,
+            token_type_ids=token_type_ids,
+            use_cache=False,
         )
         if labels is None:
             return self._logits(out.last_hidden_state), None
