@@ -33,10 +33,12 @@ accumulation, gradient checkpointing, optimizer, mixed precision; `--batch`, `--
 - The step: the trainer's. An Accelerator built as `StageTrainer.setup` builds it (the policy's
   mixed precision, the stage's accumulation), model and optimizer through `accelerator.prepare`,
   `build_optimizer` (its groups and AdamW; `adamw_8bit` once it takes an `optimizer` argument),
-  `activation_checkpointing_enable(use_reentrant=False)` as the trainer calls it; per micro-batch
-  `with accelerator.accumulate(model)`: `TheWorld.forward(**batch)` (the answer-token loss) and
-  `accelerator.backward`; then `accelerator.clip_grad_norm_` at 1.0, `optimizer.step()`,
-  `zero_grad(set_to_none=True)`. Not timed: the trainer's logging, evaluation and saving.
+  `activation_checkpointing_enable(use_reentrant=False)` as the trainer calls it; then the
+  trainer's `OptimizerStep` (theworld_core/training/step.py), the very code StageTrainer steps
+  with: per micro-batch `TheWorld.forward(**batch, loss_reduction="sum")` and `accelerator.backward`
+  inside `accelerator.accumulate(model)`; at the step the token-mean scaling, the non-finite check,
+  `accelerator.clip_grad_norm_` at 1.0, `optimizer.step()`, `zero_grad(set_to_none=True)`. Not
+  timed: the trainer's logging, evaluation and saving.
 - Timing: `--warmup` optimizer steps (untimed; the first also records which components received
   gradients), then `--steps` timed optimizer steps, synchronised; s/optimizer step is their mean.
 - Memory (CUDA): `torch.cuda.reset_peak_memory_stats` after the warmup steps, then
@@ -109,6 +111,7 @@ from theworld_core.model.components import (  # noqa: E402
     trainable_components,
 )
 from theworld_core.model.inputs import IGNORE_INDEX, WorldTokenIds  # noqa: E402
+from theworld_core.training.step import OptimizerStep, StopStage  # noqa: E402
 
 # shared/ sits beside the repository (in a git worktree: beside the worktrees).
 REFERENCE = next(
@@ -459,7 +462,7 @@ def training_flops_per_sample(fwd: dict[str, int], trainable) -> int:
 
 
 def is_oom(exc: BaseException) -> bool:
-    if isinstance(exc, torch.OutOfMemoryError):
+    if isinstance(exc, torch.OutOfMemoryError) or (isinstance(exc, StopStage) and exc.status == "oom"):
         return True
     text = str(exc).lower()
     return isinstance(exc, RuntimeError) and (
@@ -542,9 +545,9 @@ def run_stage(
 
     The step is StageTrainer's: an Accelerator set up as `StageTrainer.setup` sets it up (the
     precision policy's mixed precision, the stage's accumulation), the model and optimizer through
-    `accelerator.prepare`, each micro-batch `with accelerator.accumulate(model)`: `TheWorld.forward`
-    with labels (the answer-token loss) and `accelerator.backward`; then `clip_grad_norm_`,
-    `optimizer.step()`, `zero_grad(set_to_none=True)`.
+    `accelerator.prepare`, then the trainer's own `OptimizerStep` (training/step.py): per micro-batch
+    the summed answer-token loss and its backward, at the step the token-mean scaling, the
+    non-finite check, `clip_grad_norm_`, `optimizer.step()`, `zero_grad(set_to_none=True)`.
     """
     from accelerate import Accelerator
 
@@ -584,23 +587,20 @@ def run_stage(
     acc = Accelerator(mixed_precision=policy.effective, gradient_accumulation_steps=accum, cpu=not on_gpu)
     acc.gradient_accumulation_steps = accum  # the state is shared by every Accelerator of the process
     model, optimizer = acc.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
+    stepper = OptimizerStep(acc, model, optimizer, None, max_grad_norm=args.max_grad_norm)  # the trainer's step
     batches = [inputs.batch(batch, device, args.seed + 1 + i) for i in range(accum)]
     gradients: dict[str, bool] | None = None
     losses: list[float] = []
 
     def optimizer_step(first: bool) -> None:
         nonlocal gradients
-        for micro in batches:
-            with acc.accumulate(model):
-                _, loss = model(**micro)
-                acc.backward(loss)
-            losses.append(float(loss.detach()))
+        sums = [stepper.micro_batch(micro, step=len(losses) + 1) for micro in batches]
+        stepper.gradients_ready(step=len(losses) + 1)
         if first:
             gradients = gradient_presence(acc.unwrap_model(model))
-        acc.clip_grad_norm_(params, args.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        stepper.apply()
+        loss_sum, tokens = (sum(values) for values in zip(*sums))
+        losses.append(float(loss_sum / tokens.clamp(min=1)))  # the step's token-mean loss
 
     progress["phase"] = "warmup"
     for i in range(args.warmup):
@@ -952,7 +952,8 @@ def main(argv: list[str] | None = None) -> int:
                 try:
                     row = {"stage": stage, **run_stage(stage, sources, inputs, layout, fwd, args, device, progress)}
                 except Exception as exc:
-                    if not (is_oom(exc) or isinstance(exc, ValueError)):  # ValueError: a recipe this code cannot run
+                    # ValueError: a recipe this code cannot run; StopStage: a non-finite loss or gradient norm
+                    if not (is_oom(exc) or isinstance(exc, (ValueError, StopStage))):
                         raise
                     row = {
                         "stage": stage,

@@ -451,8 +451,10 @@ class _BreakdownTrainer(TimedTrainer):
         acc.clip_grad_norm_ = clock.wrap(acc.clip_grad_norm_, "clip_grad_norm_")
         opt.step = clock.wrap(opt.step, "optimizer.step")
         opt.zero_grad = clock.wrap(opt.zero_grad, "optimizer.zero_grad")
-        self.scheduler_step, scheduler = clock.wrap(self.scheduler.step, "scheduler.step"), self.scheduler
-        self.scheduler = _SchedulerProxy(scheduler, self.scheduler_step)
+        # The step object calls the scheduler: a timed stand-in there, the real one stays the trainer's (saved).
+        self.step.scheduler = _SchedulerProxy(self.scheduler, clock.wrap(self.scheduler.step, "scheduler.step"))
+        micro_batch = self.step.micro_batch
+        self.step.micro_batch = lambda batch, step: self._timed_micro_batch(micro_batch, batch, step)
         enter = acc.accumulate
 
         import contextlib
@@ -469,19 +471,16 @@ class _BreakdownTrainer(TimedTrainer):
         acc.accumulate = accumulate
         self._step_begin = None
 
-    def _forward_backward(self, batch) -> float:
+    def _timed_micro_batch(self, micro_batch, batch, step):
         now = time.thread_time()
         if self._step_begin is not None:
-            # From the end of the previous step (after the paired bare step) to here: the loader's
-            # next batch and entering accumulate().
-            self.clock.add(
-                "batch from the loader", now - self._step_begin - self.clock.current.get("accumulate() context", 0.0)
-            )
-        backward_before = self.clock.current.get("backward", 0.0)
-        result = super()._forward_backward(batch)
-        self.clock.add(
-            "forward", time.thread_time() - now - (self.clock.current.get("backward", 0.0) - backward_before)
-        )
+            # From the end of the previous step (after the paired bare step) to here: the loader's next batch.
+            self.clock.add("batch from the loader", now - self._step_begin)
+        inside = ("backward", "accumulate() context")  # timed on their own within the micro-batch
+        before = sum(self.clock.current.get(name, 0.0) for name in inside)
+        result = micro_batch(batch, step)
+        after = sum(self.clock.current.get(name, 0.0) for name in inside)
+        self.clock.add("forward", time.thread_time() - now - (after - before))
         return result
 
     def _after_step(self, window, grad_norm: float) -> None:
@@ -493,10 +492,6 @@ class _BreakdownTrainer(TimedTrainer):
             self.clock.current = {}
         self.paired.step()
         self._step_begin = time.thread_time()
-
-    def _finish(self, status, reason, evidence):
-        self.scheduler = self.scheduler.inner  # saved in the resume state: hand back the real one
-        return super()._finish(status, reason, evidence)
 
 
 class _SchedulerProxy:

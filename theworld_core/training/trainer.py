@@ -19,7 +19,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,12 +36,11 @@ from theworld_core.model.components import (
     snapshot,
     trainable_components,
 )
-from theworld_core.model.inputs import answer_positions, prepare_stage_data
+from theworld_core.model.inputs import prepare_stage_data
 from theworld_core.model.precision import PrecisionPolicy, apply_precision, check_precision, resolve_precision
 from theworld_core.model.stage_output import (
     apply_stage_output,
     checkpoint_folder,
-    full_tensor,
     is_intact_stage_output,
     read_manifest,
     save_stage_output,
@@ -64,7 +62,8 @@ from theworld_core.training.optim import (
 )
 from theworld_core.training.plateau import PlateauTracker
 from theworld_core.training.result import StageResult, changed_training_keys, resume_key
-from theworld_core.training.sharding import gathered_state, local, shard_model, shard_optimizer_state, take_over_fsdp
+from theworld_core.training.sharding import gathered_state, shard_model, shard_optimizer_state, take_over_fsdp
+from theworld_core.training.step import LossHook, OptimizerStep, StopStage
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -74,17 +73,6 @@ if TYPE_CHECKING:
     from theworld_core.model.inputs import InputBuilder
 
 log = logging.getLogger("theworld.train")
-
-LossHook = Callable[[int, torch.Tensor], torch.Tensor]
-"""(optimizer step about to be taken, loss) -> the loss to backpropagate (fault rehearsals, tests)."""
-
-
-class _Stop(Exception):
-    """Ends the loop early with a status (diverged, oom, plateaued)."""
-
-    def __init__(self, status: str, reason: str, evidence: dict[str, Any] | None = None):
-        super().__init__(reason)
-        self.status, self.reason, self.evidence = status, reason, evidence or {}
 
 
 class StageTrainer:
@@ -119,6 +107,7 @@ class StageTrainer:
         # Components the stage trains, from the config's freeze flags (what the freeze audit expects).
         self.trainable: tuple[str, ...] = cfg.trainable_component_names
         self.optimizer: torch.optim.Optimizer | None = None  # accelerate's wrapper around AdamW / AdamW8bit
+        self.step: OptimizerStep | None = None  # micro-batches, token-mean gradients, clipping, update
         self.sharded: bool = False  # FSDP2 (`distributed: fsdp` in several processes): saves and evals are collective
         self.precision: PrecisionPolicy | None = None  # dtypes of trainable/frozen parameters, autocast
         self.group_names: list[list[str]] = []  # parameter names of each optimizer group (state is saved by name)
@@ -132,12 +121,7 @@ class StageTrainer:
         self.run_id: str | None = None  # this stage's MLflow run (None on ranks other than 0)
         self.timings: dict[str, float] = {}  # time/setup_s, time/train_s, time/finish_s
         self.progress: tqdm | None = None  # the step progress bar (shown on rank 0)
-        # This optimizer step's count of non-finite micro-batch losses and the first such loss per
-        # token, kept on the device and read once at the step (divergence evidence).
-        self._step_nonfinite: torch.Tensor | None = None
-        self._step_bad_loss: torch.Tensor | None = None
         self._last_train_loss: float | None = None  # mean train loss (all ranks) of the last logging window
-        self._step_tokens: torch.Tensor | None = None  # answer tokens of this rank's micro-batches since the last step
 
     def run(self) -> StageResult:
         """Set up, train to the end (max steps, epochs or plateau), evaluate, save; report throughout."""
@@ -252,6 +236,16 @@ class StageTrainer:
             self.optimizer = self.accelerator.prepare(optimizer)
         else:
             self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        self.step = OptimizerStep(
+            self.accelerator,
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            max_grad_norm=cfg.max_grad_norm,
+            divergence_grad_norm=cfg.divergence_grad_norm,
+            loss_hook=self.loss_hook,
+            batch_size=cfg.batch_size,
+        )
 
     def _local(self, saved_optimizer_state: dict) -> dict:
         """Saved (full) optimizer state as this rank's shards when sharded."""
@@ -334,7 +328,6 @@ class StageTrainer:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         if state.finished:
             return state.finished, "stage had already finished in this output_dir", {}
-        params = [p for p in self.model.parameters() if p.requires_grad]
         audit_pending = state.step == 0
         before = snapshot(acc.unwrap_model(self.model)) if audit_pending else None
         self.model.train()
@@ -354,28 +347,16 @@ class StageTrainer:
                 loader = self._train_loader(state.epoch, skip_batches=state.batches_in_epoch)
                 for batch in loader:
                     batch = self.encoders.fill(batch)  # cached features in place of frozen encoders' pixels
-                    with acc.accumulate(self.model):
-                        loss_sum, tokens = self._forward_backward(batch)
+                    loss_sum, tokens = self.step.micro_batch(batch, state.step + 1)
                     state.batches_in_epoch += 1
                     window.add(loss_sum, tokens, batch, acc.num_processes)
-                    if not acc.sync_gradients:
+                    if not self.step.sync_gradients:
                         continue
-                    self._stop_if_any_rank_diverged()
-                    self._scale_gradients_to_token_mean(params)
-                    grad_norm = float(full_tensor(acc.clip_grad_norm_(params, cfg.max_grad_norm)))
-                    limit = cfg.divergence_grad_norm
-                    if not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit):
-                        raise _Stop(
-                            "diverged",
-                            f"gradient norm {grad_norm:.4g} at step {state.step + 1} (limit {limit})",
-                            {"step": state.step + 1, "grad_norm": grad_norm, "limit": limit},
-                        )
+                    grad_norm = self.step.gradients_ready(state.step + 1)
                     # The schedule gives step 1 a learning rate above 0 (optim.build_schedule), so the
                     # first step of a stage is the one the freeze audit checks.
                     had_grad = gradient_presence(acc.unwrap_model(self.model)) if audit_pending else None
-                    self.optimizer.step()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+                    self.step.apply()
                     if audit_pending:
                         audit_step(acc.unwrap_model(self.model), before, had_grad, self.trainable)
                         audit_pending = False
@@ -387,73 +368,13 @@ class StageTrainer:
                     self.encoders.flush()  # the next epoch finds every entry of this one
                     state.epoch += 1
                     state.batches_in_epoch = 0
-        except _Stop as stop:
+        except StopStage as stop:
             return stop.status, stop.reason, stop.evidence
         finally:
             self.encoders.flush()
             self.progress.close()
         reason = f"reached {self.total_steps} steps" + ("" if cfg.max_steps else f" ({cfg.num_epochs:g} epochs)")
         return "completed", reason, {}
-
-    def _forward_backward(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Backward of the micro-batch's *summed* answer-token loss; returns (that sum, its answer
-        tokens), both detached on the device (no host read-back). The gradients become the mean over
-        every answer token of the optimizer step at the step (`_scale_gradients_to_token_mean`)."""
-        try:
-            tokens = answer_positions(batch["labels"]).sum()
-            self._step_tokens = tokens if self._step_tokens is None else self._step_tokens + tokens
-            _, loss = self.model(**batch, loss_reduction="sum")
-            if self.loss_hook is not None:
-                loss = self.loss_hook(self.state.step + 1, loss)
-            self._note_nonfinite(loss.detach() / tokens.clamp(min=1))
-            # Backward even on a bad loss: every rank must join the gradient all-reduce; the stage
-            # stops at the optimizer step, on every rank at once.
-            self.accelerator.backward(loss)
-        except torch.OutOfMemoryError as exc:
-            raise _Stop(
-                "oom",
-                f"out of memory at step {self.state.step + 1} with batch_size {self.cfg.batch_size}",
-                {"step": self.state.step + 1, "batch_size": self.cfg.batch_size, "error": str(exc)[:300]},
-            ) from None
-        return loss.detach(), tokens
-
-    def _scale_gradients_to_token_mean(self, params: list[torch.nn.Parameter]) -> None:
-        """Turn the accumulated gradients into those of (sum of answer-token losses) / (answer tokens
-        of the whole step, all micro-batches, all ranks), so every token weighs the same however the
-        step is split. Each micro-batch backpropagated its summed loss, which `accelerator.backward`
-        divided by the accumulation steps, and DDP averaged the ranks' gradients: the gradients hold
-        sum / (accumulation x ranks). One all-reduce of a token count per step, no host read-back."""
-        acc = self.accelerator
-        tokens = acc.reduce(self._step_tokens, reduction="sum") if acc.num_processes > 1 else self._step_tokens
-        self._step_tokens = None
-        factor = (acc.gradient_accumulation_steps * acc.num_processes) / tokens.clamp(min=1).to(torch.float32)
-        grads = [local(p.grad) for p in params if p.grad is not None]  # a sharded gradient: its shard
-        if grads:
-            torch._foreach_mul_(grads, factor.to(grads[0].device))
-
-    def _note_nonfinite(self, loss_per_token: torch.Tensor) -> None:
-        """Count a non-finite micro-batch loss on the device (no host read-back per micro-step)."""
-        bad = (~torch.isfinite(loss_per_token)).to(torch.float32)
-        if self._step_nonfinite is None:
-            self._step_nonfinite, self._step_bad_loss = bad, loss_per_token
-        else:  # keep the first non-finite value of the step
-            self._step_bad_loss = torch.where(self._step_nonfinite > 0, self._step_bad_loss, loss_per_token)
-            self._step_nonfinite = self._step_nonfinite + bad
-
-    def _stop_if_any_rank_diverged(self) -> None:
-        """A NaN/inf loss on any rank ends the stage on all ranks (before the optimizer step)."""
-        local = self._step_nonfinite
-        if local is None:
-            local = torch.zeros((), device=self.accelerator.device)
-        self._step_nonfinite = None
-        if float(self.accelerator.reduce(local.reshape(1), reduction="sum")) == 0:
-            return
-        step = self.state.step + 1
-        if float(local) > 0:
-            evidence = {"step": step, "loss": float(self._step_bad_loss), "last_train_loss": self._last_train_loss}
-        else:
-            evidence = {"step": step, "loss": "non-finite on another rank"}
-        raise _Stop("diverged", f"loss {evidence['loss']} at step {evidence['step']}", evidence)
 
     def _after_step(self, window: TrainWindow, grad_norm: float) -> None:
         cfg, state = self.cfg, self.state
@@ -470,7 +391,7 @@ class StageTrainer:
             metrics["train/grad_norm"] = grad_norm
             for group in self.optimizer.param_groups:
                 metrics[f"lr/{group['name']}"] = group_learning_rate(group)
-            self._last_train_loss = metrics.get("train/loss", self._last_train_loss)
+            self._last_train_loss = self.step.last_train_loss = metrics.get("train/loss", self._last_train_loss)
             self.progress.set_postfix(loss=f"{self._last_train_loss:.4f}", refresh=False)
             self.logger.log_metrics(metrics, state.step)
             window.reset()
@@ -547,7 +468,7 @@ class StageTrainer:
         state.plateau = self.tracker.state_dict()
         self.logger.log_metrics({"eval/loss": loss}, state.step)
         if verdict.plateaued:
-            raise _Stop("plateaued", verdict.reason, {"plateau": _plain(verdict)})
+            raise StopStage("plateaued", verdict.reason, {"plateau": _plain(verdict)})
 
     # ================================================================== save
 
@@ -590,7 +511,7 @@ class StageTrainer:
             if cfg.do_eval and (not state.eval_history or state.eval_history[-1][0] != state.step):
                 try:
                     self._evaluate_and_check_plateau()
-                except _Stop:
+                except StopStage:
                     pass  # the stage ends anyway; the verdict is in the history
             state.finished = status
             if not already_final:
