@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -16,8 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from theworld_core.model.inputs import answer_positions
+from theworld_core.model.precision import apply_precision
+from theworld_core.records import eval_request
 
 if TYPE_CHECKING:
+    from theworld_core.config import StageConfig
     from theworld_core.model.precision import PrecisionPolicy
     from theworld_core.model.theworld import TheWorld
 
@@ -117,3 +121,32 @@ def evaluate_model(
     return EvalReport(
         eval_loss=loss, task_accuracy=sum(scores) / n if scores else math.nan, exact_match=exact / n, samples=samples
     )
+
+
+def post_stage_evaluation(
+    model: TheWorld, eval_rows, cfg: StageConfig, precision: PrecisionPolicy, *, task_samples: int, generations: int
+) -> dict:
+    """The pipeline's evaluation of a finished stage: `evaluate_model` on the stage's held-out split with
+    every component in the compute dtype (`apply_precision` with nothing trainable: how the stage
+    output loads for inference), in eval mode. `model` is a stage output loaded for it, or the
+    trainer's own model once its final weights are saved (the same weights: the trained components'
+    are what the stage output holds). Returns the request, the report and its seconds, as plain
+    values (`StageResult.evaluation`)."""
+    started = time.perf_counter()
+    apply_precision(model, precision, trainable=())
+    model.eval()
+    report = evaluate_model(
+        model,
+        eval_rows,
+        batch_size=cfg.batch_size,
+        loss_samples=cfg.eval_max_samples,
+        task_samples=task_samples,
+        generations=generations,
+        device=next(model.parameters()).device,
+        precision=precision,
+    )
+    return {
+        "request": eval_request(task_samples, generations),
+        "report": report.to_dict(),
+        "seconds": time.perf_counter() - started,
+    }
