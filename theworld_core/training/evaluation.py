@@ -96,12 +96,15 @@ def evaluate_model(
     max_new_tokens: int = 32,
     device="cpu",
     precision: PrecisionPolicy | None = None,
+    loss: float | None = None,
 ) -> EvalReport:
     """Evaluate a loaded TheWorld (on `device`, in `precision`) on held-out rows (dicts with id, image,
-    prompt, text); the task metric's answers are generated `batch_size` at a time."""
+    prompt, text); the task metric's answers are generated `batch_size` at a time. `loss`: the
+    held-out loss when the caller already has it for these weights, rows and precision."""
     count = len(eval_rows)
-    loss_rows = eval_rows.select(range(min(count, loss_samples))) if loss_samples else eval_rows
-    loss = evaluate_loss(model, loss_rows, batch_size, device, precision=precision)
+    if loss is None:
+        loss_rows = eval_rows.select(range(min(count, loss_samples))) if loss_samples else eval_rows
+        loss = evaluate_loss(model, loss_rows, batch_size, device, precision=precision)
     autocast = precision.autocast_context if precision is not None else contextlib.nullcontext
     task_rows = eval_rows.select(range(min(count, task_samples)))
     scores, exact, samples = [], 0, []
@@ -124,14 +127,21 @@ def evaluate_model(
 
 
 def post_stage_evaluation(
-    model: TheWorld, eval_rows, cfg: StageConfig, precision: PrecisionPolicy, *, task_samples: int, generations: int
+    model: TheWorld,
+    eval_rows,
+    cfg: StageConfig,
+    precision: PrecisionPolicy,
+    *,
+    task_samples: int,
+    generations: int,
+    loss: float | None = None,
 ) -> dict:
     """The pipeline's evaluation of a finished stage: `evaluate_model` on the stage's held-out split with
     every component in the compute dtype (`apply_precision` with nothing trainable: how the stage
     output loads for inference), in eval mode. `model` is a stage output loaded for it, or the
     trainer's own model once its final weights are saved (the same weights: the trained components'
-    are what the stage output holds). Returns the request, the report and its seconds, as plain
-    values (`StageResult.evaluation`)."""
+    are what the stage output holds). `loss`: `evaluate_model`'s. Returns the request, the report
+    and its seconds, as plain values (`StageResult.evaluation`)."""
     started = time.perf_counter()
     apply_precision(model, precision, trainable=())
     model.eval()
@@ -144,9 +154,18 @@ def post_stage_evaluation(
         generations=generations,
         device=next(model.parameters()).device,
         precision=precision,
+        loss=loss,
     )
     return {
         "request": eval_request(task_samples, generations),
         "report": report.to_dict(),
         "seconds": time.perf_counter() - started,
     }
+
+
+def reusable_loss(eval_history: list[list[float]], step: int, precision: PrecisionPolicy) -> float | None:
+    """The training loop's held-out loss at `step` when it is the post-stage one: in fp32 the cast for
+    inference changes nothing, so the same rows on the same weights give the same loss."""
+    if precision.compute_dtype == torch.float32 and eval_history and eval_history[-1][0] == step:
+        return eval_history[-1][1]
+    return None

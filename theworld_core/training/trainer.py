@@ -51,7 +51,7 @@ from theworld_core.tracking.hub_push import HUB_EVIDENCE_KEY, push_failure
 from theworld_core.tracking.stage_logger import NullStageLogger, StageLogger, stage_logger_for
 from theworld_core.training import checkpoint as ckpt
 from theworld_core.training.batches import BatchCollator, TrainWindow, build_train_loader, steps_per_epoch
-from theworld_core.training.evaluation import evaluate_loss, post_stage_evaluation
+from theworld_core.training.evaluation import evaluate_loss, post_stage_evaluation, reusable_loss
 from theworld_core.training.optim import (
     build_optimizer,
     build_schedule,
@@ -102,8 +102,7 @@ class StageTrainer:
         self.global_step_offset: int = global_step_offset  # MLflow step = offset + stage step
         self.loss_hook: LossHook | None = loss_hook or (_injected_fault(cfg) if cfg.inject_fault else None)
         self.output_dir: Path = Path(cfg.output_dir)
-        # The pipeline's post-stage evaluation (`eval_request`), run here on the saved model (one process only).
-        self.evaluate_after: dict[str, int] | None = evaluate_after
+        self.evaluate_after: dict[str, int] | None = evaluate_after  # the pipeline's `eval_request`
 
         # ---- built by setup()
         self.accelerator: Accelerator | None = None
@@ -532,13 +531,12 @@ class StageTrainer:
             raise _Stop("plateaued", verdict.reason, {"plateau": _plain(verdict)})
 
     def _post_stage_evaluation(self) -> dict | None:
-        """The pipeline's evaluation of the stage (`evaluate_after`) on the model in memory, once its
-        output is saved: the weights the pipeline would load back (it casts them for inference)."""
-        acc = self.accelerator
-        if self.evaluate_after is None or acc.distributed_type != "NO":  # several ranks: the pipeline loads the output
+        """The pipeline's evaluation (`evaluate_after`) on the model in memory, its output saved (one process only)."""
+        if self.evaluate_after is None or self.accelerator.distributed_type != "NO":
             return None
-        model = acc.unwrap_model(self.model)
-        return post_stage_evaluation(model, self.data.eval, self.cfg, self.precision, **self.evaluate_after)
+        loss = reusable_loss(self.state.eval_history, self.state.step, self.precision)
+        model = self.accelerator.unwrap_model(self.model)
+        return post_stage_evaluation(model, self.data.eval, self.cfg, self.precision, loss=loss, **self.evaluate_after)
 
     # ================================================================== save
 
