@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import gc
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -65,27 +64,6 @@ def _open_mlflow_store() -> None:
         MlflowClient().search_experiments(max_results=1)
 
 
-def _create_mlflow_store_aside() -> subprocess.Popen | None:
-    """A new project's SQLite MLflow store, created by a child process while this one imports torch
-    and the flow (MLflow's migrations take 5-10 s of one core). `configure_tracking` here then waits
-    on the store's lock (`open_sqlite_store`) and finds the schema current. None when there is
-    nothing to create (a tracking server, or the store exists)."""
-    from flows.temporary_server import die_with_parent_hook
-    from theworld_core.tracking.mlflow_runs import local_tracking_uri
-
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
-    if not uri.startswith("sqlite:///") or Path(uri.removeprefix("sqlite:///")).exists():
-        return None
-    code = "from theworld_core.tracking.mlflow_runs import configure_tracking; configure_tracking()"
-    return subprocess.Popen(
-        [sys.executable, "-c", code],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,  # a failure shows again, with its message, when this process opens the store
-        preexec_fn=die_with_parent_hook(),  # noqa: PLW1509  (one system call, no locks taken in the child)
-    )
-
-
 @contextlib.contextmanager
 def _collector_paused():
     """No cyclic garbage collection while the command imports its libraries (their hundreds of
@@ -130,14 +108,11 @@ def _cmd_run(args) -> int:
 
             server = TemporaryPrefectServer()
             server.start()  # boots while the imports below run; stops at exit, after Prefect's last log lines
-        store = _create_mlflow_store_aside()
         from flows.multistage import multistage
         from theworld_core.model import inputs  # noqa: F401  (torch, datasets: the flow's first task needs them)
         from theworld_core.tracking.mlflow_runs import configure_tracking, ui_command
 
         configure_tracking()
-        if store is not None:
-            store.wait()
         _name_lines_by_run()
         if server is not None:
             server.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]), meanwhile=_WARM_UP)

@@ -35,7 +35,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def die_with_parent_hook():
+def _die_with_parent_hook():
     """A `preexec_fn` for the child (Linux): SIGTERM when the `theworld run` process dies, however it
     dies. libc is loaded here, in the parent, so that the child only makes the one system call."""
     if sys.platform != "linux":
@@ -84,7 +84,7 @@ class TemporaryPrefectServer:
             ],
             env=env,
             stdin=subprocess.DEVNULL,
-            preexec_fn=die_with_parent_hook(),  # noqa: PLW1509  (one system call, no locks taken in the child)
+            preexec_fn=_die_with_parent_hook(),  # noqa: PLW1509  (one system call, no locks taken in the child)
         )
 
     def start(self) -> str:
