@@ -6,15 +6,19 @@ Parts (`--part`, default all):
 
 - `tiny`: the tiny stage 1 (world projector trains; vision tower and VAE frozen) over `--epochs`
   epochs of synthetic data, `StageTrainer.run()` with `feature_cache: off`, then `auto` with an
-  empty cache folder (epoch 1 fills it, the others read it). Reported: steps/s of the training loop
-  (`time/train_s`; setup and the final save excluded), the ratio (goal >= 1.4x), and the cache's
-  counters. Both arms use the same worker count (`--workers`, default the trainer's default).
+  empty cache folder (epoch 1 fills it, the others read it), then `auto` again on that folder (every
+  image cached), in `--rounds` interleaved rounds (other jobs' load falls on every arm alike).
+  Reported: steps/s of the training loop (`time/train_s`; setup and the final save excluded), the
+  ratios per round and their median (goal >= 1.4x), the load average after each run, and the
+  cache's counters. All arms use the same worker count (`--workers`, default the trainer's).
 - `data`: the per-sample CPU work of the data path at the real preprocessing sizes: decode a JPEG
   (`--source-px`, default 640x480, as web images are), Gemma 3's image processor with the settings
   of gemma-3-4b-it (896 x 896, bilinear, rescale 1/255, mean = std = 0.5, no pan and scan), the
   chat template + tokenizer (tiny tokenizer: the same work per token), the 256 px VAE view, the
-  cache key. Images/s through a DataLoader with `num_workers` 0 and the default, and per core;
-  beside what a real-size stage 1 needs on one H100 at 40 % MFU (from FLOPs, part `flops`).
+  cache key and lookup. Images/s through a DataLoader with `num_workers` 0 and the default, on
+  cache misses (all of that) and on cache hits (entries of the real sizes read and checked instead
+  of the processor and the VAE view), per core (`num_workers` 0); beside what a real-size stage 1
+  needs on one H100 at 40 % MFU (from FLOPs, part `flops`).
 - `flops`: stage-1 training FLOPs per sample of the reference architecture (meta device, counted
   with torch's FlopCounterMode through bench_gpu_stages.py), before (frozen encoders run every
   step, lm_head over the whole sequence) and after (features from the cache, lm_head over the
@@ -31,6 +35,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -63,6 +68,8 @@ MFU = 0.40
 
 
 def part_tiny(args) -> dict:
+    """`--rounds` rounds of (off, auto from an empty folder, auto with every image cached), the arms
+    interleaved so that load from other jobs falls on all of them alike; ratios per round and their median."""
     from theworld_core.config import load_stage_config
     from theworld_core.model.tiny import ensure_tiny_models
     from theworld_core.training.trainer import StageTrainer
@@ -70,51 +77,58 @@ def part_tiny(args) -> dict:
     tiny = ensure_tiny_models()
     work = Path(tempfile.mkdtemp(prefix="bench-data-path-"))
     os.environ["THEWORLD_PROJECT_DIR"] = str(work / "project")
-    train_samples_guess = int(args.samples * 0.9)
-    steps = max(1, args.epochs * train_samples_guess // args.batch)
-    results = {}
+    rounds = []
     try:
-        for arm, mode in (("off", "off"), ("auto", "auto"), ("warm", "auto")):  # warm: every image already cached
-            cfg = load_stage_config(ROOT / "configs" / "seed" / "stage1_projection.json").with_changes(
-                model_name=str(tiny.gemma),
-                cosmos_model_name=str(tiny.cosmos),
-                world_tokens=4,
-                world_image_size=32,
-                dataset_name="synthetic",
-                synthetic_samples=args.samples,
-                synthetic_image_size=32,
-                streaming=False,
-                output_dir=str(work / arm),
-                push_to_hub=False,
-                resume_from_checkpoint=None,
-                batch_size=args.batch,
-                gradient_accumulation_steps=1,
-                max_steps=steps,
-                warmup_steps=2,
-                do_eval=False,
-                save_steps=10 * steps,
-                logging_steps=max(1, steps // 10),
-                num_workers=args.workers,
-                feature_cache=mode,
-                feature_cache_dir=str(work / "features"),
-            )
-            torch.manual_seed(0)
-            trainer = StageTrainer(cfg)
-            result = trainer.run()
-            train_s = trainer.timings["time/train_s"]
-            results[arm] = {
-                "steps": result.steps,
-                "train_s": train_s,
-                "steps_per_s": result.steps / train_s,
-                "epochs": result.steps / trainer.steps_per_epoch,
-                "num_workers": trainer.num_workers,
-                "cache": trainer.encoders.cache.stats() if mode == "auto" else None,
-            }
+        for index in range(args.rounds):
+            runs = {}
+            for arm, mode in (("off", "off"), ("auto", "auto"), ("warm", "auto")):  # warm: auto's folder, filled
+                cfg = load_stage_config(ROOT / "configs" / "seed" / "stage1_projection.json").with_changes(
+                    model_name=str(tiny.gemma),
+                    cosmos_model_name=str(tiny.cosmos),
+                    world_tokens=4,
+                    world_image_size=32,
+                    dataset_name="synthetic",
+                    synthetic_samples=args.samples,
+                    synthetic_image_size=32,
+                    streaming=False,
+                    output_dir=str(work / f"{arm}-{index}"),
+                    push_to_hub=False,
+                    resume_from_checkpoint=None,
+                    batch_size=args.batch,
+                    gradient_accumulation_steps=1,
+                    max_steps=None,
+                    num_epochs=args.epochs,
+                    warmup_steps=2,
+                    do_eval=False,
+                    save_steps=100_000,
+                    logging_steps=10,
+                    num_workers=args.workers,
+                    feature_cache=mode,
+                    feature_cache_dir=str(work / f"features-{index}"),  # empty at each round's auto arm
+                )
+                torch.manual_seed(0)
+                trainer = StageTrainer(cfg)
+                result = trainer.run()
+                train_s = trainer.timings["time/train_s"]
+                runs[arm] = {
+                    "steps": result.steps,
+                    "train_s": train_s,
+                    "steps_per_s": result.steps / train_s,
+                    "epochs": result.steps / trainer.steps_per_epoch,
+                    "num_workers": trainer.num_workers,
+                    "load_average_1m": os.getloadavg()[0],
+                    "cache": trainer.encoders.cache.stats() if mode == "auto" else None,
+                }
+            runs["ratio"] = runs["auto"]["steps_per_s"] / runs["off"]["steps_per_s"]
+            runs["ratio_warm"] = runs["warm"]["steps_per_s"] / runs["off"]["steps_per_s"]
+            rounds.append(runs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    results["ratio"] = results["auto"]["steps_per_s"] / results["off"]["steps_per_s"]
-    results["ratio_warm"] = results["warm"]["steps_per_s"] / results["off"]["steps_per_s"]
-    return results
+    return {
+        "rounds": rounds,
+        "ratio_median": statistics.median(r["ratio"] for r in rounds),
+        "ratio_warm_median": statistics.median(r["ratio_warm"] for r in rounds),
+    }
 
 
 # ------------------------------------------------------------------------------------ data path
@@ -180,27 +194,33 @@ def real_size_builder():
     return InputBuilder(processor, ids, world_tokens=64, world_image_size=256, enable_world=True, max_seq_length=4096)
 
 
-class _Collate:
-    def __init__(self, builder):
-        self.builder = builder
+REAL_ITEMS = {"vision": ((256, 2560), torch.bfloat16), "vae_latent": ((16, 1, 32, 32), torch.bfloat16)}
+"""Entry shapes and dtypes of gemma-3-4b-it's vision features and the Cosmos latent at 256 px, bf16."""
 
-    def __call__(self, rows):
-        from theworld_core.features.keys import image_key
 
-        batch = self.builder.collate([self.builder.encode(r["image"], r["prompt"], r["text"]) for r in rows])
-        batch["image_keys"] = [image_key(r["image"]) for r in rows]
-        return batch
+def real_size_lookup(directory: Path, rows, fill: bool):
+    """A `FeatureLookup` over `directory` with entries of the real sizes, for every image of `rows` if `fill`."""
+    from theworld_core.features.cache import FeatureCache, make_namespace
+    from theworld_core.features.encoders import FeatureLookup
+    from theworld_core.features.keys import image_key
+
+    cache = FeatureCache(directory)
+    namespaces = {kind: make_namespace(kind, "b" * 64, {"bench": True}) for kind in REAL_ITEMS}
+    if fill:
+        for index in range(len(rows.jpegs)):
+            key = image_key(rows[index]["image"])
+            for kind, (shape, dtype) in REAL_ITEMS.items():
+                cache.put(namespaces[kind], key, torch.randn(shape).to(dtype))
+    return FeatureLookup(cache.reader(), namespaces, REAL_ITEMS)
 
 
 def part_data(args) -> dict:
     from theworld_core.data.loading import default_num_workers, usable_cores
+    from theworld_core.training.batches import BatchCollator
 
     builder = real_size_builder()
     size = tuple(int(side) for side in args.source_px.split("x"))
     rows = _JpegRows(args.images, size)
-    collate = _Collate(builder)
-    sample = collate([rows[0]])
-    assert sample["pixel_values"].shape[-2:] == (896, 896) and sample["world_pixel_values"].shape[-2:] == (256, 256)
     default = default_num_workers(1)
     out = {
         "cores": usable_cores(),
@@ -209,27 +229,45 @@ def part_data(args) -> dict:
         "runs": {},
         "image_processor": type(builder.processor.image_processor).__name__,
     }
-    for workers in sorted({0, default, usable_cores()}):
-        loader = torch.utils.data.DataLoader(
-            rows,
-            batch_size=args.batch,
-            collate_fn=collate,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            prefetch_factor=4 if workers else None,
-        )
-        iterator = iter(loader)
-        next(iterator)  # worker start-up and the first batch are not the steady state
-        started, images = time.perf_counter(), 0
-        for batch in iterator:
-            images += batch["input_ids"].shape[0]
-        elapsed = time.perf_counter() - started
-        out["runs"][workers] = {"images_per_s": images / elapsed, "images": images}
-        del iterator, loader
-    base = out["runs"][0]["images_per_s"]
-    for run in out["runs"].values():
-        run["ratio_vs_0"] = run["images_per_s"] / base
-    out["per_core_images_per_s"] = base  # num_workers=0: one core does everything
+    work = Path(tempfile.mkdtemp(prefix="bench-data-"))
+    try:
+        collates = {
+            "miss": BatchCollator(builder, real_size_lookup(work / "empty", rows, fill=False)),
+            "hit": BatchCollator(builder, real_size_lookup(work / "filled", rows, fill=True)),
+        }
+        sample = collates["miss"]([rows[0]])
+        assert sample["pixel_values"].shape[-2:] == (896, 896) and sample["world_pixel_values"].shape[-2:] == (256, 256)
+        assert "pixel_values" not in collates["hit"]([rows[0]])
+        for _ in range(args.data_rounds):  # interleaved: load from other jobs falls on every arm
+            for workers in sorted({0, default}):
+                for case, collate in collates.items():
+                    loader = torch.utils.data.DataLoader(
+                        rows,
+                        batch_size=args.batch,
+                        collate_fn=collate,
+                        num_workers=workers,
+                        persistent_workers=workers > 0,
+                        prefetch_factor=4 if workers else None,
+                    )
+                    iterator = iter(loader)
+                    next(iterator)  # worker start-up and the first batch are not the steady state
+                    started, images = time.perf_counter(), 0
+                    for batch in iterator:
+                        images += batch["input_ids"].shape[0]
+                    elapsed = time.perf_counter() - started
+                    out["runs"].setdefault(f"{case} workers={workers}", []).append(
+                        {"images_per_s": images / elapsed, "load_average_1m": os.getloadavg()[0]}
+                    )
+                    del iterator, loader
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    for runs in out["runs"].values():
+        for run in runs:
+            run["images_per_s"] = round(run["images_per_s"], 2)
+    best = {name: max(run["images_per_s"] for run in runs) for name, runs in out["runs"].items()}
+    out["best_images_per_s"] = best
+    out["per_core_images_per_s"] = {case: best[f"{case} workers=0"] for case in collates}  # one core does it all
+    out["hit_vs_miss_per_core"] = out["per_core_images_per_s"]["hit"] / out["per_core_images_per_s"]["miss"]
     return out
 
 
@@ -340,23 +378,26 @@ def report(result: dict) -> str:
             lines.append(f"| {label} | {t[key] / 1e12:.2f} | {speed:.2f}x | {n[key]:.1f} |")
     if "data" in result:
         d = result["data"]
-        lines += ["", f"| num_workers ({d['cores']} cores) | images/s | vs num_workers=0 |", "|---|---:|---:|"]
-        for workers, run in d["runs"].items():
-            lines.append(
-                f"| {workers}{' (default)' if int(workers) == d['default_workers'] else ''} | "
-                f"{run['images_per_s']:.1f} | {run['ratio_vs_0']:.2f}x |"
-            )
+        lines += ["", f"| data path ({d['cores']} cores), images/s | runs (load 1m) | best |", "|---|---|---:|"]
+        for name, runs in d["runs"].items():
+            listed = ", ".join(f"{run['images_per_s']:.1f} ({run['load_average_1m']:.1f})" for run in runs)
+            lines.append(f"| {name} | {listed} | {d['best_images_per_s'][name]:.1f} |")
+        lines.append(f"| hit / miss per core | | {d['hit_vs_miss_per_core']:.1f}x |")
     if "tiny" in result:
         tiny = result["tiny"]
-        lines += ["", "| tiny stage 1 | steps | epochs | steps/s |", "|---|---:|---:|---:|"]
-        for arm, label in (
-            ("off", "feature_cache: off"),
-            ("auto", "feature_cache: auto, empty folder"),
-            ("warm", "feature_cache: auto, every image cached"),
-        ):
-            run = tiny[arm]
-            lines.append(f"| {label} | {run['steps']} | {run['epochs']:.1f} | {run['steps_per_s']:.2f} |")
-        lines.append(f"| ratio auto / off (warm / off) | | | {tiny['ratio']:.2f}x ({tiny['ratio_warm']:.2f}x) |")
+        lines += [
+            "",
+            "| round | steps (epochs) | off steps/s | auto, empty folder | every image cached | ratio auto/off | warm/off | load 1m |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for index, run in enumerate(tiny["rounds"], start=1):
+            loads = "/".join(f"{run[arm]['load_average_1m']:.1f}" for arm in ("off", "auto", "warm"))
+            lines.append(
+                f"| {index} | {run['off']['steps']} ({run['off']['epochs']:.1f}) | {run['off']['steps_per_s']:.2f} | "
+                f"{run['auto']['steps_per_s']:.2f} | {run['warm']['steps_per_s']:.2f} | {run['ratio']:.2f}x | "
+                f"{run['ratio_warm']:.2f}x | {loads} |"
+            )
+        lines.append(f"| median | | | | | {tiny['ratio_median']:.2f}x | {tiny['ratio_warm_median']:.2f}x | |")
     return "\n".join(lines)
 
 
@@ -367,8 +408,10 @@ def main(argv=None) -> int:
     parser.add_argument("--samples", type=int, default=64, help="tiny: synthetic samples")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--workers", type=int, help="tiny: num_workers for both arms (default: the trainer's)")
+    parser.add_argument("--rounds", type=int, default=3, help="tiny: interleaved rounds of the three arms")
     parser.add_argument("--images", type=int, default=96, help="data: images through each loader")
     parser.add_argument("--source-px", default="640x480", help="data: size of the JPEGs decoded")
+    parser.add_argument("--data-rounds", type=int, default=2, help="data: interleaved rounds of every arm")
     parser.add_argument("--reference", help="flops: folder of the reference configs (default: bench_gpu_stages')")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     parser.add_argument("--out", help="JSON file to write")

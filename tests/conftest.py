@@ -21,6 +21,7 @@ E2E_FILES = {
     "test_console.py",
     "test_deploy.py",
     "test_distributed.py",
+    "test_fsdp.py",
     "test_integrity.py",
     "test_mlflow_view.py",
     "test_pipeline.py",

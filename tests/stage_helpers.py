@@ -68,3 +68,30 @@ def write_varied_length_folder(folder: Path, count: int = 64) -> Path:
         rows.append(json.dumps({"file_name": f"{i:04d}.png", "text": spec.caption + VARIED_CAPTION_TAIL * (i % 4)}))
     (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
     return folder
+
+
+class Calls:
+    """Counts the image processor's and the VAE view's runs (what a cache hit saves)."""
+
+    def __init__(self, monkeypatch):
+        from transformers.image_processing_utils import BaseImageProcessor
+
+        from theworld_core.model.inputs import InputBuilder
+
+        self.vision = self.world = 0
+        for owner, name, counter in (
+            (BaseImageProcessor, "__call__", "vision"),
+            (InputBuilder, "world_pixels", "world"),
+        ):
+            original = getattr(owner, name)
+
+            def counted(*args, _original=original, _counter=counter, **kwargs):
+                setattr(self, _counter, getattr(self, _counter) + 1)
+                return _original(*args, **kwargs)
+
+            monkeypatch.setattr(owner, name, counted)
+
+    def take(self) -> tuple[int, int]:
+        taken = (self.vision, self.world)
+        self.vision = self.world = 0
+        return taken

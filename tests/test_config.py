@@ -501,3 +501,17 @@ def test_stage_name_form():
 
 def test_repeated_comment_keys_are_fine():
     assert parse_json_with_comments('{"_comment": "a", "_comment": "b", "x": 1}') == {"_comment": "b", "x": 1}
+
+
+def test_distributed_names_its_values_and_refuses_8bit_moments_under_fsdp():
+    from theworld_core.config import StageConfig
+
+    assert StageConfig().distributed == "ddp"
+    assert StageConfig(distributed="fsdp", num_processes=8).distributed == "fsdp"
+    with pytest.raises(ValidationError) as bad:
+        StageConfig(distributed="zero3")
+    assert "distributed" in str(bad.value) and "'ddp'" in str(bad.value) and "'fsdp'" in str(bad.value)
+    with pytest.raises(ValidationError) as bad:
+        StageConfig(distributed="fsdp", optimizer="adamw_8bit")
+    message = "\n".join(format_validation_error(bad.value))
+    assert "optimizer: 'adamw_8bit' is not allowed: must be adamw when distributed is fsdp" in message, message

@@ -64,6 +64,7 @@ def test_resume_compatible_keys_are_marked_stage_fields():
             "hub_strategy",
             "hub_private_repo",
             "num_processes",
+            "distributed",
             "name",
             "feature_cache",
             "feature_cache_dir",

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from stage_helpers import small_cfg, weights
+from stage_helpers import Calls, small_cfg, weights
 
 from theworld_core.data import SOURCES, Source, SourceRecord, prepare_data
 from theworld_core.data.loading import EpochBatches, ShardedStream, default_num_workers, even_batches
@@ -393,3 +393,50 @@ def test_workers_started_by_spawn_train(tiny_paths, tmp_path):
     finally:
         multiprocessing.set_start_method(before, force=True)
     assert result.steps == 3
+
+
+def test_cached_epochs_skip_preprocessing(tiny_paths, tmp_path, monkeypatch):
+    """Counted in the training loop (num_workers 0: the collator runs in this process): with the
+    cache the image processor and the VAE view run in the first epoch only, and not at all once
+    every image is cached; an encoder that trains (stage 2's vision tower) is preprocessed every time."""
+    calls, seen = Calls(monkeypatch), {}
+    original = StageTrainer._train
+
+    def counted(self):
+        calls.take()
+        try:
+            return original(self)
+        finally:
+            seen["calls"] = calls.take()
+
+    monkeypatch.setattr(StageTrainer, "_train", counted)
+    cache_dir = str(tmp_path / "features")
+    runs = {
+        "off": ("stage1_projection.json", "off"),
+        "empty": ("stage1_projection.json", "auto"),
+        "warm": ("stage1_projection.json", "auto"),
+        "stage2": ("stage2_vision.json", "auto"),
+    }
+    counts = {}
+    for name, (seed_file, mode) in runs.items():
+        trainer, result = _train(
+            tiny_paths,
+            tmp_path / name,
+            seed_file,
+            num_workers=0,
+            do_eval=False,
+            max_steps=None,
+            num_epochs=3,
+            feature_cache=mode,
+            feature_cache_dir=cache_dir,
+        )
+        counts[name] = seen["calls"]
+        train = len(trainer.data.train)
+        assert result.steps == 3 * trainer.steps_per_epoch
+    rows = 3 * train  # three epochs
+    assert counts["off"] == (rows, rows)
+    # With the cache, one image more: a blank one, checking once per stage that the token layout
+    # built without pixels is the processor's.
+    assert counts["empty"] == (train + 1, train)  # epoch 1 only
+    assert counts["warm"] == (1, 0)
+    assert counts["stage2"] == (rows + 1, 0)  # the vision tower trains: preprocessed; the VAE latents are cached

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from stage_helpers import Calls
 
 from theworld_core.config import ModelConfig
 from theworld_core.features.cache import ENTRY_OVERHEAD_BYTES, FeatureCache, decode_entry, make_namespace
@@ -547,3 +548,94 @@ def test_bytes_per_sample_of_the_real_architecture() -> None:
     sizes = bytes_per_sample(ModelConfig(model_name=str(gemma), cosmos_model_name=str(cosmos)))  # bf16
     assert sizes["vision"] == 256 * 2560 * 2 + ENTRY_OVERHEAD_BYTES  # 1.25 MiB per image
     assert sizes["vae_latent"] == 16 * 32 * 32 * 2 + ENTRY_OVERHEAD_BYTES  # world_image_size 256
+
+
+# ------------------------------------------------------------------------------------ in the workers
+
+
+def test_workers_skip_preprocessing_for_cached_rows(model, tmp_path, monkeypatch) -> None:
+    import pickle
+
+    from theworld_core.training.batches import BatchCollator
+
+    cache = FeatureCache(tmp_path)
+    encoders = CachedEncoders(model, cache)
+    worker = pickle.loads(pickle.dumps(BatchCollator(model.builder, encoders.lookup())))  # as a spawned worker gets it
+    images = [_image(0), _image(1), _image(2)]
+    rows = [{"image": image, "prompt": "What is shown?", "text": "shapes"} for image in images]
+    direct = _batch(model, images)
+    want_vision, want_world = (
+        encoders.encode_vision(direct["pixel_values"]),
+        encoders.encode_world(direct["world_pixel_values"]),
+    )
+    calls = Calls(monkeypatch)
+
+    first = worker(rows)  # an empty cache: every row preprocessed, as without the cache
+    assert calls.take() == (3, 3) and first["pixel_values"].shape[0] == 3 and first["feature_rows"]["vision"] == []
+    filled = encoders.fill(first)
+    encoders.flush()  # the entries are written in the background
+    assert _bits(filled["image_features"]) == _bits(want_vision)
+    assert _bits(filled["world_latents"]) == _bits(want_world)
+
+    second = worker(rows)  # every row cached: no image processor, no VAE view
+    assert calls.take() == (0, 0)
+    assert "pixel_values" not in second and "world_pixel_values" not in second
+    for key in ("input_ids", "labels", "attention_mask", "token_type_ids"):
+        assert torch.equal(second[key], direct[key]), key  # the same token layout
+    filled = encoders.fill(second)
+    assert set(filled) == {"input_ids", "labels", "attention_mask", "token_type_ids", "image_features", "world_latents"}
+    assert _bits(filled["image_features"]) == _bits(want_vision)
+    assert _bits(filled["world_latents"]) == _bits(want_world)
+    stats = cache.stats()  # the worker's counts reach the training process with the batch
+    assert stats["train/feature_cache/hits"] == 6 and stats["train/feature_cache/misses"] == 6
+
+    # A damaged entry is found when the worker reads it: that row alone is preprocessed, re-encoded, rewritten.
+    damaged = cache.path_of(encoders.namespaces["vision"], image_key(images[1]))
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    third = worker(rows)
+    assert calls.take() == (1, 0)
+    assert third["pixel_values"].shape[0] == 1 and third["feature_rows"]["vision"] == [0, 2]
+    filled = encoders.fill(third)
+    encoders.flush()
+    assert _bits(filled["image_features"]) == _bits(want_vision)
+    assert cache.stats()["train/feature_cache/corrupt"] == 1
+    assert _bits(cache.get(encoders.namespaces["vision"], image_key(images[1]))) == _bits(want_vision[1])
+
+
+def test_trainable_encoder_is_not_looked_up(tiny_paths, tmp_path, monkeypatch) -> None:
+    config = ModelConfig(
+        model_name=str(tiny_paths.gemma), cosmos_model_name=str(tiny_paths.cosmos), world_tokens=4, world_image_size=32
+    )
+    from theworld_core.training.batches import BatchCollator
+
+    model = _stage(TheWorld.from_base(config).eval(), "stage2_vision")  # the vision tower trains
+    cache = FeatureCache(tmp_path)
+    encoders = CachedEncoders(model, cache)
+    worker = BatchCollator(model.builder, encoders.lookup())
+    rows = [{"image": _image(i), "prompt": "What is shown?", "text": "shapes"} for i in range(2)]
+    encoders.fill(worker(rows))
+    encoders.flush()
+    calls = Calls(monkeypatch)
+    batch = worker(rows)
+    assert calls.take() == (2, 0) and batch["pixel_values"].shape[0] == 2
+    filled = encoders.fill(batch)
+    assert "image_features" not in filled and torch.equal(filled["pixel_values"], batch["pixel_values"])
+    assert "world_latents" in filled and not list((tmp_path / "v1" / "vision").rglob("*.bin"))
+
+
+def test_token_layout_without_pixels_is_the_processors(model) -> None:
+    builder = model.builder
+    image = _image(7, size=(64, 48))
+    for prompt in ("What is shown?", "", "Two\nlines <b>and</b> <end_of_turn> tokens"):
+        full = builder.encode(image, prompt, "an answer")
+        lite = builder.encode(image, prompt, "an answer", vision=False, world=False)
+        assert set(lite) == {"input_ids", "labels", "attention_mask", "token_type_ids"}
+        for key in lite:
+            assert torch.equal(lite[key], full[key]), (prompt, key)
+        assert builder.prompt_length(prompt) == int((full["labels"] == -100).sum())
+    panned = copy.deepcopy(builder.processor)
+    panned.image_processor.do_pan_and_scan = True  # tokens then depend on the image: always preprocessed
+    from theworld_core.model.inputs import InputBuilder
+
+    other = InputBuilder(panned, builder.ids, builder.world_tokens, 32, True, builder.max_seq_length)
+    assert not other.layout_without_pixels()

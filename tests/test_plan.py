@@ -358,3 +358,25 @@ def test_decoder_layer_activation_formula_matches_saved_tensors() -> None:
         resid = 4 if trainable else 2
         estimated = arch.text_layer_bytes(trainable, 2) + 2 * resid * config.hidden_size / layers
         assert measured == pytest.approx(estimated, rel=0.05), (trainable, measured, estimated)
+
+
+def test_multi_gpu_profile_shards_stages_3_and_4_to_fit_80gb() -> None:
+    """`--profile multi_gpu`: stages 3-4 (`distributed: fsdp`) plan at each GPU's share of the
+    sharded weights, gradients and moments; stages 1-2 (DDP) at the whole model per GPU."""
+    if not (GEMMA_CONFIG.is_file() and COSMOS_CONFIG.is_file()):
+        pytest.skip(f"reference configs not found under {SHARED / 'reference'}")
+    args = [str(STAGES_YAML), "--profile", "multi_gpu", "--json", "--gpu-memory", "80"]
+    done = _run("plan", *args, "--gemma", str(GEMMA_CONFIG), "--cosmos", str(COSMOS_CONFIG))
+    assert done.returncode == 0, done.stderr  # every stage fits
+    stages = {row["stage"]: row for row in json.loads(done.stdout)["stages"]}
+    for name in ("language", "full"):
+        row = stages[name]
+        assert row["recipe"]["distributed"] == "fsdp" and row["recipe"]["optimizer"] == "adamw", row["recipe"]
+        assert row["memory_gib"] == row["memory_gib_fsdp"]
+        trainable = row["trainable_total"]
+        assert row["memory_gib"]["optimizer"] * GIB == pytest.approx(trainable * 8 / 8)  # fp32 moments / 8 GPUs
+        assert row["memory_gib"]["total"] < 25 and row["fits"], row["memory_gib"]
+        assert "FSDP" in row["how"]
+    for name in ("projection", "vision"):
+        assert stages[name]["recipe"]["distributed"] == "ddp"
+        assert stages[name]["memory_gib"]["total"] > stages[name]["memory_gib_fsdp"]["total"]

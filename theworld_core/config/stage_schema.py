@@ -375,6 +375,12 @@ class TrainingConfig(StrictModel):
     # --- distribution -------------------------------------------------------------------------
     num_processes: int = Field(1, ge=1, json_schema_extra=_RESUME_COMPATIBLE)
     """Data-parallel processes (one per GPU, or CPU processes with gloo) the stage is launched with."""
+    distributed: Literal["ddp", "fsdp"] = Field("ddp", json_schema_extra=_RESUME_COMPATIBLE)
+    """How those processes share the model. `ddp`: each holds all of it (stages 1-2). `fsdp`: weights,
+    gradients and AdamW moments sharded (torch FSDP2, applied by the trainer; units hold fp32 trainable
+    and bf16 frozen weights side by side; a frozen vision tower or VAE stays whole, training/sharding.py):
+    stages 3-4 on 80 GB GPUs (docs/stages.md#memory). Saves the same files as `ddp` (either resumes the
+    other's). Ignored in a single process."""
 
     # --- Hugging Face hub (optional; MLflow holds the artifacts in any case) -----------------
     push_to_hub: bool = Field(False, json_schema_extra=_RESUME_COMPATIBLE)
@@ -429,13 +435,11 @@ class TrainingConfig(StrictModel):
         if self.push_to_hub and self.hub_model_id is None:
             problems.append(("hub_model_id", None, "required when push_to_hub is true: the hub repo as 'owner/name'"))
         if self.max_steps is not None and self.warmup_steps > self.max_steps:
-            problems.append(
-                (
-                    "warmup_steps",
-                    self.warmup_steps,
-                    f"must not exceed max_steps ({self.max_steps}): the learning rate would never reach its peak",
-                )
-            )
+            why = f"must not exceed max_steps ({self.max_steps}): the learning rate would never reach its peak"
+            problems.append(("warmup_steps", self.warmup_steps, why))
+        if self.distributed == "fsdp" and self.optimizer != "adamw":
+            why = "must be adamw when distributed is fsdp (FSDP shards fp32 AdamW moments; 8-bit ones are not sharded)"
+            problems.append(("optimizer", self.optimizer, why))
         return problems
 
     # --- views ------------------------------------------------------------------------------------

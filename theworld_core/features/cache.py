@@ -40,6 +40,7 @@ import logging
 import os
 import secrets
 import struct
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -191,17 +192,69 @@ class FeatureCache:
         self.root = self.directory / f"v{FORMAT_VERSION}"
         self.max_bytes = int(max_gb * 1e9)
         self.disabled_reason: str | None = None
-        self._hits = dict.fromkeys(KINDS, 0)
-        self._misses = dict.fromkeys(KINDS, 0)
-        self._corrupt = self._bytes_written = self._bytes_read = self._evictions = 0
-        self._encode_seconds = self._seconds_saved = 0.0
-        self._encoded_items = 0
+        # Counters change in the training thread and in the background writer
+        # (encoders.CachedEncoders): every update holds the lock.
+        self._lock = threading.Lock()
+        self._reset_counts()
         self._known_size: int | None = None  # folder size at the last scan; None before the first
         self._written_since_scan = 0
         if mode == "off":
             self.disabled_reason = "feature_cache=off"
         else:
             self._check_writable()
+
+    def _reset_counts(self) -> None:
+        self._hits = dict.fromkeys(KINDS, 0)
+        self._misses = dict.fromkeys(KINDS, 0)
+        self._corrupt = self._bytes_written = self._bytes_read = self._evictions = 0
+        self._encode_seconds = self._seconds_saved = 0.0
+        self._encoded_items = 0
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]  # a lock does not pickle (DataLoader workers get a `reader()`)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ workers
+
+    def reader(self) -> FeatureCache:
+        """A copy for a DataLoader worker: reads and checks entries as `get` does (a damaged one is
+        dropped and counted), counts from zero, and hands its counts over with `take_counts`; it is
+        never asked to write."""
+        copy = FeatureCache.__new__(FeatureCache)
+        copy.__setstate__(self.__getstate__())
+        copy._reset_counts()
+        return copy
+
+    def take_counts(self) -> dict[str, Any]:
+        """The read counts since the last call (then zero), and why this copy turned itself off."""
+        with self._lock:
+            counts = {
+                "hits": dict(self._hits),
+                "misses": dict(self._misses),
+                "corrupt": self._corrupt,
+                "bytes_read": self._bytes_read,
+                "seconds_saved": self._seconds_saved,
+                "disabled_reason": self.disabled_reason,
+            }
+            self._reset_counts()
+        return counts
+
+    def add_counts(self, counts: Mapping[str, Any]) -> None:
+        """Add a worker's `take_counts()`; a worker that found entries of another model turns this off too."""
+        with self._lock:
+            for kind in KINDS:
+                self._hits[kind] += counts["hits"][kind]
+                self._misses[kind] += counts["misses"][kind]
+            self._corrupt += counts["corrupt"]
+            self._bytes_read += counts["bytes_read"]
+            self._seconds_saved += counts["seconds_saved"]
+        if counts["disabled_reason"] is not None:
+            self.disable(f"{counts['disabled_reason']} (found by a DataLoader worker)")
 
     # ------------------------------------------------------------------ state
 
@@ -248,10 +301,11 @@ class FeatureCache:
     ) -> torch.Tensor | None:
         """The cached tensor, or None (a miss). `shape`/`dtype`: what this encoder makes, if known."""
         tensor = self._read(namespace, image_key, shape, dtype)
-        if tensor is None:
-            self._misses[namespace.kind] += 1
-        else:
-            self._hits[namespace.kind] += 1
+        with self._lock:
+            if tensor is None:
+                self._misses[namespace.kind] += 1
+            else:
+                self._hits[namespace.kind] += 1
         return tensor
 
     def _read(self, namespace, image_key, shape, dtype) -> torch.Tensor | None:
@@ -268,8 +322,10 @@ class FeatureCache:
         try:
             tensor, header = decode_entry(data, namespace, image_key)
         except _Corrupt as problem:
-            self._corrupt += 1
-            if self._corrupt == 1:
+            with self._lock:
+                self._corrupt += 1
+                first = self._corrupt == 1
+            if first:
                 log.warning(
                     "feature cache: dropped corrupt entry %s (%s); it is encoded again "
                     "(further corrupt entries are counted in train/feature_cache/corrupt)",
@@ -295,8 +351,9 @@ class FeatureCache:
             os.utime(path)  # recency for LRU eviction
         except OSError:
             pass
-        self._bytes_read += len(data)
-        self._seconds_saved += header.get("encode_seconds") or self._mean_encode_seconds()
+        with self._lock:
+            self._bytes_read += len(data)
+            self._seconds_saved += header.get("encode_seconds") or self._mean_encode_seconds()
         return tensor
 
     def put(
@@ -319,8 +376,9 @@ class FeatureCache:
             _remove_quietly(temp)
             self.disable(describe_os_error(error, self.directory))
             return False
-        self._bytes_written += len(data)
-        self._written_since_scan += len(data)
+        with self._lock:
+            self._bytes_written += len(data)
+            self._written_since_scan += len(data)
         self._maybe_evict()
         return True
 
@@ -347,11 +405,7 @@ class FeatureCache:
             started = time.perf_counter()
             encoded = encode(inputs if len(missing) == len(found) else inputs[missing])
             on_cpu = encoded.detach().to("cpu")  # waits for the device, so the time is the encoder's
-            seconds = time.perf_counter() - started
-            self._encode_seconds += seconds
-            self._encoded_items += len(missing)
-            for row, index in enumerate(missing):
-                self.put(namespace, image_keys[index], on_cpu[row], seconds / len(missing))
+            self.store(namespace, [image_keys[i] for i in missing], on_cpu, time.perf_counter() - started)
             if len(missing) == len(found):
                 return encoded
         hit_rows = [i for i, tensor in enumerate(found) if tensor is not None]
@@ -367,6 +421,14 @@ class FeatureCache:
         if encoded is not None:
             result[missing] = encoded
         return result
+
+    def store(self, namespace: Namespace, image_keys: Sequence[str], encoded: torch.Tensor, seconds: float) -> None:
+        """Put row i of `encoded` (on the host) under `image_keys[i]`; `seconds`: the batch's encode time."""
+        with self._lock:
+            self._encode_seconds += seconds
+            self._encoded_items += len(image_keys)
+        for row, key in enumerate(image_keys):
+            self.put(namespace, key, encoded[row], seconds / max(1, len(image_keys)))
 
     def _mean_encode_seconds(self) -> float:
         return self._encode_seconds / self._encoded_items if self._encoded_items else 0.0
@@ -411,8 +473,9 @@ class FeatureCache:
                     except OSError:
                         break
                     total -= size
-            self._evictions += removed
-            self._known_size, self._written_since_scan = total, 0
+            with self._lock:
+                self._evictions += removed
+                self._known_size, self._written_since_scan = total, 0
             return removed
         finally:
             os.close(lock)  # releases the flock
@@ -443,6 +506,10 @@ class FeatureCache:
 
     def stats(self) -> dict[str, float]:
         """Counters of this process, named for MLflow (`train/feature_cache/...`)."""
+        with self._lock:
+            return self._stats()
+
+    def _stats(self) -> dict[str, float]:
         hits, misses = sum(self._hits.values()), sum(self._misses.values())
         metrics = {
             "train/feature_cache/enabled": float(self.enabled),

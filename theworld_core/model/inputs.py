@@ -75,7 +75,12 @@ class InputBuilder:
         self.enable_world = enable_world
         self.max_seq_length = max_seq_length
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(self.tokenizer.image_token)
-        self._prompt_lengths: dict[str, int] = {}
+        self._prompt_ids: dict[str, torch.Tensor] = {}
+        # Without pan and scan every image gets the same tokens, so a prompt's ids need no pixels;
+        # None until checked once against the processor's own output (`_checked_prompt_ids`).
+        self._layout_without_pixels: bool | None = (
+            None if not getattr(processor.image_processor, "do_pan_and_scan", False) else False
+        )
 
     def _prompt_text(self, prompt: str) -> str:
         world = START_OF_WORLD + WORLD_SOFT_TOKEN * self.world_tokens + END_OF_WORLD if self.enable_world else ""
@@ -88,14 +93,25 @@ class InputBuilder:
         array = np.asarray(image.resize(size, Image.Resampling.BICUBIC), dtype=np.float32)
         return torch.from_numpy(array).permute(2, 0, 1) / 127.5 - 1.0
 
-    def encode(self, image: Image.Image, prompt: str, answer: str | None = None) -> dict[str, torch.Tensor]:
-        """One sample. With `answer`, it is appended (plus `<end_of_turn>`) and alone carries labels."""
+    def encode(
+        self, image: Image.Image, prompt: str, answer: str | None = None, *, vision: bool = True, world: bool = True
+    ) -> dict[str, torch.Tensor]:
+        """One sample. With `answer`, it is appended (plus `<end_of_turn>`) and alone carries labels.
+
+        `vision` / `world` False: no `pixel_values` / `world_pixel_values` (their features come from
+        the feature cache); the tokens are the same, and without `vision` the image processor does
+        not run unless the layout depends on the image (pan and scan).
+        """
         image = to_rgb(image)
-        # The chat template already emits <bos>: no second one from the processor.
-        enc = self.processor(
-            text=self._prompt_text(prompt), images=[image], add_special_tokens=False, return_tensors="pt"
-        )
-        prompt_ids = enc["input_ids"][0]
+        pixel_values = None
+        if vision or not self.layout_without_pixels(prompt):
+            # The chat template already emits <bos>: no second one from the processor.
+            enc = self.processor(
+                text=self._prompt_text(prompt), images=[image], add_special_tokens=False, return_tensors="pt"
+            )
+            prompt_ids, pixel_values = enc["input_ids"][0], enc["pixel_values"][0]
+        else:
+            prompt_ids = self.prompt_ids(prompt)
         answer_ids = (
             torch.tensor(self.tokenizer(answer + END_OF_TURN, add_special_tokens=False)["input_ids"], dtype=torch.long)
             if answer is not None
@@ -106,28 +122,52 @@ class InputBuilder:
             raise SequenceTooLongError(problem)
         input_ids = torch.cat([prompt_ids, answer_ids])
         labels = torch.cat([torch.full_like(prompt_ids, IGNORE_INDEX), answer_ids])
-        return {
+        sample = {
             "input_ids": input_ids,
             "labels": labels,
             "attention_mask": torch.ones_like(input_ids),
             # 1 marks image tokens, which Gemma 3 lets attend to each other bidirectionally.
             "token_type_ids": (input_ids == self.image_token_id).long(),
-            "pixel_values": enc["pixel_values"][0],
-            "world_pixel_values": self.world_pixels(image),
         }
+        if pixel_values is not None and vision:
+            sample["pixel_values"] = pixel_values
+        if world:
+            sample["world_pixel_values"] = self.world_pixels(image)
+        return sample
+
+    def prompt_ids(self, prompt: str) -> torch.Tensor:
+        """Token ids `encode` puts before the answer (template, image and world tokens, prompt),
+        without running the image processor: the image token expanded as the processor expands it
+        for an image without pan-and-scan crops (every such image gets the same tokens)."""
+        ids = self._prompt_ids.get(prompt)
+        if ids is None:
+            processor = self.processor
+            expanded, _ = processor.get_text_with_replacements(
+                [self._prompt_text(prompt)], [processor.replace_image_token({"num_crops": [0]}, 0)]
+            )
+            ids = torch.tensor(self.tokenizer(expanded[0], add_special_tokens=False)["input_ids"], dtype=torch.long)
+            if len(self._prompt_ids) < PROMPT_LENGTH_CACHE:
+                self._prompt_ids[prompt] = ids
+        return ids
+
+    def layout_without_pixels(self, prompt: str = "Describe this image.") -> bool:
+        """Whether `prompt_ids` gives what the processor gives with an image: no pan and scan, and
+        checked once against the processor (a processor that expands images otherwise is used as is)."""
+        if self._layout_without_pixels is None:
+            placeholder = Image.new("RGB", (32, 32))
+            enc = self.processor(
+                text=self._prompt_text(prompt), images=[placeholder], add_special_tokens=False, return_tensors="pt"
+            )
+            self._layout_without_pixels = torch.equal(enc["input_ids"][0], self.prompt_ids(prompt))
+        return self._layout_without_pixels
 
     def prompt_length(self, prompt: str) -> int:
-        """Tokens `encode` puts before the answer (template, image and world tokens, prompt), counted
-        with a placeholder image: Gemma 3 gives every image the same number of tokens (without pan
-        and scan, the processor's default)."""
-        length = self._prompt_lengths.get(prompt)
-        if length is None:
-            placeholder = Image.new("RGB", (32, 32))
-            enc = self.processor(text=self._prompt_text(prompt), images=[placeholder], add_special_tokens=False)
-            length = len(enc["input_ids"][0])
-            if len(self._prompt_lengths) < PROMPT_LENGTH_CACHE:
-                self._prompt_lengths[prompt] = length
-        return length
+        """Tokens `encode` puts before the answer, counted without an image where the layout allows."""
+        if self.layout_without_pixels(prompt):
+            return len(self.prompt_ids(prompt))
+        placeholder = Image.new("RGB", (32, 32))
+        enc = self.processor(text=self._prompt_text(prompt), images=[placeholder], add_special_tokens=False)
+        return len(enc["input_ids"][0])
 
     def answer_length(self, answer: str | None) -> int:
         """Tokens of the answer as `encode` appends it (with `<end_of_turn>`); 0 for None."""
@@ -149,6 +189,13 @@ class InputBuilder:
 
     def collate(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Right-pad a list of `encode` outputs into a batch (padding: pad id, mask 0, label -100)."""
+        batch = self.collate_tokens(samples)
+        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
+        batch["world_pixel_values"] = torch.stack([s["world_pixel_values"] for s in samples])
+        return batch
+
+    def collate_tokens(self, samples: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The token part of `collate` (ids, labels, masks), placeholder counts checked."""
         width = max(len(s["input_ids"]) for s in samples)
         pad_values = {
             "input_ids": self.tokenizer.pad_token_id,
@@ -160,8 +207,6 @@ class InputBuilder:
         for key, pad in pad_values.items():
             rows = [torch.nn.functional.pad(s[key], (0, width - len(s[key])), value=pad) for s in samples]
             batch[key] = torch.stack(rows)
-        batch["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
-        batch["world_pixel_values"] = torch.stack([s["world_pixel_values"] for s in samples])
         self.check_placeholders(batch["input_ids"])
         return batch
 
@@ -190,7 +235,7 @@ class InputBuilder:
 INPUTS_VERSION = 1
 """Bump when the sequence layout (and so any sample's length) changes: part of the data fingerprint."""
 PROMPT_LENGTH_CACHE = 4096
-"""Distinct prompts whose token count an `InputBuilder` remembers (most data has one prompt)."""
+"""Distinct prompts whose token ids an `InputBuilder` remembers (most data has one prompt)."""
 
 
 @dataclass(frozen=True)

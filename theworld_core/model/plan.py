@@ -16,8 +16,8 @@ card leaves to PyTorch, not with its label (an "80 GB" H100 has 79.1 GiB; keep a
 - weights: trainable components fp32 (4 bytes), frozen ones in the compute dtype (2 bytes for
   bf16/fp16, 4 for `mixed_precision: no`). Tied lm_head counted once.
 - gradients: 4 bytes per trainable parameter (fp32, kept across accumulation micro-steps); with
-  `num_processes` > 1 DDP's gradient buckets add another 4 (the pipeline launches DDP; see
-  `memory_gib_fsdp` for FULL_SHARD).
+  `num_processes` > 1 DDP's gradient buckets add another 4 (`distributed: ddp`; for `fsdp` see
+  `memory_gib_fsdp` below).
 - optimizer: `adamw` two fp32 moments, 8 bytes per trainable parameter; `adamw_8bit` (torchao) two
   uint8 moments plus one fp32 scale per 256-value block, 2.03 bytes, for tensors of >= 4096
   elements divisible by 256; smaller tensors keep fp32 moments (8 bytes).
@@ -49,7 +49,9 @@ card leaves to PyTorch, not with its label (an "80 GB" H100 has 79.1 GiB; keep a
 - total: the sum. `--gpu-memory GIB` marks each stage fits / does not fit by `total`.
 
 `memory_gib_fsdp` (stages with `num_processes` > 1): weights, gradients and optimizer divided by the
-process count (FSDP FULL_SHARD, configs/accelerate/fsdp.yaml), activations unchanged.
+process count (FSDP, training/sharding.py; a frozen vision tower or VAE stays whole), activations
+unchanged. A stage with `distributed: fsdp` plans at that figure (`memory_gib` is it; `fits` uses
+it); add one decoder layer's gathered weights (~0.3 GiB for Gemma 3 4B) for the unit in flight.
 """
 
 from __future__ import annotations
@@ -102,6 +104,7 @@ class Recipe:
     optimizer: str = "adamw"
     mixed_precision: str = "bf16"
     num_processes: int = 1
+    distributed: str = "ddp"
 
     @classmethod
     def of(cls, stage: Any) -> Recipe:
@@ -239,14 +242,17 @@ def stage_memory(
     }
     if recipe.num_processes > 1:
         n = recipe.num_processes
+        whole = sum(totals[c] * compute for c in ("gemma_vision", "cosmos_vae") if not trains[c])
         sharded = {
-            "weights": weights / n,
+            "weights": (weights - whole) / n + whole,
             "gradients": n_train * 4 / n,
             "optimizer": optimizer / n,
             "activations": activations,
         }
         sharded["total"] = sum(sharded.values())
         result["memory_gib_fsdp"] = {k: v / GIB for k, v in sharded.items()}
+        if recipe.distributed == "fsdp":  # what runs
+            result["memory_gib"] = result["memory_gib_fsdp"]
     return result
 
 
@@ -261,13 +267,17 @@ def how_line(recipe: Recipe, total_gib: float, other: Mapping[str, float]) -> st
         f"gradient checkpointing {'on' if ckpt else 'off'} ({'off' if ckpt else 'on'}: {delta:+.1f} GiB)",
     ]
     delta = other["optimizer"] - total_gib
-    if recipe.optimizer == "adamw_8bit":
+    if recipe.distributed == "fsdp" and recipe.num_processes > 1:  # adamw_8bit is refused there
+        said.append("fp32 AdamW moments")
+    elif recipe.optimizer == "adamw_8bit":
         said.append(f"8-bit AdamW moments (fp32 moments: {delta:+.1f} GiB)")
     else:
         said.append(f"fp32 AdamW moments (adamw_8bit: {delta:+.1f} GiB)")
     if recipe.mixed_precision != "no":
         said.append(f"frozen {recipe.mixed_precision}, trainable fp32")
-    if recipe.num_processes > 1:
+    if recipe.num_processes > 1 and recipe.distributed == "fsdp":
+        said.append(f"{recipe.num_processes} processes (FSDP: weights, gradients and moments sharded)")
+    elif recipe.num_processes > 1:
         said.append(f"{recipe.num_processes} processes (DDP: whole model and gradient buckets on each device)")
     return ", ".join(said)
 
@@ -417,8 +427,8 @@ def format_plan(result: dict[str, Any]) -> str:
     lines.append("")
     for row in result["stages"]:
         extra = ""
-        if "memory_gib_fsdp" in row:
-            extra = f"; FSDP FULL_SHARD: {row['memory_gib_fsdp']['total']:.1f} GiB per device"
+        if "memory_gib_fsdp" in row and row["recipe"].get("distributed") != "fsdp":
+            extra = f"; with distributed: fsdp {row['memory_gib_fsdp']['total']:.1f} GiB per device"
         lines.append(f"how {row['stage']}: {row['how']}{extra}")
     cache = result["feature_cache"]
     per = cache["bytes_per_sample"]

@@ -272,13 +272,23 @@ def write_manifest(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
 # ============================================================================== writing
 
 
-def stage_output_tensors(model) -> dict[str, torch.Tensor]:
-    """The parameters a stage output holds: those of `model.trained_components`."""
-    return {
-        name: param.detach().contiguous().cpu()
-        for name, param in model.named_parameters()
-        if component_of(name) in model.trained_components
-    }
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole of a tensor sharded by FSDP (a DTensor: all-gathered, collective), else the tensor."""
+    return tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+
+
+def stage_output_tensors(model, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The parameters a stage output holds: those of `model.trained_components`.
+
+    With a sharded model every rank must call it (each parameter is all-gathered in turn); ranks
+    that do not write pass `keep=False` and get an empty dict (no full copy held)."""
+    tensors = {}
+    for name, param in model.named_parameters():
+        if component_of(name) in model.trained_components:
+            whole = full_tensor(param.detach())
+            if keep:
+                tensors[name] = whole.contiguous().cpu()
+    return tensors
 
 
 def build_manifest(model, tensors: dict[str, torch.Tensor], stage_config: dict | None) -> dict[str, Any]:
@@ -311,10 +321,11 @@ def build_manifest(model, tensors: dict[str, torch.Tensor], stage_config: dict |
     }
 
 
-def save_stage_output(model, directory: Path, stage_config: dict | None = None) -> Path:
+def save_stage_output(model, directory: Path, stage_config: dict | None = None, tensors=None) -> Path:
     """Atomically write the stage output of `model` to `directory` (replacing an older one);
-    `DiskFullError` when the disk is full (an older stage output there is kept)."""
-    tensors = stage_output_tensors(model)
+    `DiskFullError` when the disk is full (an older stage output there is kept). `tensors`: the
+    already gathered `stage_output_tensors(model)` (a sharded model)."""
+    tensors = stage_output_tensors(model) if tensors is None else tensors
     manifest = build_manifest(model, tensors, stage_config)
     directory = Path(directory)
     kept = f"the stage output already in {directory.name}/ is kept" if directory.exists() else "nothing was replaced"

@@ -17,22 +17,61 @@ from typing import Any
 import torch
 
 from theworld_core.config import StageConfig
+from theworld_core.data.images import to_rgb
 from theworld_core.data.loading import EpochBatches, ShardedStream, default_num_workers
+from theworld_core.features.encoders import PIXELS, FeatureLookup
 from theworld_core.features.keys import image_key
 
 
 class BatchCollator:
-    """Rows -> a CPU batch, in the DataLoader workers; with the feature cache on, plus the rows'
-    `image_keys` for `CachedEncoders.fill`. A plain object (the input builder and one flag), so it
-    pickles to workers started by spawn or forkserver, as a served flow run's are."""
+    """Rows -> a CPU batch, in the DataLoader workers. A plain object (the input builder and the
+    feature lookup), so it pickles to workers started by spawn or forkserver, as a served flow
+    run's are.
 
-    def __init__(self, builder, with_image_keys: bool):
-        self.builder, self.with_image_keys = builder, with_image_keys
+    With the feature cache on (`lookup`), each row's entries are read and checked here first; a row
+    whose entry is sound skips that encoder's preprocessing (the 896 px image processor, the VAE
+    view), and the batch carries the token layout, the cached features of those rows
+    (`cached_features`, `feature_rows`), pixels for the other rows only, the rows' `image_keys` and
+    the worker's cache counts, for `CachedEncoders.fill`.
+    """
+
+    def __init__(self, builder, lookup: FeatureLookup | None = None):
+        self.builder, self.lookup = builder, lookup
+        if lookup is not None:
+            builder.layout_without_pixels()  # checked once here; the workers get the answer with the builder
 
     def __call__(self, rows: list[dict]) -> dict[str, Any]:
-        batch = self.builder.collate([self.builder.encode(r["image"], r["prompt"], r["text"]) for r in rows])
-        if self.with_image_keys:
-            batch["image_keys"] = [image_key(r["image"]) for r in rows]
+        builder = self.builder
+        if self.lookup is None:
+            return builder.collate([builder.encode(r["image"], r["prompt"], r["text"]) for r in rows])
+        images = [to_rgb(r["image"]) for r in rows]
+        keys = [image_key(image) for image in images]
+        found = self.lookup.read(keys)
+        hit = {kind: [tensor is not None for tensor in tensors] for kind, tensors in found.items()}
+        no_hits = [False] * len(rows)
+        samples = [
+            builder.encode(
+                image,
+                row["prompt"],
+                row["text"],
+                vision=not hit.get("vision", no_hits)[i],
+                world=not hit.get("vae_latent", no_hits)[i],
+            )
+            for i, (image, row) in enumerate(zip(images, rows))
+        ]
+        batch = builder.collate_tokens(samples)
+        for pixel_key in PIXELS.values():
+            pixels = [sample[pixel_key] for sample in samples if pixel_key in sample]
+            if pixels:
+                batch[pixel_key] = torch.stack(pixels)
+        batch["image_keys"] = keys
+        batch["feature_rows"] = {kind: [i for i, is_hit in enumerate(hits) if is_hit] for kind, hits in hit.items()}
+        batch["cached_features"] = {
+            kind: torch.stack([t for t in tensors if t is not None])
+            for kind, tensors in found.items()
+            if any(hit[kind])
+        }
+        batch["feature_cache_counts"] = self.lookup.reader.take_counts()
         return batch
 
 

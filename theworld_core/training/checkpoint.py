@@ -120,11 +120,13 @@ def save_resume_state(
     trainer_state: TrainerState,
     stage_config: dict,
     save_total_limit: int | None,
+    tensors: dict | None = None,
 ) -> Path:
     """Atomically write `checkpoint-{step}` and delete the oldest beyond `save_total_limit`.
-    `DiskFullError` when the disk is full (every earlier resume state is kept)."""
+    `DiskFullError` when the disk is full (every earlier resume state is kept). `tensors`: the
+    already gathered `stage_output_tensors(model)` (a sharded model)."""
     target = Path(output_dir) / f"checkpoint-{trainer_state.step}"
-    tensors = stage_output_tensors(model)
+    tensors = stage_output_tensors(model) if tensors is None else tensors
     manifest = build_manifest(model, tensors, stage_config)
     earlier = list_resume_states(output_dir)
     kept = (

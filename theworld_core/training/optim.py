@@ -169,9 +169,12 @@ def load_optimizer_state_by_name(
 
 def _plain_state(state: Mapping) -> dict:
     """Per-parameter state with quantised moments (torchao subclasses) turned into fp32 tensors."""
-    return {
-        k: v.dequantize() if hasattr(v, "dequantize") and type(v) is not torch.Tensor else v for k, v in state.items()
-    }
+    return {k: v.dequantize() if _quantised(v) else v for k, v in state.items()}
+
+
+def _quantised(value) -> bool:
+    # A DTensor (FSDP's shard of an fp32 moment) also has `dequantize`, and is not quantised.
+    return hasattr(value, "dequantize") and type(value) is not torch.Tensor and not hasattr(value, "full_tensor")
 
 
 def _like(current, saved):

@@ -42,9 +42,11 @@ from theworld_core.model.precision import PrecisionPolicy, apply_precision, chec
 from theworld_core.model.stage_output import (
     apply_stage_output,
     checkpoint_folder,
+    full_tensor,
     is_intact_stage_output,
     read_manifest,
     save_stage_output,
+    stage_output_tensors,
 )
 from theworld_core.model.theworld import TheWorld
 from theworld_core.tracking.hub_push import HUB_EVIDENCE_KEY, push_failure
@@ -62,6 +64,7 @@ from theworld_core.training.optim import (
 )
 from theworld_core.training.plateau import PlateauTracker
 from theworld_core.training.result import StageResult, changed_training_keys, resume_key
+from theworld_core.training.sharding import gathered_state, local, shard_model, shard_optimizer_state, take_over_fsdp
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -118,6 +121,7 @@ class StageTrainer:
         # Components the stage trains, from the config's freeze flags (what the freeze audit expects).
         self.trainable: tuple[str, ...] = cfg.trainable_component_names
         self.optimizer: torch.optim.Optimizer | None = None  # accelerate's wrapper around AdamW / AdamW8bit
+        self.sharded: bool = False  # FSDP2 (`distributed: fsdp` in several processes): saves and evals are collective
         self.precision: PrecisionPolicy | None = None  # dtypes of trainable/frozen parameters, autocast
         self.group_names: list[list[str]] = []  # parameter names of each optimizer group (state is saved by name)
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
@@ -178,6 +182,7 @@ class StageTrainer:
         self.precision = resolve_precision(
             cfg.mixed_precision, "cuda" if on_gpu else "cpu", bf16_supported=on_gpu and torch.cuda.is_bf16_supported()
         )
+        distributed = take_over_fsdp(cfg.distributed)  # before the Accelerator: its FSDP plugin stays off
         self.accelerator = Accelerator(
             mixed_precision=self.precision.effective,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps,
@@ -213,6 +218,15 @@ class StageTrainer:
         check_precision(self.model, self.precision)  # trainable fp32, frozen in the compute dtype
         if cfg.use_gradient_checkpointing:
             self.model.gemma.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        # Feature cache: built on the unwrapped model, after the freeze flags (a trainable encoder is never cached),
+        # before sharding (the cache keys hash the full frozen weights).
+        cache = FeatureCache(cfg.feature_cache_dir, max_gb=cfg.feature_cache_max_gb, mode=cfg.feature_cache)
+        self.encoders = CachedEncoders(
+            self.model, cache, precision=self.accelerator.mixed_precision, autocast=self.accelerator.autocast
+        )
+        self.sharded = distributed == "fsdp" and self.accelerator.num_processes > 1
+        if self.sharded:  # before the optimizer: sharding replaces the parameters
+            shard_model(self.model, self.accelerator.device)
 
         optimizer, self.group_names = build_optimizer(
             self.model,
@@ -230,15 +244,20 @@ class StageTrainer:
             self._restore(resume_dir, optimizer)
         elif transition_dir is not None and cfg.carry_optimizer_state and ckpt.is_resume_state(transition_dir):
             carried = load_optimizer_state_by_name(
-                optimizer, self.group_names, ckpt.load_torch(transition_dir, "optimizer.pt"), restore_groups=False
+                optimizer,
+                self.group_names,
+                self._local(ckpt.load_torch(transition_dir, "optimizer.pt")),
+                restore_groups=False,
             )
             log.info("carried optimizer moments for %d parameters that stay trainable", len(carried))
-        # Feature cache: built on the unwrapped model, after the freeze flags (a trainable encoder is never cached).
-        cache = FeatureCache(cfg.feature_cache_dir, max_gb=cfg.feature_cache_max_gb, mode=cfg.feature_cache)
-        self.encoders = CachedEncoders(
-            self.model, cache, precision=self.accelerator.mixed_precision, autocast=self.accelerator.autocast
-        )
-        self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+        if self.sharded:  # accelerate would wrap the sharded model in DDP
+            self.optimizer = self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(self.model, optimizer)
+
+    def _local(self, saved_optimizer_state: dict) -> dict:
+        """Saved (full) optimizer state as this rank's shards when sharded."""
+        return shard_optimizer_state(saved_optimizer_state, self.model) if self.sharded else saved_optimizer_state
 
     def _choose_start(self) -> tuple[Path | None, Path | None]:
         """(resume state to continue, stage output to transition from); at most one is set."""
@@ -275,7 +294,9 @@ class StageTrainer:
         )
 
     def _restore(self, directory: Path, optimizer) -> None:
-        load_optimizer_state_by_name(optimizer, self.group_names, ckpt.load_torch(directory, "optimizer.pt"))
+        load_optimizer_state_by_name(
+            optimizer, self.group_names, self._local(ckpt.load_torch(directory, "optimizer.pt"))
+        )
         self.scheduler.load_state_dict(ckpt.load_torch(directory, "scheduler.pt"))
         self.state = ckpt.load_trainer_state(directory)
         if self.state.plateau:  # empty when the state was saved before the stage's first evaluation
@@ -293,11 +314,9 @@ class StageTrainer:
         """
         acc = self.accelerator
         if self._loader is None:
+            lookup = self.encoders.lookup() if self.encoders is not None else None  # the model is on its device now
             self._loader, self.num_workers = build_train_loader(
-                self.cfg,
-                self.data,
-                acc,
-                BatchCollator(self.builder, self.encoders is not None and bool(self.encoders.kinds)),
+                self.cfg, self.data, acc, BatchCollator(self.builder, lookup)
             )
         loader = self._loader
         loader.set_epoch(epoch)
@@ -345,7 +364,7 @@ class StageTrainer:
                         continue
                     self._stop_if_any_rank_diverged()
                     self._scale_gradients_to_token_mean(params)
-                    grad_norm = float(acc.clip_grad_norm_(params, cfg.max_grad_norm))
+                    grad_norm = float(full_tensor(acc.clip_grad_norm_(params, cfg.max_grad_norm)))
                     limit = cfg.divergence_grad_norm
                     if not math.isfinite(grad_norm) or (limit is not None and grad_norm > limit):
                         raise _Stop(
@@ -367,11 +386,13 @@ class StageTrainer:
                     if state.step >= self.total_steps:
                         break
                 else:
+                    self.encoders.flush()  # the next epoch finds every entry of this one
                     state.epoch += 1
                     state.batches_in_epoch = 0
         except _Stop as stop:
             return stop.status, stop.reason, stop.evidence
         finally:
+            self.encoders.flush()
             self.progress.close()
         reason = f"reached {self.total_steps} steps" + ("" if cfg.max_steps else f" ({cfg.num_epochs:g} epochs)")
         return "completed", reason, {}
@@ -408,7 +429,7 @@ class StageTrainer:
         tokens = acc.reduce(self._step_tokens, reduction="sum") if acc.num_processes > 1 else self._step_tokens
         self._step_tokens = None
         factor = (acc.gradient_accumulation_steps * acc.num_processes) / tokens.clamp(min=1).to(torch.float32)
-        grads = [p.grad for p in params if p.grad is not None]
+        grads = [local(p.grad) for p in params if p.grad is not None]  # a sharded gradient: its shard
         if grads:
             torch._foreach_mul_(grads, factor.to(grads[0].device))
 
@@ -502,7 +523,7 @@ class StageTrainer:
         from accelerate.utils import broadcast_object_list
 
         value = [float("nan")]
-        if self.accelerator.is_main_process:
+        if self.accelerator.is_main_process or self.sharded:  # sharded: every rank joins the forward's gathers
             value[0] = evaluate_loss(
                 self.accelerator.unwrap_model(self.model),
                 self._eval_rows(),
@@ -545,15 +566,20 @@ class StageTrainer:
         acc.wait_for_everyone()
         self.state.plateau = self.tracker.state_dict()
         path = None
+        if acc.is_main_process or self.sharded:  # sharded: every rank joins the gathers
+            tensors = stage_output_tensors(acc.unwrap_model(self.model), keep=acc.is_main_process)
+            moments = optimizer_state_by_name(getattr(self.optimizer, "optimizer", self.optimizer), self.group_names)
+            moments = gathered_state(moments, keep=acc.is_main_process) if self.sharded else moments
         if acc.is_main_process:  # rank 0 writes
             path = ckpt.save_resume_state(
                 self.output_dir,
                 acc.unwrap_model(self.model),
-                optimizer_state_by_name(getattr(self.optimizer, "optimizer", self.optimizer), self.group_names),
+                moments,
                 self.scheduler.state_dict(),
                 self.state,
                 self.cfg.model_dump(mode="json"),
                 self.cfg.save_total_limit,
+                tensors=tensors,
             )
         self.logger.on_resume_state_saved(path, self.state.step, self._latest_metrics())
         acc.wait_for_everyone()
@@ -582,8 +608,10 @@ class StageTrainer:
             final = self.output_dir / ckpt.FINAL_DIR
             # Also when a kill came between the finished resume state and final/, or final/ is damaged: write it now.
             if not already_final or not is_intact_stage_output(final):
-                if acc.is_main_process:  # rank 0 writes
-                    save_stage_output(acc.unwrap_model(self.model), final, stage_config=cfg.model_dump(mode="json"))
+                model = acc.unwrap_model(self.model)
+                tensors = stage_output_tensors(model, keep=acc.is_main_process) if self.sharded else None
+                if acc.is_main_process:  # rank 0 writes (sharded: what every rank gathered)
+                    save_stage_output(model, final, stage_config=cfg.model_dump(mode="json"), tensors=tensors)
                 self.logger.log_stage_output(final)
             else:
                 # A kill before the upload, or a tracking server that was down, can leave the run without
