@@ -28,7 +28,7 @@ from flows import artifacts, tasks
 from theworld_core import pipeline
 from theworld_core.config import load_pipeline_config
 from theworld_core.logs import library_loggers_at_info
-from theworld_core.records import StageRecord, SummaryRow
+from theworld_core.records import StageRecord, SummaryRow, eval_request
 from theworld_core.tracking import lineage
 from theworld_core.tracking.mlflow_runs import SYSTEM_METRICS_TAG, project_dir
 from theworld_core.training.gate import StageOutcome
@@ -205,6 +205,8 @@ def _train_stages(
         train, evaluate = tasks.forced(train), tasks.forced(evaluate)
     records, rows, successes = [], [], []
     champion, offset, stopped = None, 0, False
+    # The evaluation the training process runs on its model when it can: no second load of the output.
+    evaluate_after = eval_request(cfg.eval_task_samples, cfg.eval_generations)
     for index, stage_config in enumerate(stages):
         attempt, retries = 1, 0
         while True:
@@ -219,6 +221,7 @@ def _train_stages(
                 attempt=attempt,
                 global_step_offset=offset,
                 tags=tags,
+                evaluation=evaluate_after,
             )
             offset = record.global_end_step
             evaluation = plateau = None
@@ -230,6 +233,7 @@ def _train_stages(
                     version,
                     task_samples=cfg.eval_task_samples,
                     generations=cfg.eval_generations,
+                    in_training=record.evaluation,
                 )
                 log.info(
                     "stage %s attempt %d evaluated: eval loss %.4f, task accuracy %.3f",

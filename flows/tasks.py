@@ -122,6 +122,7 @@ def train_stage(
     attempt: int,
     global_step_offset: int,
     tags: dict,
+    evaluation: dict | None = None,
 ) -> StageRecord:
     return pipeline.train_stage_step(
         stage_config,
@@ -133,6 +134,7 @@ def train_stage(
         attempt=attempt,
         global_step_offset=global_step_offset,
         tags=tags,
+        evaluation=evaluation,
     )
 
 
@@ -144,10 +146,22 @@ def train_stage(
     task_run_name="evaluate-{stage_config[name]}",
 )
 def evaluate_stage(
-    stage_output_uri: str, stage_config: dict, run_id: str, code_version: str, *, task_samples: int, generations: int
+    stage_output_uri: str,
+    stage_config: dict,
+    run_id: str,
+    code_version: str,
+    *,
+    task_samples: int,
+    generations: int,
+    in_training: dict | None = None,
 ) -> EvalReport:
     return pipeline.evaluate_stage_step(
-        stage_output_uri, stage_config, run_id, task_samples=task_samples, generations=generations
+        stage_output_uri,
+        stage_config,
+        run_id,
+        task_samples=task_samples,
+        generations=generations,
+        in_training=in_training,
     )
 
 

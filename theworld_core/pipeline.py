@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from theworld_core.config import ARCHITECTURE_KEYS, GateConfig, StageConfig
-from theworld_core.records import NewDataCheck, PipelineSummary, PreparedData, StageRecord, SummaryRow, WarmStart
+from theworld_core.records import (
+    NewDataCheck,
+    PipelineSummary,
+    PreparedData,
+    StageRecord,
+    SummaryRow,
+    WarmStart,
+    eval_request,
+)
 from theworld_core.tracking import lineage
 from theworld_core.training.gate import GateDecision, StageOutcome, decide
 from theworld_core.training.plateau import PlateauVerdict, plateau_verdict
@@ -110,8 +118,13 @@ def train_stage_step(
     attempt: int,
     global_step_offset: int,
     tags: dict[str, str],
+    evaluation: dict[str, int] | None = None,
 ) -> StageRecord:
-    """Train one stage attempt in its own MLflow child run; returns its record."""
+    """Train one stage attempt in its own MLflow child run; returns its record.
+
+    `evaluation` (`eval_request(task_samples, generations)`): the post-stage evaluation to run in the
+    training process on the trained model when it can (one process), so that `evaluate_stage_step`
+    need not load the stage output again (`StageRecord.evaluation`)."""
     from theworld_core.training.launch import train_stage
 
     key = stage_content_key(stage_config, upstream_content_id(upstream_uri), data_fingerprint, code_version)
@@ -130,7 +143,9 @@ def train_stage_step(
             parent_run_id, name, attempt, {**tags, "run_kind": lineage.STAGE_RUN_KIND, "stage_key": key}
         )
         try:
-            result = train_stage(cfg, mlflow_run_id=run_id, global_step_offset=global_step_offset)
+            result = train_stage(
+                cfg, mlflow_run_id=run_id, global_step_offset=global_step_offset, evaluate_after=evaluation
+            )
             if result.stage_output and not result.stage_output_logged:
                 raise StageNotRecorded(
                     f"stage {name} {result.status}; its output is in {result.stage_output}, but MLflow could not "
@@ -166,49 +181,63 @@ def train_stage_step(
         evidence=dict(result.evidence),
         config=cfg.model_dump(mode="json"),
         tracking_incomplete=result.tracking_incomplete,
+        evaluation=result.evaluation,
     )
 
 
 def evaluate_stage_step(
-    stage_output_uri: str, stage_config: dict[str, Any], run_id: str, *, task_samples: int, generations: int
+    stage_output_uri: str,
+    stage_config: dict[str, Any],
+    run_id: str,
+    *,
+    task_samples: int,
+    generations: int,
+    in_training: dict[str, Any] | None = None,
 ) -> EvalReport:
     """Held-out loss, task metric and sample generations of a stage output; logged to its run.
 
     Runs on the training device (CUDA when there is one) in the stage's precision policy with
-    every component frozen: bf16 weights and bf16 autocast where bf16 runs, fp32 elsewhere."""
-    import torch
-
-    from theworld_core.model.inputs import prepare_stage_data
-    from theworld_core.model.precision import apply_precision, resolve_precision
-    from theworld_core.model.theworld import TheWorld
-    from theworld_core.training.evaluation import evaluate_model
+    every component frozen: bf16 weights and bf16 autocast where bf16 runs, fp32 elsewhere.
+    `in_training`: the same evaluation, done by the training process on its model once the stage
+    output was saved (`StageRecord.evaluation`); used when it answers this request, instead of
+    loading the stage output again."""
+    from theworld_core.training.evaluation import EvalReport
 
     started = time.perf_counter()
-    cfg = StageConfig(**stage_config)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    precision = resolve_precision(cfg.mixed_precision, device)
-    model = TheWorld.from_pretrained(stage_output_uri, **cfg.model_part().model_dump())
-    apply_precision(model, precision, trainable=())  # nothing trains here: all in the compute dtype
-    model.requires_grad_(False)
-    model.to(device).eval()
-    data = prepare_stage_data(cfg)
-    report = evaluate_model(
-        model,
-        data.eval,
-        batch_size=cfg.batch_size,
-        loss_samples=cfg.eval_max_samples,
-        task_samples=task_samples,
-        generations=generations,
-        device=device,
-        precision=precision,
-    )
+    if in_training is not None and in_training.get("request") == eval_request(task_samples, generations):
+        evaluation = in_training
+    else:
+        evaluation = _evaluate_loaded(stage_output_uri, StageConfig(**stage_config), task_samples, generations)
+    report = EvalReport(**evaluation["report"])
     c = lineage.client()
     c.log_metric(run_id, "eval/final_loss", report.eval_loss)
     c.log_metric(run_id, "eval/task_accuracy", report.task_accuracy)
     c.log_metric(run_id, "eval/exact_match", report.exact_match)
     c.log_dict(run_id, {"samples": report.samples}, "evaluation/generations.json")
-    c.log_metric(run_id, "walltime/evaluate_s", time.perf_counter() - started)
+    # The evaluation's own time wherever it ran, plus this step's.
+    seconds = time.perf_counter() - started + (evaluation["seconds"] if evaluation is in_training else 0.0)
+    c.log_metric(run_id, "walltime/evaluate_s", seconds)
     return report
+
+
+def _evaluate_loaded(stage_output_uri: str, cfg: StageConfig, task_samples: int, generations: int) -> dict[str, Any]:
+    """`post_stage_evaluation` of the stage output at `stage_output_uri`, loaded for it."""
+    import torch
+
+    from theworld_core.model.inputs import prepare_stage_data
+    from theworld_core.model.precision import resolve_precision
+    from theworld_core.model.theworld import TheWorld
+    from theworld_core.training.evaluation import post_stage_evaluation
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = resolve_precision(cfg.mixed_precision, device)
+    # Bases built in the compute dtype before the trained weights go in (as the trainer does): fp32
+    # weights copied into a bf16 base would be rounded where the policy computes in fp32.
+    model = TheWorld.from_pretrained(stage_output_uri, dtype=precision.compute_dtype, **cfg.model_part().model_dump())
+    model.requires_grad_(False)
+    model.to(device)
+    data = prepare_stage_data(cfg)
+    return post_stage_evaluation(model, data.eval, cfg, precision, task_samples=task_samples, generations=generations)
 
 
 def plateau_step(record: StageRecord) -> PlateauVerdict:

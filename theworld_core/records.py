@@ -48,6 +48,12 @@ def _construct(cls: type, data: dict[str, Any]):
     return cls(**data)
 
 
+def eval_request(task_samples: int, generations: int) -> dict[str, int]:
+    """What a post-stage evaluation is asked for (`StageRecord.evaluation["request"]`): one done for
+    another request is not reused."""
+    return {"task_samples": task_samples, "generations": generations}
+
+
 @dataclass(frozen=True)
 class PreparedData(Record):
     """The data, fingerprinted and split once before any stage."""
@@ -119,6 +125,8 @@ class StageRecord(Record):
     """The `StageConfig` it ran with, as JSON (its output_dir and resume_from_checkpoint included)."""
     tracking_incomplete: str | None = None
     """None when everything the stage logged reached its MLflow run; else why not (`StageResult`'s field)."""
+    evaluation: dict[str, Any] | None = None
+    """The post-stage evaluation the training process ran on the trained model (`StageResult`'s field)."""
 
     @property
     def label(self) -> str:

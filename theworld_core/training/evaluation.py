@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import time
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -16,8 +17,11 @@ from typing import TYPE_CHECKING
 import torch
 
 from theworld_core.model.inputs import answer_positions
+from theworld_core.model.precision import apply_precision
+from theworld_core.records import eval_request
 
 if TYPE_CHECKING:
+    from theworld_core.config import StageConfig
     from theworld_core.model.precision import PrecisionPolicy
     from theworld_core.model.theworld import TheWorld
 
@@ -92,12 +96,15 @@ def evaluate_model(
     max_new_tokens: int = 32,
     device="cpu",
     precision: PrecisionPolicy | None = None,
+    loss: float | None = None,
 ) -> EvalReport:
     """Evaluate a loaded TheWorld (on `device`, in `precision`) on held-out rows (dicts with id, image,
-    prompt, text); the task metric's answers are generated `batch_size` at a time."""
+    prompt, text); the task metric's answers are generated `batch_size` at a time. `loss`: the
+    held-out loss when the caller already has it for these weights, rows and precision."""
     count = len(eval_rows)
-    loss_rows = eval_rows.select(range(min(count, loss_samples))) if loss_samples else eval_rows
-    loss = evaluate_loss(model, loss_rows, batch_size, device, precision=precision)
+    if loss is None:
+        loss_rows = eval_rows.select(range(min(count, loss_samples))) if loss_samples else eval_rows
+        loss = evaluate_loss(model, loss_rows, batch_size, device, precision=precision)
     autocast = precision.autocast_context if precision is not None else contextlib.nullcontext
     task_rows = eval_rows.select(range(min(count, task_samples)))
     scores, exact, samples = [], 0, []
@@ -117,3 +124,48 @@ def evaluate_model(
     return EvalReport(
         eval_loss=loss, task_accuracy=sum(scores) / n if scores else math.nan, exact_match=exact / n, samples=samples
     )
+
+
+def post_stage_evaluation(
+    model: TheWorld,
+    eval_rows,
+    cfg: StageConfig,
+    precision: PrecisionPolicy,
+    *,
+    task_samples: int,
+    generations: int,
+    loss: float | None = None,
+) -> dict:
+    """The pipeline's evaluation of a finished stage: `evaluate_model` on the stage's held-out split with
+    every component in the compute dtype (`apply_precision` with nothing trainable: how the stage
+    output loads for inference), in eval mode. `model` is a stage output loaded for it, or the
+    trainer's own model once its final weights are saved (the same weights: the trained components'
+    are what the stage output holds). `loss`: `evaluate_model`'s. Returns the request, the report
+    and its seconds, as plain values (`StageResult.evaluation`)."""
+    started = time.perf_counter()
+    apply_precision(model, precision, trainable=())
+    model.eval()
+    report = evaluate_model(
+        model,
+        eval_rows,
+        batch_size=cfg.batch_size,
+        loss_samples=cfg.eval_max_samples,
+        task_samples=task_samples,
+        generations=generations,
+        device=next(model.parameters()).device,
+        precision=precision,
+        loss=loss,
+    )
+    return {
+        "request": eval_request(task_samples, generations),
+        "report": report.to_dict(),
+        "seconds": time.perf_counter() - started,
+    }
+
+
+def reusable_loss(eval_history: list[list[float]], step: int, precision: PrecisionPolicy) -> float | None:
+    """The training loop's held-out loss at `step` when it is the post-stage one: in fp32 the cast for
+    inference changes nothing, so the same rows on the same weights give the same loss."""
+    if precision.compute_dtype == torch.float32 and eval_history and eval_history[-1][0] == step:
+        return eval_history[-1][1]
+    return None

@@ -80,6 +80,7 @@ def run_distributed(
     fresh: bool = False,
     mlflow_run_id: str | None = None,
     global_step_offset: int = 0,
+    evaluate_after: dict[str, int] | None = None,  # noqa: ARG001  (in one process only: the caller loads the output)
 ) -> StageResult:
     """Run one stage in `num_processes` processes and return rank 0's StageResult."""
     output_dir = Path(cfg.output_dir)

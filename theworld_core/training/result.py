@@ -61,6 +61,10 @@ class StageResult:
     """The stage output is in the stage's MLflow run (artifact `stage_output`), where a pipeline finds it."""
     already_finished: bool = False
     """The output folder held this stage finished (by an earlier run): nothing was trained this time."""
+    evaluation: dict[str, Any] | None = None
+    """The post-stage evaluation run on the trained model once its output was saved, when asked for
+    (`evaluate_after`) and the stage ran in one process: request, report and seconds
+    (`training.evaluation.post_stage_evaluation`); None otherwise."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

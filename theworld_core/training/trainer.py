@@ -51,7 +51,7 @@ from theworld_core.tracking.hub_push import HUB_EVIDENCE_KEY, push_failure
 from theworld_core.tracking.stage_logger import NullStageLogger, StageLogger, stage_logger_for
 from theworld_core.training import checkpoint as ckpt
 from theworld_core.training.batches import BatchCollator, TrainWindow, build_train_loader, steps_per_epoch
-from theworld_core.training.evaluation import evaluate_loss
+from theworld_core.training.evaluation import evaluate_loss, post_stage_evaluation, reusable_loss
 from theworld_core.training.optim import (
     build_optimizer,
     build_schedule,
@@ -84,6 +84,7 @@ class StageTrainer:
         mlflow_run_id: str | None = None,
         global_step_offset: int = 0,
         loss_hook: LossHook | None = None,
+        evaluate_after: dict[str, int] | None = None,
     ):
         # ---- what the caller asked for
         self.cfg: StageConfig = cfg
@@ -92,6 +93,7 @@ class StageTrainer:
         self.global_step_offset: int = global_step_offset  # MLflow step = offset + stage step
         self.loss_hook: LossHook | None = loss_hook or (_injected_fault(cfg) if cfg.inject_fault else None)
         self.output_dir: Path = Path(cfg.output_dir)
+        self.evaluate_after: dict[str, int] | None = evaluate_after  # the pipeline's `eval_request`
 
         # ---- built by setup()
         self.accelerator: Accelerator | None = None
@@ -470,6 +472,14 @@ class StageTrainer:
         if verdict.plateaued:
             raise StopStage("plateaued", verdict.reason, {"plateau": _plain(verdict)})
 
+    def _post_stage_evaluation(self) -> dict | None:
+        """The pipeline's evaluation (`evaluate_after`) on the model in memory, its output saved (one process only)."""
+        if self.evaluate_after is None or self.accelerator.distributed_type != "NO":
+            return None
+        loss = reusable_loss(self.state.eval_history, self.state.step, self.precision)
+        model = self.accelerator.unwrap_model(self.model)
+        return post_stage_evaluation(model, self.data.eval, self.cfg, self.precision, loss=loss, **self.evaluate_after)
+
     # ================================================================== save
 
     def _save_resume_state(self) -> None:
@@ -528,6 +538,7 @@ class StageTrainer:
                 # A kill before the upload, or a tracking server that was down, can leave the run without
                 # the output or metrics: log what it lacks.
                 self.logger.complete_finished_stage(final, state.eval_history)
+        evaluation = self._post_stage_evaluation() if final is not None else None  # while the upload runs
         losses = [loss for _, loss in state.eval_history if math.isfinite(loss)]
         result = StageResult(
             status=status,
@@ -545,9 +556,11 @@ class StageTrainer:
             started_from=self.started_from,
             evidence=evidence,
             already_finished=already_final,
+            evaluation=evaluation,
         )
-        # Where a stage's time went: building/loading (setup), the loop, the final save + upload.
-        self.timings["time/finish_s"] = time.perf_counter() - finish_started
+        # Where a stage's time went: building/loading (setup), the loop, the final save + upload (the
+        # post-stage evaluation apart: the pipeline logs it as walltime/evaluate_s).
+        self.timings["time/finish_s"] = time.perf_counter() - finish_started - (evaluation or {}).get("seconds", 0.0)
         self.logger.log_stage_end(
             result,
             timings=self.timings,
