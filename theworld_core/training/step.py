@@ -27,6 +27,22 @@ LossHook = Callable[[int, torch.Tensor], torch.Tensor]
 """(optimizer step about to be taken, loss) -> the loss to backpropagate (fault rehearsals, tests)."""
 
 
+def injected_fault(fault: str | None, at_step: int | None) -> LossHook | None:
+    """The loss hook behind the stage keys `inject_fault` / `inject_fault_step` (fault rehearsals): a
+    NaN loss (`nan_loss`) or an out-of-memory error (`oom`) at that optimizer step; None without a fault."""
+    if not fault:
+        return None
+
+    def hook(step: int, loss: torch.Tensor) -> torch.Tensor:
+        if step != at_step:
+            return loss
+        if fault == "oom":
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by inject_fault at step {step})")
+        return loss * float("nan")
+
+    return hook
+
+
 class StopStage(Exception):
     """Ends a stage's loop early with a status (diverged, oom, plateaued) and its evidence."""
 

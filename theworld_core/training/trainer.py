@@ -63,7 +63,7 @@ from theworld_core.training.optim import (
 from theworld_core.training.plateau import PlateauTracker
 from theworld_core.training.result import StageResult, changed_training_keys, resume_key
 from theworld_core.training.sharding import gathered_state, shard_model, shard_optimizer_state, take_over_fsdp
-from theworld_core.training.step import LossHook, OptimizerStep, StopStage
+from theworld_core.training.step import LossHook, OptimizerStep, StopStage, injected_fault
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
@@ -91,7 +91,7 @@ class StageTrainer:
         self.fresh: bool = fresh  # ignore resume states in output_dir
         self.mlflow_run_id: str | None = mlflow_run_id  # the run to log into (the pipeline's child run)
         self.global_step_offset: int = global_step_offset  # MLflow step = offset + stage step
-        self.loss_hook: LossHook | None = loss_hook or (_injected_fault(cfg) if cfg.inject_fault else None)
+        self.loss_hook: LossHook | None = loss_hook or injected_fault(cfg.inject_fault, cfg.inject_fault_step)
         self.output_dir: Path = Path(cfg.output_dir)
         self.evaluate_after: dict[str, int] | None = evaluate_after  # the pipeline's `eval_request`
 
@@ -585,19 +585,6 @@ class StageTrainer:
                 reason=f"{result.reason}; {failure}" if failure else result.reason,
             )
         return result
-
-
-def _injected_fault(cfg: StageConfig) -> LossHook:
-    """The loss hook behind `inject_fault`: a NaN loss or an out-of-memory error at one step."""
-
-    def hook(step: int, loss: torch.Tensor) -> torch.Tensor:
-        if step != cfg.inject_fault_step:
-            return loss
-        if cfg.inject_fault == "oom":
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by inject_fault at step {step})")
-        return loss * float("nan")
-
-    return hook
 
 
 def _plain(obj) -> Any:
