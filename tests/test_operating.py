@@ -414,7 +414,16 @@ def test_readme_operating_lines_run_as_written(tmp_path):
                     "force": False,
                 }
                 assert deployment.schedules == [], "profile local has no nightly run"
-                automations = prefect.client.read_resource_related_automations(f"prefect.deployment.{deployment.id}")
+                # Prefect creates the deployment first and its trigger's automation right after.
+                automations = wait_for(
+                    "the deployment's new-data trigger",
+                    lambda p=prefect, d=deployment: p.client.read_resource_related_automations(
+                        f"prefect.deployment.{d.id}"
+                    ),
+                    60,
+                    serve,
+                    serve_log,
+                )
                 assert [(a.trigger.expect, dict(a.trigger.match.root)) for a in automations] == [
                     ({"theworld.data.updated"}, {"prefect.resource.id": "theworld.data.images"})
                 ]

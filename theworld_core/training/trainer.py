@@ -2,7 +2,8 @@
 
 Run through `training.launch.train_stage` (alone: `theworld train --config FILE.json`; or by the
 pipeline). Every rank runs the loop; rank 0 alone evaluates and writes, and broadcasts what the
-others must know. What a stage reports (console, MLflow, the hub push) goes through one logger
+others must know (under FSDP every rank joins the evaluation and the gathers a save needs; rank 0
+still writes). The optimizer step itself is `training.step.OptimizerStep`. What a stage reports (console, MLflow, the hub push) goes through one logger
 object (`tracking.stage_logger`), a no-op on ranks other than 0.
 
 Where a stage starts from, in order:
