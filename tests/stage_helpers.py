@@ -95,3 +95,14 @@ class Calls:
         taken = (self.vision, self.world)
         self.vision = self.world = 0
         return taken
+
+
+def tiny_model_section() -> dict:
+    """The `model` section of a test pipeline document: the tiny bases, a small world branch."""
+    return {
+        "model_name": "tiny",
+        "cosmos_model_name": "tiny",
+        "world_tokens": 4,
+        "world_image_size": 32,
+        "max_seq_length": 128,
+    }

@@ -25,6 +25,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).parent))
 from servers import prefect_server_spec, start_theworld, stop_process_group  # noqa: E402
+from stage_helpers import tiny_model_section
 
 REPO = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -91,13 +92,7 @@ def pipeline_doc(images: Path, output_root: Path, experiment: str, cron: str | N
         "output_root": str(output_root),
         "profiles": {
             "tiny": {
-                "model": {
-                    "model_name": "tiny",
-                    "cosmos_model_name": "tiny",
-                    "world_tokens": 4,
-                    "world_image_size": 32,
-                    "max_seq_length": 128,
-                },
+                "model": tiny_model_section(),
                 "defaults": {
                     "batch_size": 8,
                     "gradient_accumulation_steps": 1,

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 from servers import start_mlflow_server
+from stage_helpers import tiny_model_section
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "test-view"
@@ -50,13 +51,7 @@ OFF_FEATURE_KEYS = (
 
 def pipeline_doc() -> dict:
     return {
-        "model": {
-            "model_name": "tiny",
-            "cosmos_model_name": "tiny",
-            "world_tokens": 4,
-            "world_image_size": 32,
-            "max_seq_length": 128,
-        },
+        "model": tiny_model_section(),
         "data": {
             "dataset_name": "synthetic",
             "streaming": False,

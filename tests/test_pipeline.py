@@ -37,6 +37,7 @@ from servers import (  # noqa: F401  (fixtures)
     start_theworld,
     stop_process_group,
 )
+from stage_helpers import tiny_model_section
 
 pytestmark = pytest.mark.e2e
 
@@ -139,13 +140,7 @@ def small_pipeline(
 ) -> dict:
     """A small pipeline document (tiny models, synthetic data) with its own experiment and model name."""
     doc = {
-        "model": {
-            "model_name": "tiny",
-            "cosmos_model_name": "tiny",
-            "world_tokens": 4,
-            "world_image_size": 32,
-            "max_seq_length": 128,
-        },
+        "model": tiny_model_section(),
         "data": {
             "dataset_name": "synthetic",
             "streaming": False,

@@ -29,7 +29,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).parent))
 import servers
 from servers import client_env, kill_process_group, mlflow_server_spec, run_theworld, start_theworld, stop_process_group
-from stage_helpers import small_cfg
+from stage_helpers import small_cfg, tiny_model_section
 
 # the session's servers (fixtures of servers.py)
 launched_servers, mlflow_server, prefect_server = (
@@ -373,13 +373,7 @@ def theworld_home(tmp_path_factory) -> Path:
 
 def two_stage_pipeline(experiment: str) -> dict:
     return {
-        "model": {
-            "model_name": "tiny",
-            "cosmos_model_name": "tiny",
-            "world_tokens": 4,
-            "world_image_size": 32,
-            "max_seq_length": 128,
-        },
+        "model": tiny_model_section(),
         "data": {
             "dataset_name": "synthetic",
             "streaming": False,
