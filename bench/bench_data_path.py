@@ -296,7 +296,11 @@ def part_flops(args) -> dict:
     try:
         sources = gpu.resolve_sources(parser_args, work)
         model = gpu.build_meta(sources)
-        layout = gpu.sequence_layout(model.gemma.config, parser_args)
+        processor = str(gpu.tiny_processor_dir(parser_args))  # at the real image size and ids, as bench_gpu_stages
+        inputs = gpu.BenchInputs(
+            processor, model.gemma.config, model.token_ids, parser_args, sources.model_config.max_seq_length
+        )
+        layout = inputs.layout(parser_args)
         fwd = gpu.forward_flops(sources, layout)
         hidden = model.gemma.config.get_text_config().hidden_size
         counter = FlopCounterMode(display=False)
