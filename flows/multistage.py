@@ -221,7 +221,7 @@ def _train_stages(
                 attempt=attempt,
                 global_step_offset=offset,
                 tags=tags,
-                evaluation=evaluate_after,
+                evaluate_after=evaluate_after,
             )
             offset = record.global_end_step
             evaluation = plateau = None

@@ -122,7 +122,7 @@ def train_stage(
     attempt: int,
     global_step_offset: int,
     tags: dict,
-    evaluation: dict | None = None,
+    evaluate_after: dict | None = None,
 ) -> StageRecord:
     return pipeline.train_stage_step(
         stage_config,
@@ -134,7 +134,7 @@ def train_stage(
         attempt=attempt,
         global_step_offset=global_step_offset,
         tags=tags,
-        evaluation=evaluation,
+        evaluate_after=evaluate_after,
     )
 
 

@@ -317,6 +317,7 @@ CONCURRENT_WRITER = textwrap.dedent("""
     namespace = make_namespace("vision", "c" * 64, {"size": 32})
     keys = [f"image{i:02d}" for i in range(16)]
     payload = lambda who, i: torch.full((64, 256), float(1000 * who + i))  # 64 KiB; each writer its own values
+    (directory.parent / f"ready{writer}").touch()  # imported and set up: the test starts both at once
     go = directory.parent / "go"
     while not go.exists():
         time.sleep(0.01)
@@ -348,7 +349,11 @@ def test_two_processes_share_one_folder_without_damage(tmp_path) -> None:
         )
         for who in (0, 1)
     ]
-    time.sleep(0.5)
+    # Both start when both are ready: a writer that ran alone would thrash the LRU cap and never hit.
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{who}").exists() for who in (0, 1)):
+        assert time.monotonic() < deadline and all(w.poll() is None for w in writers), "a writer did not start"
+        time.sleep(0.05)
     (tmp_path / "go").touch()
     results = []
     for writer in writers:

@@ -2,6 +2,7 @@
 `theworld run`, and an `mlflow server` on 127.0.0.1), real training on the tiny models, no mocks.
 
 One two-stage pipeline (projection, then language; 20 steps each, system metrics on, sampled every
+0.1 s: MLflow logs a sample only after a whole interval, and a tiny stage's run is open about a
 second) runs once for the module in its own project folder; the tests read its store as a user
 would: the experiment's kind, the parent run's name and summary metrics, the stage runs' params,
 datasets and metric names, the comparison plot at the parent's artifact root, and the registered
@@ -94,7 +95,7 @@ def _env(project: Path, home: Path) -> dict[str, str]:
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "DO_NOT_TRACK": "true",
-            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1",
             "HF_HUB_OFFLINE": "1",
             "TRANSFORMERS_OFFLINE": "1",
             "HF_DATASETS_OFFLINE": "1",
@@ -244,7 +245,7 @@ def test_stage_metrics_start_with_eval_and_train_and_include_system_metrics(clie
         assert all(s.startswith("train/") for s in sections[2:-1]) and sections[-1] == "walltime", sections
         assert {"train/loss", "eval/loss", "eval/final_loss"} <= keys
         # mlflow.log_system_metrics: true reached the stage run (inherited from the parent's tag), and
-        # MLflow's sampler (every second here) recorded the machine while the stage trained.
+        # MLflow's sampler (every 0.1 s here) recorded the machine while the stage trained.
         assert run.data.tags.get("theworld.log_system_metrics") == "true"
         assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= keys, sorted(keys)
 

@@ -118,11 +118,11 @@ def train_stage_step(
     attempt: int,
     global_step_offset: int,
     tags: dict[str, str],
-    evaluation: dict[str, int] | None = None,
+    evaluate_after: dict[str, int] | None = None,
 ) -> StageRecord:
     """Train one stage attempt in its own MLflow child run; returns its record.
 
-    `evaluation` (`eval_request(task_samples, generations)`): the post-stage evaluation to run in the
+    `evaluate_after` (`eval_request(task_samples, generations)`): the post-stage evaluation to run in the
     training process on the trained model when it can (one process), so that `evaluate_stage_step`
     need not load the stage output again (`StageRecord.evaluation`)."""
     from theworld_core.training.launch import train_stage
@@ -144,7 +144,7 @@ def train_stage_step(
         )
         try:
             result = train_stage(
-                cfg, mlflow_run_id=run_id, global_step_offset=global_step_offset, evaluate_after=evaluation
+                cfg, mlflow_run_id=run_id, global_step_offset=global_step_offset, evaluate_after=evaluate_after
             )
             if result.stage_output and not result.stage_output_logged:
                 raise StageNotRecorded(

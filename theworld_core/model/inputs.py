@@ -129,7 +129,7 @@ class InputBuilder:
             # 1 marks image tokens, which Gemma 3 lets attend to each other bidirectionally.
             "token_type_ids": (input_ids == self.image_token_id).long(),
         }
-        if pixel_values is not None and vision:
+        if vision:
             sample["pixel_values"] = pixel_values
         if world:
             sample["world_pixel_values"] = self.world_pixels(image)
@@ -154,20 +154,21 @@ class InputBuilder:
         """Whether `prompt_ids` gives what the processor gives with an image: no pan and scan, and
         checked once against the processor (a processor that expands images otherwise is used as is)."""
         if self._layout_without_pixels is None:
-            placeholder = Image.new("RGB", (32, 32))
-            enc = self.processor(
-                text=self._prompt_text(prompt), images=[placeholder], add_special_tokens=False, return_tensors="pt"
-            )
-            self._layout_without_pixels = torch.equal(enc["input_ids"][0], self.prompt_ids(prompt))
+            self._layout_without_pixels = torch.equal(self._processor_prompt_ids(prompt), self.prompt_ids(prompt))
         return self._layout_without_pixels
+
+    def _processor_prompt_ids(self, prompt: str) -> torch.Tensor:
+        """The processor's own prompt ids, with a placeholder image."""
+        placeholder = Image.new("RGB", (32, 32))
+        enc = self.processor(
+            text=self._prompt_text(prompt), images=[placeholder], add_special_tokens=False, return_tensors="pt"
+        )
+        return enc["input_ids"][0]
 
     def prompt_length(self, prompt: str) -> int:
         """Tokens `encode` puts before the answer, counted without an image where the layout allows."""
-        if self.layout_without_pixels(prompt):
-            return len(self.prompt_ids(prompt))
-        placeholder = Image.new("RGB", (32, 32))
-        enc = self.processor(text=self._prompt_text(prompt), images=[placeholder], add_special_tokens=False)
-        return len(enc["input_ids"][0])
+        ids = self.prompt_ids(prompt) if self.layout_without_pixels(prompt) else self._processor_prompt_ids(prompt)
+        return len(ids)
 
     def answer_length(self, answer: str | None) -> int:
         """Tokens of the answer as `encode` appends it (with `<end_of_turn>`); 0 for None."""

@@ -24,9 +24,11 @@ def train_stage(cfg: StageConfig, *, accelerate_config: str | None = None, **kwa
 
     With `num_processes` > 1 (or an accelerate config file) the stage is relaunched in that many
     processes, unless this process is already one of them. `kwargs` go to `StageTrainer`: `fresh`,
-    `mlflow_run_id`, `global_step_offset` (and `loss_hook` in a single process).
+    `mlflow_run_id`, `global_step_offset` (and `loss_hook`, `evaluate_after` in a single process).
     """
     if (cfg.num_processes > 1 or accelerate_config) and not in_distributed_launch():
+        # The post-stage evaluation needs the model in this process: the caller loads the output instead.
+        kwargs.pop("evaluate_after", None)
         return run_distributed(cfg, cfg.num_processes, accelerate_config=accelerate_config, **kwargs)
     # Imported here: a launched rank arms die_with_parent before the heavy imports.
     from theworld_core.training.trainer import StageTrainer
@@ -80,7 +82,6 @@ def run_distributed(
     fresh: bool = False,
     mlflow_run_id: str | None = None,
     global_step_offset: int = 0,
-    evaluate_after: dict[str, int] | None = None,  # noqa: ARG001  (in one process only: the caller loads the output)
 ) -> StageResult:
     """Run one stage in `num_processes` processes and return rank 0's StageResult."""
     output_dir = Path(cfg.output_dir)
