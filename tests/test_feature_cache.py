@@ -316,6 +316,9 @@ CONCURRENT_WRITER = textwrap.dedent("""
     cache = FeatureCache(directory, max_gb=cap_gb)
     namespace = make_namespace("vision", "c" * 64, {"size": 32})
     keys = [f"image{i:02d}" for i in range(16)]
+    # Opposite orders: each writer soon reads keys the other just wrote, whichever of them runs ahead
+    # (in one order the leader would only ever miss).
+    order = list(enumerate(keys)) if writer == 0 else list(enumerate(keys))[::-1]
     payload = lambda who, i: torch.full((64, 256), float(1000 * who + i))  # 64 KiB; each writer its own values
     (directory.parent / f"ready{writer}").touch()  # imported and set up: the test starts both at once
     go = directory.parent / "go"
@@ -323,7 +326,7 @@ CONCURRENT_WRITER = textwrap.dedent("""
         time.sleep(0.01)
     foreign = 0
     for _ in range(rounds):
-        for i, key in enumerate(keys):
+        for i, key in order:
             found = cache.get(namespace, key)
             if found is None:
                 cache.put(namespace, key, payload(writer, i))
