@@ -188,6 +188,39 @@ def test_default_workers_leave_a_core_for_the_step():
     assert default_num_workers(1, cores=64) == 8  # capped
 
 
+def _worker_batch(index):
+    """What a collator in a worker returns: small tensors of several dtypes, a large one, nesting."""
+    from theworld_core.training.batches import BY_VALUE_MAX_BYTES, small_tensors_by_value
+
+    large = torch.arange(BY_VALUE_MAX_BYTES // 4 + 1, dtype=torch.float32) + index
+    batch = {
+        "input_ids": torch.arange(12, dtype=torch.long).reshape(3, 4) + index,
+        "mask": torch.tensor([[True, False]]),
+        "features": {"vision": torch.full((2, 3), 0.5 + index, dtype=torch.bfloat16), "empty": torch.empty(0, 5)},
+        "rows": [torch.tensor([index])],
+        "large": large,
+        "keys": ["a", "b"],
+    }
+    return small_tensors_by_value(batch)
+
+
+def test_small_tensors_leave_workers_by_value_and_arrive_as_plain_tensors():
+    """The training process receives from a real worker exactly the tensors the collator made:
+    dtypes, shapes and values kept, nesting kept, large tensors still shared (not copied)."""
+    loader = torch.utils.data.DataLoader(range(2), batch_size=None, num_workers=1, collate_fn=_worker_batch)
+    for index, batch in enumerate(loader):
+        assert type(batch["input_ids"]) is torch.Tensor and batch["input_ids"].dtype == torch.long
+        assert torch.equal(batch["input_ids"], torch.arange(12).reshape(3, 4) + index)
+        assert batch["mask"].dtype == torch.bool and batch["mask"].tolist() == [[True, False]]
+        vision = batch["features"]["vision"]
+        assert vision.dtype == torch.bfloat16 and torch.equal(vision, torch.full((2, 3), 0.5 + index).bfloat16())
+        assert batch["features"]["empty"].shape == (0, 5)
+        assert batch["rows"][0].tolist() == [index] and batch["keys"] == ["a", "b"]
+        assert batch["large"].is_shared()  # shared memory, the route for images and features
+        assert not batch["input_ids"].is_shared()  # bytes in the batch's message
+        batch["input_ids"] += 1  # writable, as a collated tensor is
+
+
 # ---------------------------------------------------------------------------------------------
 # the collator checks placeholder counts (the model no longer reads them back per step)
 # ---------------------------------------------------------------------------------------------
