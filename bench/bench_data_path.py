@@ -44,23 +44,11 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
+# isort: off
+from bench_env import ROOT  # (first: transformers, datasets and MLflow read its environment at import)
+# isort: on
 
 import torch  # noqa: E402  (after the environment it reads at import)
-
-ROOT = Path(__file__).resolve().parents[1]
-for _path in (ROOT, ROOT / "bench"):
-    if str(_path) not in sys.path:
-        sys.path.insert(0, str(_path))
 
 H100_PEAK_TFLOPS = 989.0  # dense bf16, SXM
 MFU = 0.40

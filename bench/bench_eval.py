@@ -26,28 +26,19 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-for key, value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-}.items():
-    os.environ.setdefault(key, value)
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+# isort: off
+from bench_env import ROOT  # (first: transformers, datasets and MLflow read its environment at import)
+# isort: on
 
 import torch  # noqa: E402
 
 from theworld_core.config import load_stage_config  # noqa: E402
 
-SEED = Path(__file__).resolve().parents[1] / "configs" / "seed"
+SEED = ROOT / "configs" / "seed"
 
 
 def stage_config(tiny, root: Path, args):

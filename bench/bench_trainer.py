@@ -57,23 +57,11 @@ import tempfile
 import time
 from pathlib import Path
 
-# Offline and quiet, before transformers / datasets / mlflow are imported.
-for _key, _value in {
-    "HF_HUB_OFFLINE": "1",
-    "HF_DATASETS_OFFLINE": "1",
-    "TRANSFORMERS_OFFLINE": "1",
-    "MLFLOW_DISABLE_TELEMETRY": "true",
-    "DO_NOT_TRACK": "true",
-    "TOKENIZERS_PARALLELISM": "false",
-    "HF_DATASETS_DISABLE_PROGRESS_BARS": "1",
-}.items():
-    os.environ.setdefault(_key, _value)
+# isort: off
+import bench_env  # noqa: F401  (first: transformers, datasets and MLflow read its environment at import)
+# isort: on
 
 import torch  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from theworld_core.config import StageConfig  # noqa: E402
 from theworld_core.model.components import SEED_STAGES, trainable_components  # noqa: E402
