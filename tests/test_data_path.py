@@ -221,6 +221,48 @@ def test_small_tensors_leave_workers_by_value_and_arrive_as_plain_tensors():
         batch["input_ids"] += 1  # writable, as a collated tensor is
 
 
+KILLED_WITH_WORKERS = """
+import os, signal, sys
+from functools import partial
+import torch
+from theworld_core.training.batches import exit_with_parent, small_tensors_by_value
+
+def batch(index):  # 16 x 64 KiB by value: far more than a pipe holds
+    return small_tensors_by_value({"ids": [torch.full((8192,), index, dtype=torch.long) for _ in range(16)]})
+
+loader = torch.utils.data.DataLoader(range(64), batch_size=None, collate_fn=batch, num_workers=1,
+    persistent_workers=True, prefetch_factor=4, worker_init_fn=partial(exit_with_parent, os.getpid()))
+iterator = iter(loader)
+next(iterator)
+print(loader._iterator._workers[0].pid, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_workers_end_with_a_killed_training_process(tmp_path):
+    """SIGKILL the training process while its worker has batches queued: the worker ends too (it
+    would wait forever to flush them, holding the stdout pipe a supervisor reads to its end)."""
+    import subprocess
+    import sys
+    import time
+
+    repo = Path(__file__).resolve().parents[1]
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_WITH_WORKERS],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        cwd=tmp_path,
+    )
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    worker = int(killed.stdout.split()[0])
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not Path(f"/proc/{worker}").exists()
+
+
 # ---------------------------------------------------------------------------------------------
 # the collator checks placeholder counts (the model no longer reads them back per step)
 # ---------------------------------------------------------------------------------------------

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -125,6 +127,23 @@ def small_tensors_by_value(batch: dict[str, Any]) -> dict[str, Any]:
     return wrap(batch)
 
 
+def exit_with_parent(parent_pid: int, worker_id: int | None = None) -> None:
+    """A DataLoader `worker_init_fn`: the worker ends within a second of its training process.
+
+    A worker whose training process was killed (out of memory, a cancelled flow run) notices and
+    ends its loop, but its exit then waits to flush batches into a pipe nobody reads once that pipe
+    is full (batches of small tensors travel inside it): it would stay forever, holding whatever the
+    training process had open, e.g. the stdout a supervisor waits on. A watcher thread ends it.
+    """
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
 def steps_per_epoch(cfg: StageConfig, train: Any, num_processes: int) -> int:
     """Optimizer steps in one pass over `train` (a stream of unknown length takes `max_steps`)."""
     try:
@@ -151,7 +170,9 @@ def build_train_loader(cfg: StageConfig, data: Any, accelerator, collate: Callab
     on_cuda = accelerator.device.type == "cuda"
     options: dict[str, Any] = {"num_workers": num_workers, "pin_memory": on_cuda}
     if num_workers:
-        options.update(persistent_workers=True, prefetch_factor=4)
+        options.update(
+            persistent_workers=True, prefetch_factor=4, worker_init_fn=partial(exit_with_parent, os.getpid())
+        )
     common = {"device": accelerator.device, "_non_blocking": on_cuda, "collate_fn": collate, **options}
     dataset = data.train
     if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
