@@ -4,6 +4,8 @@ the steps an epoch takes, and the running statistics between two log lines.
 Materialised data is dealt out by `EpochBatches` (a seeded order per epoch, the same on a resume);
 streamed data by `ShardedStream` (record i to reader i mod processes x workers), so every sample is
 read once per epoch however many processes and workers read it (docs/stages.md#data-path).
+A worker sends small tensors inside the batch's message (`small_tensors_by_value`) and ends with
+its training process (`exit_with_parent`).
 """
 
 from __future__ import annotations
