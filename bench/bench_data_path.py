@@ -12,7 +12,8 @@ Parts (`--part`, default all):
   ratios per round, their median and the ratio of all rounds' seconds (goal >= 1.4x), the load
   average after each run, and the cache's counters. Defaults: the tiny profile's data and batch
   (400 synthetic samples, batch 8: 3 epochs are 147 steps) and 8 rounds (one arm trains 2-5 s,
-  so single rounds swing by +-20 % on a shared box). All arms use the same worker count (`--workers`, default the trainer's).
+  so single rounds swing by +-20 % on a shared box). All arms use the same worker count
+  (`--workers`, default the trainer's).
 - `data`: the per-sample CPU work of the data path at the real preprocessing sizes: decode a JPEG
   (`--source-px`, default 640x480, as web images are), Gemma 3's image processor with the settings
   of gemma-3-4b-it (896 x 896, bilinear, rescale 1/255, mean = std = 0.5, no pan and scan), the

@@ -111,7 +111,7 @@ def encode_entry(namespace: Namespace, image_key: str, tensor: torch.Tensor, enc
     dtype = str(tensor.dtype).removeprefix("torch.")
     if dtype not in _DTYPES:
         raise ValueError(f"feature cache stores {sorted(_DTYPES)} tensors, not {dtype}")
-    payload = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
+    payload = tensor_bytes(tensor)
     header = json.dumps(
         {
             "namespace": namespace.digest,
@@ -149,10 +149,18 @@ def decode_entry(data: bytes, namespace: Namespace, image_key: str) -> tuple[tor
         )
     if len(payload) != header.get("payload_bytes") or len(payload) != dtype.itemsize * _numel(shape):
         raise _Corrupt(f"{len(payload)} tensor bytes for dtype {header['dtype']} shape {list(shape)}")
-    flat = (
-        torch.frombuffer(bytearray(payload), dtype=torch.uint8) if len(payload) else torch.empty(0, dtype=torch.uint8)
-    )
-    return flat.view(dtype).reshape(shape), header
+    return tensor_from_bytes(payload, dtype, shape), header
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A CPU tensor's bytes exactly as in memory (any dtype, bf16 included)."""
+    return tensor.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+
+
+def tensor_from_bytes(data: bytes | memoryview, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """The inverse of `tensor_bytes`: a writable tensor over a copy of `data`."""
+    flat = torch.frombuffer(bytearray(data), dtype=torch.uint8) if len(data) else torch.empty(0, dtype=torch.uint8)
+    return flat.view(dtype).reshape(tuple(shape))
 
 
 def _numel(shape: Sequence[int]) -> int:

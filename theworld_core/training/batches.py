@@ -24,6 +24,7 @@ from torch.utils.data import get_worker_info
 from theworld_core.config import StageConfig
 from theworld_core.data.images import to_rgb
 from theworld_core.data.loading import EpochBatches, ShardedStream, default_num_workers
+from theworld_core.features.cache import tensor_bytes, tensor_from_bytes
 from theworld_core.features.encoders import PIXELS, FeatureLookup
 from theworld_core.features.keys import image_key
 
@@ -101,15 +102,7 @@ class _ByValue:
         self.tensor = tensor
 
     def __reduce__(self):
-        tensor = self.tensor.contiguous()
-        data = tensor.reshape(-1).view(torch.uint8).numpy().tobytes()
-        return _tensor_from_bytes, (data, tensor.dtype, tuple(tensor.shape))
-
-
-def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    if not data:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+        return tensor_from_bytes, (tensor_bytes(self.tensor), self.tensor.dtype, tuple(self.tensor.shape))
 
 
 def small_tensors_by_value(batch: dict[str, Any]) -> dict[str, Any]:
