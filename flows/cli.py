@@ -85,15 +85,23 @@ def _import(*modules: str):
 
 _WARM_UP = (
     _open_mlflow_store,
-    # what the first stage imports to build the model (2 s idle, 5 s on a busy machine)
-    _import(
-        "transformers.models.gemma3.modeling_gemma3",
-        "diffusers.models.autoencoders.autoencoder_kl_wan",
-        "theworld_core.training.trainer",
-        "theworld_core.model.theworld",
-    ),
+    # What the first stage imports to build the model (2 s idle, 5 s on a busy machine), a piece at a
+    # time: once the server answers the flow starts, and a run that trains nothing ("no new data")
+    # does not wait for the rest.
+    _import("transformers.models.gemma3.modeling_gemma3"),
+    _import("diffusers.models.autoencoders.autoencoder_kl_wan"),
+    _import("theworld_core.training.trainer", "theworld_core.model.theworld"),
 )
 """Work a run needs anyway, done while the temporary Prefect server boots (flows/temporary_server.py)."""
+
+
+def _without_heartbeats():
+    """Prefect's flow-run heartbeats (one every 180 s by default) let a lasting server mark a run whose
+    process died as crashed. A temporary server dies with the run, so for it they only cost time: the
+    engine joins the heartbeat thread when the flow ends, up to 1 s of that thread's sleep."""
+    from prefect.settings import temporary_settings
+
+    return temporary_settings(updates={"flows.heartbeat_frequency": None})
 
 
 def _cmd_run(args) -> int:
@@ -116,7 +124,8 @@ def _cmd_run(args) -> int:
         _name_lines_by_run()
         if server is not None:
             server.wait_ready(float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"]), meanwhile=_WARM_UP)
-    result = multistage(stages_yaml=str(Path(args.stages_yaml).resolve()), profile=args.profile, force=args.force)
+    with _without_heartbeats() if server is not None else contextlib.nullcontext():
+        result = multistage(stages_yaml=str(Path(args.stages_yaml).resolve()), profile=args.profile, force=args.force)
     # The interpreter's exit then skips collecting the run's objects (4 s on 2 busy cores); the exit
     # handlers (Prefect's last log lines, the temporary server's stop) run as before.
     gc.freeze()
