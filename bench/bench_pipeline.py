@@ -1,6 +1,6 @@
 """Where the tiny pipeline's time goes: first run, forced rerun, "no new data" run.
 
-    .venv/bin/python bench/bench_pipeline.py [--stages-yaml stages.yaml] [--profile tiny]
+    .venv/bin/python bench/bench_pipeline.py [--stages-yaml stages.yaml] [--profile tiny] [--by-hand]
 
 Runs `theworld run` three times in one fresh project folder (no PREFECT_API_URL: the command's
 temporary Prefect server; MLflow in SQLite), as a new user would:
@@ -22,7 +22,8 @@ Beside them, two references for that ratio: the flow run as Prefect records it (
 Completed: the pipeline without the command's start-up), and the floor any program training these
 stages has, orchestrated or not: a bare Python process importing only what a stage's training needs
 (torch, datasets, PIL, Gemma 3's modeling, the Wan VAE), timed apart (median of 3), added to the
-training loops.
+training loops. `--by-hand` adds the way users train the stages today: one `theworld train` per
+stage, each from the previous stage's output, in a folder of its own.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_once(args, project: str, extra: list[str], log: Path) -> dict:
+def _env(project: str) -> dict[str, str]:
+    """A new user's: everything under the project folder, offline."""
     env = {
         **os.environ,
         "THEWORLD_PROJECT_DIR": project,
@@ -53,12 +55,16 @@ def run_once(args, project: str, extra: list[str], log: Path) -> dict:
     }
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME"):
         env.pop(key, None)
+    return env
+
+
+def run_once(args, project: str, extra: list[str], log: Path) -> dict:
     started_at = time.time()
     started = time.perf_counter()
     with open(log, "ab") as out:
         subprocess.run(
             [sys.executable, "-m", "flows.cli", "run", args.stages_yaml, "--profile", args.profile, *extra],
-            env=env,
+            env=_env(project),
             check=True,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -83,6 +89,39 @@ def bare_import_seconds(rounds: int = 3) -> float:
         )
         seconds.append(time.perf_counter() - started)
     return sorted(seconds)[len(seconds) // 2]
+
+
+def by_hand(args, project: str, log: Path) -> dict:
+    """The same stages the way users train them without the pipeline: one `theworld train` per stage,
+    each starting from the previous stage's output (no evaluation, gate, registration or comparison)."""
+    from theworld_core.config import load_pipeline_config
+
+    upstream, wall = None, 0.0
+    for stage in load_pipeline_config(args.stages_yaml, profile=args.profile).resolved_stages():
+        config = {**stage.model_dump(mode="json"), "output_dir": str(Path(project) / "by-hand" / stage.name)}
+        if upstream:
+            config["resume_from_checkpoint"] = upstream
+        path = Path(project) / f"{stage.name}.json"
+        path.write_text(json.dumps(config))
+        started = time.perf_counter()
+        with open(log, "ab") as err:
+            out = subprocess.run(
+                [sys.executable, "-m", "theworld_core.cli", "train", "--config", str(path), "--json"],
+                env=_env(project),
+                check=True,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                cwd=project,
+            )
+        wall += time.perf_counter() - started
+        upstream = json.loads(out.stdout)["stage_output"]
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+    loops = sum(r.data.metrics.get("walltime/train_s", 0.0) for r in runs)
+    return {"wall_s": wall, "train_loops_s": loops, "wall_over_train_loops": wall / loops}
 
 
 def _epoch(text: str) -> float:
@@ -170,6 +209,9 @@ def main() -> int:
     parser.add_argument("--stages-yaml", default=str(ROOT / "stages.yaml"))
     parser.add_argument("--profile", default="tiny")
     parser.add_argument("--log", help="console of the three runs (default: discarded with the project folder)")
+    parser.add_argument(
+        "--by-hand", action="store_true", help="also train the stages as one `theworld train` each (another folder)"
+    )
     args = parser.parse_args()
 
     load_at_start = os.getloadavg()
@@ -183,6 +225,10 @@ def main() -> int:
         ]
         flows = prefect_timeline(project)
         by_parent = stage_timings(f"sqlite:///{project}/mlflow.db")
+    hand = None
+    if args.by_hand:
+        with tempfile.TemporaryDirectory(prefix="bench-by-hand-") as project:
+            hand = by_hand(args, project, Path(args.log) if args.log else Path(project) / "console.log")
     parents = list(by_parent.values())  # the first and the forced run, oldest first
     rows = [
         summarise(label, run, flow, parents[i] if i < len(parents) else [], bare_imports_s)
@@ -201,6 +247,11 @@ def main() -> int:
             f"{_ratio(r['wall_over_train_loops'])} | {_ratio(r['wall_over_train_tasks'])} | "
             f"{_ratio(r['flow_run_over_train_loops'])} | {_ratio(r['floor_over_train_loops'])} |"
         )
+    if hand:
+        print(
+            f"| by hand (one `theworld train` a stage) | - | {hand['wall_s']:.1f} | - | {hand['train_loops_s']:.1f} "
+            f"| - | - | - | {_ratio(hand['wall_over_train_loops'])} | - | - | - |"
+        )
     print(f"\nbare training imports (floor): {bare_imports_s:.1f} s; flow run: Prefect's Running to Completed")
     print(
         json.dumps(
@@ -210,6 +261,7 @@ def main() -> int:
                 "load_average_at_end": os.getloadavg(),
                 "bare_training_imports_s": bare_imports_s,
                 "runs": rows,
+                "by_hand": hand,
                 "stages": parents,
             }
         )
