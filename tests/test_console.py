@@ -81,6 +81,26 @@ def test_console_lines_name_their_task_run_and_drop_library_chatter(console, cap
     assert os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"
 
 
+def test_a_line_logged_while_the_step_bar_is_drawn_starts_on_a_line_of_its_own(console, capsys):
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=10, desc="projection", unit="step", file=sys.stderr)
+    bar.update(3)
+    logging.getLogger("theworld.feature_cache").info("feature cache: 40 hits, 0 misses so far (100% hit rate)")
+    bar.update(7)
+    bar.close()
+    out = capsys.readouterr().err
+    # What a terminal shows: the text after the last carriage return of each line.
+    shown = [line.split("\r")[-1] for line in out.split("\n")]
+    logged = [line for line in shown if "feature cache:" in line]
+    assert len(logged) == 1 and LINE.match(logged[0]), out
+    assert LINE.match(logged[0]).groups() == (
+        "feature_cache",
+        "feature cache: 40 hits, 0 misses so far (100% hit rate)",
+    )
+    assert any(line.startswith("projection: 100%") for line in shown), out  # the bar goes on below it
+
+
 # --- slow: a whole run's console --------------------------------------------------------------------
 
 
@@ -157,6 +177,9 @@ def test_run_console_has_one_line_per_event(tmp_path):
         ), f"no evaluation line of {stage}"
         gate = [m for _, m in lines if m.startswith(f"stage {stage} attempt 1: ")]
         assert len(gate) == 1 and " -> next: eval_loss " in gate[0], gate  # the decision with its reason
+    # the feature cache's line per stage; the last stage trains every encoder, so it has nothing to serve
+    assert ("train-full", "feature cache not used: no encoder is frozen in this stage") in lines, lines
+    assert not re.search(r"\]\d\d:\d\d:\d\d ", out), "a log line glued to the end of a progress bar"
     champion = [m for _, m in lines if m.startswith("champion: ")]
     assert len(champion) == 1 and re.match(
         r"champion: \w+, registered as models:/theworld/1 \(alias @champion\)", champion[0]

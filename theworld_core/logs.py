@@ -13,7 +13,7 @@
 - no progress bars of datasets (split generation), transformers (weight loading, shard writing),
   huggingface_hub or MLflow (artifact transfers), and MLflow's own INFO lines: environment
   variables, so subprocesses (ranks of a distributed stage, `theworld serve`'s flow runs) inherit
-  them. The trainer's own step bar stays.
+  them. The trainer's own step bar stays; lines logged while it is drawn are written above it.
 
 `library_loggers_at_info()` is what a process that did not start through the CLI (a flow run that
 Prefect's runner or worker starts) needs so that `theworld.*` INFO lines reach its handlers.
@@ -74,6 +74,19 @@ class ConsoleHandler(logging.StreamHandler):
     @stream.setter
     def stream(self, value) -> None:
         pass
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """While the trainer's step bar is drawn, the line goes above it (tqdm clears the bar, the line
+        is written, the bar is redrawn) instead of being glued to the bar's end."""
+        tqdm = sys.modules.get("tqdm")  # no bar without it: not imported here for a plain line
+        if tqdm is None:
+            super().emit(record)
+            return
+        try:
+            tqdm.tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001  (logging's own rule: a failed line must not stop the caller)
+            self.handleError(record)
 
 
 def library_loggers_at_info() -> None:

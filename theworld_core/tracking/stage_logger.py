@@ -178,14 +178,18 @@ class StageLogger:
             self.run_id, {**named, "stage_step": stage_step}, step=self.global_step_offset + stage_step
         )
 
-    def log_feature_cache(self, stats: Mapping[str, float], disabled_reason: str | None) -> None:
+    def log_feature_cache(
+        self, stats: Mapping[str, float], disabled_reason: str | None, kinds: tuple[str, ...]
+    ) -> None:
         """Once per stage, a console line on the feature cache (its `train/feature_cache/...` counters, summed
-        over ranks, go to MLflow with the train metrics)."""
+        over ranks, go to MLflow with the train metrics). `kinds`: what this stage caches."""
         if getattr(self, "_feature_cache_noted", False):
             return
         self._feature_cache_noted = True
         if disabled_reason is not None:
             log.info("feature cache off (%s): frozen encoders run on every step", disabled_reason)
+        elif not kinds:
+            log.info("feature cache not used: no encoder is frozen in this stage")
         else:
             log.info(
                 "feature cache: %d hits, %d misses so far (%.0f%% hit rate)",
@@ -526,7 +530,9 @@ class NullStageLogger:
     def log_metrics(self, metrics: Mapping[str, float], stage_step: int) -> None:
         pass
 
-    def log_feature_cache(self, stats: Mapping[str, float], disabled_reason: str | None) -> None:
+    def log_feature_cache(
+        self, stats: Mapping[str, float], disabled_reason: str | None, kinds: tuple[str, ...]
+    ) -> None:
         pass
 
     def on_resume_state_saved(self, path: Path | None, step: int, metrics: Mapping[str, float]) -> None:

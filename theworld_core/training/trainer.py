@@ -422,7 +422,7 @@ class StageTrainer:
             )  # share of ranks with it on
         hits, misses = stats["train/feature_cache/hits"], stats["train/feature_cache/misses"]
         stats["train/feature_cache/hit_rate"] = hits / (hits + misses) if hits + misses else 0.0
-        self.logger.log_feature_cache(stats, self.encoders.cache.disabled_reason)
+        self.logger.log_feature_cache(stats, self.encoders.cache.disabled_reason, self.encoders.kinds)
         return stats
 
     def _end_distributed(self) -> None:
