@@ -78,7 +78,7 @@ class ConsoleHandler(logging.StreamHandler):
     def emit(self, record: logging.LogRecord) -> None:
         """While the trainer's step bar is drawn, the line goes above it (tqdm clears the bar, the line
         is written, the bar is redrawn) instead of being glued to the bar's end."""
-        tqdm = sys.modules.get("tqdm")  # no bar without it: not imported here for a plain line
+        tqdm = sys.modules.get("tqdm")  # not imported yet: no bar is drawn
         if tqdm is None:
             super().emit(record)
             return
