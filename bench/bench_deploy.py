@@ -331,7 +331,7 @@ def main() -> int:
         SECTION,
         "",
         f"`bench/bench_deploy.py --runs {args.runs} --reruns {args.reruns}` on {date}: {machine()}; load average "
-        f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end (a shared box: other jobs ran beside it). "
+        f"{load_start[0]:.1f} at the start, {load_end[0]:.1f} at the end. "
         "`theworld serve` (runner polling every 1 s) against a local Prefect server, MLflow on SQLite, a two-stage "
         "pipeline on the tiny models (20 steps a stage, batch 8) over a 96-image local folder; every timed run "
         "first adds one image so that it trains. Seconds from invoking `prefect deployment run multistage/full`; "
