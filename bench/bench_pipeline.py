@@ -40,19 +40,12 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from bench_env import OFFLINE_ENV, ROOT
 
 
 def _env(project: str) -> dict[str, str]:
     """A new user's: everything under the project folder, offline."""
-    env = {
-        **os.environ,
-        "THEWORLD_PROJECT_DIR": project,
-        "HF_HUB_OFFLINE": "1",
-        "HF_DATASETS_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
-    }
+    env = {**os.environ, **OFFLINE_ENV, "THEWORLD_PROJECT_DIR": project, "PYTHONPATH": str(ROOT)}
     for key in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME"):
         env.pop(key, None)
     return env
@@ -84,9 +77,7 @@ def bare_import_seconds(rounds: int = 3) -> float:
     seconds = []
     for _ in range(rounds):
         started = time.perf_counter()
-        subprocess.run(
-            [sys.executable, "-c", BARE_TRAINING_IMPORTS], check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}
-        )
+        subprocess.run([sys.executable, "-c", BARE_TRAINING_IMPORTS], check=True, env={**os.environ, **OFFLINE_ENV})
         seconds.append(time.perf_counter() - started)
     return sorted(seconds)[len(seconds) // 2]
 
@@ -116,11 +107,7 @@ def by_hand(args, project: str, log: Path) -> dict:
         wall += time.perf_counter() - started
         upstream = json.loads(out.stdout)["stage_output"]
 
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    loops = sum(r.data.metrics.get("walltime/train_s", 0.0) for r in runs)
+    loops = sum(r.data.metrics.get("walltime/train_s", 0.0) for r in all_runs(f"sqlite:///{project}/mlflow.db"))
     return {"wall_s": wall, "train_loops_s": loops, "wall_over_train_loops": wall / loops}
 
 
@@ -149,13 +136,19 @@ def prefect_timeline(project: str) -> list[dict]:
     return out
 
 
-def stage_timings(tracking_uri: str) -> dict[str, list[dict]]:
-    """Per parent run id: its stage runs' `walltime/*` metrics, oldest first."""
+def all_runs(tracking_uri: str) -> list:
+    """Every run of every experiment in the store."""
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    runs = [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
-    children = sorted((r for r in runs if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.start_time)
+    return [r for e in client.search_experiments() for r in client.search_runs([e.experiment_id])]
+
+
+def stage_timings(tracking_uri: str) -> dict[str, list[dict]]:
+    """Per parent run id: its stage runs' `walltime/*` metrics, oldest first."""
+    children = sorted(
+        (r for r in all_runs(tracking_uri) if "mlflow.parentRunId" in r.data.tags), key=lambda r: r.info.start_time
+    )
     by_parent: dict[str, list[dict]] = {}
     for run in children:
         m = run.data.metrics

@@ -396,11 +396,12 @@ class FeatureCache:
         if folder not in self._folders:
             os.makedirs(folder, exist_ok=True)
             self._folders.add(folder)
+        new_file = os.O_WRONLY | os.O_CREAT | os.O_EXCL
         try:
-            handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            handle = os.open(temp, new_file, 0o644)
         except FileNotFoundError:  # the folder was removed meanwhile (a user cleaning up): once more
             os.makedirs(folder, exist_ok=True)
-            handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            handle = os.open(temp, new_file, 0o644)
         try:
             view = memoryview(data)
             while view:
