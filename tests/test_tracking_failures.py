@@ -212,6 +212,56 @@ def test_a_run_that_cannot_be_opened_fails_at_once_naming_the_server(tiny_paths,
     assert not (tmp_path / "stage" / "final").exists()
 
 
+def _outbox_on_a_full_disk(folder: Path):
+    """An outbox whose files are links to /dev/full: every write to them fails with ENOSPC."""
+    from theworld_core.tracking.outbox import OUTBOX_FILE, SENT_FILE, TrackingOutbox
+
+    outbox = TrackingOutbox(folder)
+    for name in (OUTBOX_FILE, SENT_FILE.replace(".sent", ".sent.tmp")):
+        (folder / name).symlink_to("/dev/full")
+    return outbox
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full to stand in for a full disk")
+def test_a_full_disk_under_the_outbox_stops_neither_training_nor_delivery(tmp_path, own_mlflow, tracking_to, caplog):
+    """The outbox file cannot be written (the disk filled during a stage): records still reach the
+    run, the sender keeps going, the operator is told once. With the server down as well, the report
+    says the undelivered records are lost instead of pointing at a file that does not hold them."""
+    from servers import free_port
+
+    from theworld_core.tracking.mlflow_runs import configure_tracking
+
+    restart(own_mlflow)
+    tracking_to(own_mlflow.url)
+    configure_tracking()
+    client = client_of(own_mlflow.url)
+    run_id = client.create_run(client.create_experiment(f"tf-full-{time.time_ns()}")).info.run_id
+    outbox = _outbox_on_a_full_disk(tmp_path / "out")
+    outbox.log_params(run_id, {"lr": 0.001})
+    for step in (1, 2, 3):
+        outbox.log_metrics(run_id, {"train/loss": 1.0 / step}, step)
+    outbox.end_run(run_id, "FINISHED")
+    report = outbox.close(timeout=60)
+
+    assert report.complete and report.pending == 0, report
+    run = client.get_run(run_id)
+    assert run.data.params["lr"] == "0.001" and run.info.status == "FINISHED"
+    assert steps_logged(client, run_id) == [1, 2, 3]
+    warnings = [r.getMessage() for r in caplog.records if "tracking outbox" in r.getMessage()]
+    assert len(warnings) == 1 and "No space left on device" in warnings[0], warnings
+    assert list((tmp_path / "out").iterdir()) == []  # no link or half-written file left behind
+
+    tracking_to(f"http://127.0.0.1:{free_port()}")  # nobody there
+    configure_tracking()
+    outbox = _outbox_on_a_full_disk(tmp_path / "out")
+    outbox.log_metrics(run_id, {"train/loss": 0.1}, 4)
+    report = outbox.close(timeout=60)
+    assert not report.complete and report.pending == 1
+    assert "they are lost" in report.issue and "No space left on device" in report.issue
+    assert "sent by the next run" not in report.issue
+    assert list((tmp_path / "out").iterdir()) == []  # nothing a later run would replay half of
+
+
 # --- 3. killed after final/ lands, before its upload ---------------------------------------------
 
 KILL_BEFORE_UPLOAD = """

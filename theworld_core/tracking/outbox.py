@@ -11,6 +11,10 @@ last record delivered; both files are removed whenever everything is delivered.
 A record MLflow refuses (HTTP 4xx: a changed param, a deleted run, a stage output folder that is
 gone) is dropped and named in the report; any other failure (connection refused, timeout, 5xx) is
 retried.
+
+When the outbox's files cannot be written (a full disk), training still goes on: the records are
+kept in memory and sent as usual; only what is undelivered when the process ends is lost, and the
+report says so.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class TrackingOutbox:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.path, self.sent_path = self.folder / OUTBOX_FILE, self.folder / SENT_FILE
+        self._sent_tmp = self.sent_path.with_suffix(".sent.tmp")
         self._cond = threading.Condition()
         self._queue: list[dict[str, Any]] = self._load_backlog()
         self._seq = max((e["seq"] for e in self._queue), default=self._read_sent())
@@ -65,6 +70,8 @@ class TrackingOutbox:
         self._retry_now = False  # flush() asks a sender that backs off to try again now
         self.last_error: str | None = None
         self.dropped: list[str] = []
+        self.unwritable: str | None = None
+        """Why the outbox's files could not be written (records then live in memory only), or None."""
         if self._queue:
             runs = sorted({e["run"] for e in self._queue})
             log.info(
@@ -92,8 +99,8 @@ class TrackingOutbox:
         with self._cond:
             self._seq += 1
             entry = {"seq": self._seq, "run": run_id, "op": op, **fields}
-            with open(self.path, "a") as out:
-                out.write(json.dumps(entry) + "\n")
+            if self.unwritable is None:  # after a failed append the file's last line may be cut: stop there
+                self._write_file(lambda: _append_line(self.path, json.dumps(entry)))
             self._queue.append(entry)
             self._cond.notify_all()
 
@@ -163,15 +170,19 @@ class TrackingOutbox:
         self._thread.join(timeout=5.0)
         with self._cond:
             pending = list(self._queue)
-            if not pending:
+            if not pending or self.unwritable:  # an unwritable file is incomplete: replaying it would mislead
                 self._remove_files()
         issue = None
         if pending or self.dropped:
             parts = []
             if pending:
+                where = (
+                    f"they are lost: {self.unwritable}"
+                    if self.unwritable
+                    else f"they wait in {self.path} and are sent by the next run in this output folder"
+                )
                 parts.append(
-                    f"{len(pending)} record(s) not delivered ({self.last_error or 'MLflow did not answer'}); "
-                    f"they wait in {self.path} and are sent by the next run in this output folder"
+                    f"{len(pending)} record(s) not delivered ({self.last_error or 'MLflow did not answer'}); {where}"
                 )
             if self.dropped:
                 parts.append(f"{len(self.dropped)} record(s) refused by MLflow: {'; '.join(self.dropped[:3])}")
@@ -282,14 +293,26 @@ class TrackingOutbox:
         """(holding the lock) Remove delivered entries and record the last one's number on disk."""
         del self._queue[: len(entries)]
         last = entries[-1]["seq"]
-        tmp = self.sent_path.with_suffix(".sent.tmp")
-        tmp.write_text(str(last))
-        os.replace(tmp, self.sent_path)
+        self._write_file(lambda: (self._sent_tmp.write_text(str(last)), os.replace(self._sent_tmp, self.sent_path)))
         if not self._queue:  # all delivered: the file would only hold history (and take disk space)
             self._remove_files()
         self._cond.notify_all()
 
     # ------------------------------------------------------------------ the files
+
+    def _write_file(self, write) -> None:
+        """(holding the lock) One write to the outbox's files. A failure (a full disk) must not stop
+        training nor the sender: the records stay in memory, and the first failure is said once."""
+        try:
+            write()
+        except OSError as error:
+            if self.unwritable is None:
+                self.unwritable = f"{error.filename or self.path} could not be written ({error.strerror or error})"
+                log.warning(
+                    "tracking outbox: %s; the records are kept in memory and sent as usual, but any not "
+                    "delivered when this process ends are lost",
+                    self.unwritable,
+                )
 
     def _read_sent(self) -> int:
         try:
@@ -312,8 +335,13 @@ class TrackingOutbox:
         return backlog
 
     def _remove_files(self) -> None:
-        for path in (self.path, self.sent_path):
-            path.unlink(missing_ok=True)
+        for path in (self.path, self.sent_path, self._sent_tmp):
+            self._write_file(lambda path=path: path.unlink(missing_ok=True))
+
+
+def _append_line(path: Path, line: str) -> None:
+    with open(path, "a") as out:
+        out.write(line + "\n")
 
 
 class _Refused(Exception):
