@@ -19,12 +19,13 @@ report says so.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,7 +101,8 @@ class TrackingOutbox:
             self._seq += 1
             entry = {"seq": self._seq, "run": run_id, "op": op, **fields}
             if self.unwritable is None:  # after a failed append the file's last line may be cut: stop there
-                self._write_file(lambda: _append_line(self.path, json.dumps(entry)))
+                with self._writing_files(), open(self.path, "a") as out:
+                    out.write(json.dumps(entry) + "\n")
             self._queue.append(entry)
             self._cond.notify_all()
 
@@ -293,18 +295,21 @@ class TrackingOutbox:
         """(holding the lock) Remove delivered entries and record the last one's number on disk."""
         del self._queue[: len(entries)]
         last = entries[-1]["seq"]
-        self._write_file(lambda: (self._sent_tmp.write_text(str(last)), os.replace(self._sent_tmp, self.sent_path)))
+        with self._writing_files():
+            self._sent_tmp.write_text(str(last))
+            os.replace(self._sent_tmp, self.sent_path)
         if not self._queue:  # all delivered: the file would only hold history (and take disk space)
             self._remove_files()
         self._cond.notify_all()
 
     # ------------------------------------------------------------------ the files
 
-    def _write_file(self, write) -> None:
-        """(holding the lock) One write to the outbox's files. A failure (a full disk) must not stop
-        training nor the sender: the records stay in memory, and the first failure is said once."""
+    @contextlib.contextmanager
+    def _writing_files(self) -> Iterator[None]:
+        """(holding the lock) Around a write to the outbox's files. A failure (a full disk) must not stop
+        training nor the sender: it is swallowed, the records stay in memory, the first is said once."""
         try:
-            write()
+            yield
         except OSError as error:
             if self.unwritable is None:
                 self.unwritable = f"{error.filename or self.path} could not be written ({error.strerror or error})"
@@ -336,12 +341,8 @@ class TrackingOutbox:
 
     def _remove_files(self) -> None:
         for path in (self.path, self.sent_path, self._sent_tmp):
-            self._write_file(lambda path=path: path.unlink(missing_ok=True))
-
-
-def _append_line(path: Path, line: str) -> None:
-    with open(path, "a") as out:
-        out.write(line + "\n")
+            with self._writing_files():
+                path.unlink(missing_ok=True)
 
 
 class _Refused(Exception):
